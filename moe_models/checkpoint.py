@@ -1,0 +1,85 @@
+"""Reading individual tensors from a Hugging Face safetensors checkpoint.
+
+A worker must read only its own experts and the router only the non-expert tensors, so nothing here
+loads a whole file: the index (or each file's header) says which file holds a key, and safetensors
+reads one tensor at a time. `keys_read` records every tensor read, which is how the tests prove
+that nobody reads what it does not own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's files do not hold what its config promises."""
+
+
+class Checkpoint:
+    """Key -> file map of a checkpoint directory, single-file or sharded."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.key_to_file = self._key_map()
+        self.keys_read: list[str] = []
+
+    def _key_map(self) -> dict[str, str]:
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no 'weight_map' object")
+            return dict(weight_map)
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors file in {self.model_dir}")
+        key_map: dict[str, str] = {}
+        for f in files:  # reads headers only
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    key_map[k] = f.name
+        return key_map
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def keys(self) -> Iterable[str]:
+        return self.key_to_file.keys()
+
+    def require(self, keys: Iterable[str]) -> None:
+        missing = [k for k in keys if k not in self.key_to_file]
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CheckpointError(f"checkpoint {self.model_dir} lacks tensors {missing[:5]}{more}")
+
+    def iter_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) one at a time, opening each file once; the caller copies and drops it."""
+        keys = list(keys)
+        self.require(keys)
+        with ExitStack() as stack:
+            handles = {}
+            for key in keys:
+                fname = self.key_to_file[key]
+                if fname not in handles:
+                    handles[fname] = stack.enter_context(
+                        safe_open(str(self.model_dir / fname), framework="pt")
+                    )
+                self.keys_read.append(key)
+                yield key, handles[fname].get_tensor(key)
+
+    def read_rows(self, key: str, rows: list[int]) -> Iterator[torch.Tensor]:
+        """Yield `tensor[r]` for each r, reading only those rows (fused-expert layouts)."""
+        self.require([key])
+        with safe_open(str(self.model_dir / self.key_to_file[key]), framework="pt") as h:
+            sl = h.get_slice(key)
+            for r in rows:
+                self.keys_read.append(f"{key}[{r}]")
+                yield sl[r : r + 1][0]

@@ -1,0 +1,266 @@
+"""What a served checkpoint is: one typed `ModelSpec` built from `config.json`.
+
+Every later stage (gate, plan, worker loading) reads this dataclass and never the raw config. The
+values come from `transformers`' own config class so that defaults for missing keys are exactly the
+ones the numerical reference uses; the raw `model_type` is checked first so that an unsupported or
+malformed checkpoint fails with a clear message before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+SUPPORTED_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen2_moe", "qwen3_moe", "mixtral")
+
+
+class ConfigError(ValueError):
+    """The checkpoint's config.json cannot be served (unsupported family or inconsistent values)."""
+
+
+@dataclass(frozen=True)
+class GatingSpec:
+    """The family's gate rule, mirrored op for op from `transformers` (see gating.py)."""
+
+    num_experts: int
+    top_k: int
+    scoring: Literal["softmax", "sigmoid"]
+    # deepseek_v2/v3 compute the gate logits in fp32 whatever the serving dtype; qwen/mixtral do not.
+    logits_in_fp32: bool
+    # None: plain top-k; "max": V2 group_limited_greedy; "top2_sum": V3 groups ranked by sum of top-2.
+    group_rule: Literal["max", "top2_sum"] | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    has_correction_bias: bool = False
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    # qwen2/qwen3 cast the top-k weights back to the logits dtype (bf16 when serving in bf16).
+    weights_in_logits_dtype: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How one family names its MoE tensors in a Hugging Face checkpoint."""
+
+    moe_module: str  # "mlp", or "block_sparse_moe" (mixtral)
+    gate_proj: str
+    up_proj: str
+    down_proj: str
+    shared_module: str | None  # "shared_experts" (deepseek), "shared_expert" (qwen2), None
+
+    def moe_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.moe_module}"
+
+    def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """(gate, up, down) weight keys of one routed expert, per-expert layout."""
+        p = f"{self.moe_prefix(layer)}.experts.{expert}"
+        return (f"{p}.{self.gate_proj}.weight", f"{p}.{self.up_proj}.weight", f"{p}.{self.down_proj}.weight")
+
+    def fused_expert_keys(self, layer: int) -> tuple[str, str]:
+        """(gate_up_proj [E, 2I, H], down_proj [E, H, I]) keys of the fused (transformers v5) layout."""
+        p = f"{self.moe_prefix(layer)}.experts"
+        return f"{p}.gate_up_proj", f"{p}.down_proj"
+
+    def shared_keys(self, layer: int) -> tuple[str, str, str]:
+        p = f"{self.moe_prefix(layer)}.{self.shared_module}"
+        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+
+    def is_routed_expert_key(self, key: str) -> bool:
+        return ".experts." in key and f".{self.moe_module}." in key
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the router and the workers need to know about a checkpoint."""
+
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    num_hidden_layers: int
+    moe_layers: tuple[int, ...]
+    moe_intermediate_size: int
+    # Fused width of the shared experts (n_shared * I for deepseek); 0 when the family has none.
+    shared_intermediate_size: int
+    # qwen2_moe scales its shared expert by sigmoid(shared_expert_gate(x)).
+    has_shared_gate: bool
+    gating: GatingSpec
+    names: CheckpointNames
+    hidden_act: str = "silu"
+
+    @property
+    def num_experts(self) -> int:
+        return self.gating.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.gating.top_k
+
+    def check_moe_layer(self, layer: int) -> None:
+        if layer not in self.moe_layers:
+            raise ValueError(
+                f"layer {layer} is not a MoE layer of this {self.model_type} model; "
+                f"MoE layers are {list(self.moe_layers)}"
+            )
+
+
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{model_dir} is not a Hugging Face checkpoint directory: no config.json in it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_hf_config(model_dir: str | Path):
+    """The `transformers` config of a checkpoint, after checking its family is one we serve."""
+    from transformers import AutoConfig
+
+    raw = read_config_json(model_dir)
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ConfigError(
+            f"unsupported model_type {model_type!r} in {model_dir}/config.json; "
+            f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"malformed {model_dir}/config.json: {e}") from e
+
+
+def spec_from_pretrained(model_dir: str | Path) -> ModelSpec:
+    return spec_from_hf_config(load_hf_config(model_dir))
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def spec_from_hf_config(cfg) -> ModelSpec:
+    """Build and validate the spec; the only place that reads family-specific config keys."""
+    t = cfg.model_type
+    n_layers = cfg.num_hidden_layers
+    if t in ("deepseek_v3", "deepseek_v2"):
+        num_experts = cfg.n_routed_experts
+        moe_layers = tuple(range(cfg.first_k_dense_replace, n_layers))
+        shared = cfg.moe_intermediate_size * (cfg.n_shared_experts or 0)
+        names = CheckpointNames(
+            "mlp", "gate_proj", "up_proj", "down_proj", "shared_experts" if shared else None
+        )
+        if t == "deepseek_v3":
+            gating = GatingSpec(
+                num_experts=num_experts,
+                top_k=cfg.num_experts_per_tok,
+                scoring="sigmoid",
+                logits_in_fp32=True,
+                group_rule="top2_sum",
+                n_group=cfg.n_group,
+                topk_group=cfg.topk_group,
+                has_correction_bias=True,
+                norm_topk_prob=bool(cfg.norm_topk_prob),
+                routed_scaling_factor=float(cfg.routed_scaling_factor),
+            )
+        else:
+            method = cfg.topk_method
+            _require(
+                method in ("greedy", "group_limited_greedy"),
+                f"deepseek_v2 topk_method {method!r} is not supported (use 'greedy' or 'group_limited_greedy')",
+            )
+            grouped = method == "group_limited_greedy"
+            # transformers' DeepseekV2 gate never normalises the top-k weights (norm_topk_prob is ignored
+            # there); we follow the reference so the served logits equal it.
+            gating = GatingSpec(
+                num_experts=num_experts,
+                top_k=cfg.num_experts_per_tok,
+                scoring="softmax",
+                logits_in_fp32=True,
+                group_rule="max" if grouped else None,
+                n_group=cfg.n_group if grouped else 1,
+                topk_group=cfg.topk_group if grouped else 1,
+                routed_scaling_factor=float(cfg.routed_scaling_factor),
+            )
+        moe_inter = cfg.moe_intermediate_size
+        has_shared_gate = False
+    elif t in ("qwen2_moe", "qwen3_moe"):
+        num_experts = cfg.num_experts
+        _require(num_experts > 0, f"{t} with num_experts={num_experts} has no MoE layer to serve")
+        step = cfg.decoder_sparse_step
+        _require(step >= 1, f"decoder_sparse_step must be >= 1, got {step}")
+        moe_layers = tuple(
+            i for i in range(n_layers) if i not in (cfg.mlp_only_layers or []) and (i + 1) % step == 0
+        )
+        moe_inter = cfg.moe_intermediate_size
+        shared = cfg.shared_expert_intermediate_size if t == "qwen2_moe" else 0
+        has_shared_gate = t == "qwen2_moe"
+        names = CheckpointNames(
+            "mlp", "gate_proj", "up_proj", "down_proj", "shared_expert" if shared else None
+        )
+        gating = GatingSpec(
+            num_experts=num_experts,
+            top_k=cfg.num_experts_per_tok,
+            scoring="softmax",
+            logits_in_fp32=False,
+            norm_topk_prob=bool(cfg.norm_topk_prob),
+            weights_in_logits_dtype=True,
+        )
+    elif t == "mixtral":
+        num_experts = cfg.num_local_experts
+        moe_layers = tuple(range(n_layers))
+        moe_inter = cfg.intermediate_size
+        shared = 0
+        has_shared_gate = False
+        names = CheckpointNames("block_sparse_moe", "w1", "w3", "w2", None)
+        gating = GatingSpec(
+            num_experts=num_experts,
+            top_k=cfg.num_experts_per_tok,
+            scoring="softmax",
+            logits_in_fp32=False,
+            norm_topk_prob=True,
+        )
+    else:  # load_hf_config already refused it; kept for direct callers
+        raise ConfigError(f"unsupported model_type {t!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+
+    g = gating
+    _require(g.num_experts >= 1, f"number of routed experts must be >= 1, got {g.num_experts}")
+    _require(
+        g.top_k is not None and 1 <= g.top_k <= g.num_experts,
+        f"num_experts_per_tok={g.top_k} must be between 1 and the number of experts ({g.num_experts})",
+    )
+    if g.group_rule is not None:
+        _require(
+            g.n_group is not None and g.n_group >= 1 and g.num_experts % g.n_group == 0,
+            f"n_group={g.n_group} must divide the number of experts ({g.num_experts})",
+        )
+        _require(
+            g.topk_group is not None and 1 <= g.topk_group <= g.n_group,
+            f"topk_group={g.topk_group} must be between 1 and n_group={g.n_group}",
+        )
+        per_group = g.num_experts // g.n_group
+        _require(
+            g.topk_group * per_group >= g.top_k,
+            f"topk_group={g.topk_group} groups of {per_group} experts cannot hold top-{g.top_k} choices",
+        )
+        if g.group_rule == "top2_sum":
+            _require(per_group >= 2, f"groups of {per_group} expert(s) cannot be ranked by their top-2 sum")
+    act = getattr(cfg, "hidden_act", "silu")
+    _require(act == "silu", f"hidden_act={act!r}: only SwiGLU experts (hidden_act='silu') are supported")
+    _require(moe_inter >= 1, f"expert intermediate size must be >= 1, got {moe_inter}")
+    _require(cfg.hidden_size >= 1, f"hidden_size must be >= 1, got {cfg.hidden_size}")
+    return ModelSpec(
+        model_type=t,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        num_hidden_layers=n_layers,
+        moe_layers=moe_layers,
+        moe_intermediate_size=moe_inter,
+        shared_intermediate_size=shared,
+        has_shared_gate=has_shared_gate,
+        gating=gating,
+        names=names,
+        hidden_act=act,
+    )
