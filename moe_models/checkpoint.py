@@ -23,6 +23,13 @@ class CheckpointError(ValueError):
     """The checkpoint's files do not hold what its config promises."""
 
 
+def _open(path: Path):
+    # "pread" reads each tensor's bytes with pread(2) instead of mapping the file: with mmap every page
+    # read stays resident (and counted in RSS) until the file is closed, so stacking a worker's
+    # experts would peak near twice their size; with pread the peak is one tensor above the stack.
+    return safe_open(str(path), framework="pt", backend="pread")
+
+
 class Checkpoint:
     """Key -> file map of a checkpoint directory, single-file or sharded."""
 
@@ -69,16 +76,14 @@ class Checkpoint:
             for key in keys:
                 fname = self.key_to_file[key]
                 if fname not in handles:
-                    handles[fname] = stack.enter_context(
-                        safe_open(str(self.model_dir / fname), framework="pt")
-                    )
+                    handles[fname] = stack.enter_context(_open(self.model_dir / fname))
                 self.keys_read.append(key)
                 yield key, handles[fname].get_tensor(key)
 
     def read_rows(self, key: str, rows: list[int]) -> Iterator[torch.Tensor]:
         """Yield `tensor[r]` for each r, reading only those rows (fused-expert layouts)."""
         self.require([key])
-        with safe_open(str(self.model_dir / self.key_to_file[key]), framework="pt") as h:
+        with _open(self.model_dir / self.key_to_file[key]) as h:
             sl = h.get_slice(key)
             for r in rows:
                 self.keys_read.append(f"{key}[{r}]")

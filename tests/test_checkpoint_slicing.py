@@ -1,0 +1,104 @@
+"""Workers read only their own expert tensors; the router reads none; loading keeps one copy."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from expert_workers.worker import ExpertWorker
+from moe_models.checkpoint import Checkpoint
+from moe_models.spec import spec_from_pretrained
+from router_service import Engine
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_worker_reads_exactly_its_experts(family, sharded, tiny_model_dir, tmp_path):
+    from tiny_models import make_tiny_model
+
+    d = make_tiny_model(family, tmp_path / "m", max_shard_size="20KB") if sharded else tiny_model_dir(family)
+    spec = spec_from_pretrained(d)
+    mine = {layer: [1, 4, 5] for layer in spec.moe_layers}
+    worker = ExpertWorker(0, str(d), mine, spec=spec)
+    expected = {k for layer, ids in mine.items() for e in ids for k in spec.names.expert_keys(layer, e)}
+    if spec.shared_intermediate_size:
+        expected |= {k for layer in spec.moe_layers for k in spec.names.shared_keys(layer)}
+    assert sorted(worker.checkpoint.keys_read) == sorted(expected)
+    # and what it holds is exactly those tensors, stacked as w13 = [gate; up], w2 = down
+    layer = spec.moe_layers[0]
+    gate_k, up_k, down_k = spec.names.expert_keys(layer, 4)
+    ref = dict(Checkpoint(d).iter_tensors([gate_k, up_k, down_k]))
+    lx = worker.layers[layer]
+    inter = spec.moe_intermediate_size
+    assert torch.equal(lx.w13[1, :inter], ref[gate_k]) and torch.equal(lx.w13[1, inter:], ref[up_k])
+    assert torch.equal(lx.w2[1], ref[down_k])
+
+
+def test_router_holds_no_expert_weight_and_workers_split_them(tiny_model_dir, monkeypatch):
+    d = tiny_model_dir("deepseek_v3")
+    spec = spec_from_pretrained(d)
+    reads: list[str] = []
+    original = Checkpoint.iter_tensors
+
+    def recording(self, keys):
+        for key, t in original(self, keys):
+            reads.append(key)
+            yield key, t
+
+    monkeypatch.setattr(Checkpoint, "iter_tensors", recording)
+    with Engine.from_pretrained(d, num_workers=3) as engine:
+        routed = [k for k in reads if spec.names.is_routed_expert_key(k)]
+        assert sorted(routed) == sorted(set(routed)), "an expert tensor was read twice"
+        assert len(routed) == len(spec.moe_layers) * spec.num_experts * 3
+        assert not any(".experts." in name for name in engine.model.state_dict())
+        assert not any("shared_experts" in name for name in engine.model.state_dict())
+        state = engine.cluster_state()
+        per_worker = [w["param_bytes"] for w in state["workers"]]
+        assert len(per_worker) == 3 and min(per_worker) > 0
+        held = sorted(e for w in state["workers"] for ids in w["experts"].values() for e in ids)
+        assert held == sorted(list(range(spec.num_experts)) * len(spec.moe_layers))
+
+
+def test_peak_memory_while_loading_stays_near_final_size(tmp_path):
+    """Stacking experts must not hold a second copy (checked in a fresh process via ru_maxrss)."""
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    cfg = DeepseekV2Config(
+        vocab_size=64,
+        hidden_size=256,
+        intermediate_size=256,
+        moe_intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=64,
+        num_experts_per_tok=4,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    # ru_maxrss is inherited from the parent process, so the child resets its own high-water mark
+    # (VmHWM) through /proc/self/clear_refs and reads it back.
+    code = textwrap.dedent(
+        f"""
+        from expert_workers.worker import ExpertWorker
+        from moe_models.spec import spec_from_pretrained
+        spec = spec_from_pretrained({str(tmp_path)!r})
+        status = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+        open("/proc/self/clear_refs", "w").write("5")
+        base = status("VmRSS")
+        w = ExpertWorker(0, {str(tmp_path)!r}, {{0: list(range(64)), 1: list(range(64))}}, spec=spec)
+        print(w.nbytes, status("VmHWM") - base)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    final, peak = map(int, out.split())
+    assert final > 200e6
+    assert peak < final * 1.15, f"peak RSS grew {peak / 1e6:.0f} MB to hold {final / 1e6:.0f} MB of experts"
