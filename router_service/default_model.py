@@ -1,0 +1,176 @@
+"""The built-in default model: a tiny DeepSeek-V3-architecture checkpoint made locally, no download.
+
+`make_default_model(outdir)` writes a Hugging Face checkpoint (config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json) that exercises every part of the V3 MoE path the engine
+serves: a dense first layer, 32 routed experts in 4 groups of which a token may use 2, top-4 with a
+non-zero `e_score_correction_bias`, one shared expert, `norm_topk_prob` and `routed_scaling_factor`
+2.5. It is small enough (about 10M parameters) that loading and generating take well under a
+second on a laptop CPU.
+
+The weights are random (seeded, so every build is the same bytes), so the model's text is gibberish:
+it is there to show the serving path working end to end, not to say anything sensible. Point
+`moe-serve generate --model DIR` at a real checkpoint for that.
+
+The tokenizer is byte-level (GPT-2's ByteLevel pre-tokenizer and decoder, no merges): one token per
+UTF-8 byte, id = byte value, plus `<pad>`, `<bos>` and `<eos>`, so any text round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+"""Bump when the architecture, weights or tokenizer change, so caches built by older code are not reused."""
+DEFAULT_MODEL_NAME = f"default-deepseek-v3-tiny-v{FORMAT_VERSION}"
+CACHE_ENV = "MOE_SERVING_CACHE"
+SEED = 0
+
+NUM_BYTES = 256
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 256, 257, 258: after the bytes, so id == byte value
+VOCAB_SIZE = NUM_BYTES + len(SPECIAL_TOKENS)
+PRINTABLE = range(0x20, 0x7F)  # the bytes the random model is made to emit, " " .. "~"
+
+
+def default_config():
+    """The DeepSeek-V3 config of the default model: V3's routing rules at a toy size."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=256,
+        intermediate_size=512,  # the dense first layer's MLP
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        # MLA at a toy size (V3: 128 heads, q_lora 1536, kv_lora 512, rope 64, nope 128, v 128).
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=NUM_BYTES + SPECIAL_TOKENS.index(PAD),
+        bos_token_id=NUM_BYTES + SPECIAL_TOKENS.index(BOS),
+        eos_token_id=NUM_BYTES + SPECIAL_TOKENS.index(EOS),
+    )
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character table, which the `tokenizers` ByteLevel pre-tokenizer applies.
+
+    `tokenizers` exposes the alphabet only as an unordered set (`ByteLevel.alphabet()`); the order
+    is needed here to give byte b the token id b. Visible Latin-1 bytes map to themselves, the other
+    68 to chr(256), chr(257), ... in byte order.
+    """
+    visible = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(NUM_BYTES) if b not in visible]
+    return {**{b: chr(b) for b in visible}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
+
+
+def make_tokenizer():
+    """A byte-level `PreTrainedTokenizerFast`: token id = UTF-8 byte value, `<bos>` prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in byte_to_unicode().items()}
+    vocab.update({tok: NUM_BYTES + i for i, tok in enumerate(SPECIAL_TOKENS)})
+    # No merges: one token per byte. The ByteLevel decoder turns bytes back into text lossily, so
+    # an invalid byte the random model emits becomes one U+FFFD and the rest still reads.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",  # decoder-only: prompts end where generation starts
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
+
+
+def make_default_model(outdir: str | Path, seed: int = SEED) -> Path:
+    """Write the default model into `outdir` (created if missing); the same bytes on every call.
+
+    Returns `outdir`. The global torch RNG is left as it was.
+    """
+    from transformers import AutoModelForCausalLM
+
+    outdir = Path(outdir)
+    cfg = default_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                # Gate logits ~ N(0, 1) on unit-RMS inputs: routing scores well spread, no near-ties.
+                if name.endswith("mlp.gate.weight"):
+                    param.normal_(0.0, cfg.hidden_size**-0.5)
+            for name, buf in model.named_buffers():
+                # V3's load-balancing bias is zero at init; a random one makes the tests see it.
+                if name.endswith("e_score_correction_bias"):
+                    buf.uniform_(-0.1, 0.1)
+            # Only printable ASCII gets an output row (logits ~ N(0, 9), the rest exactly 0), so the
+            # random model's gibberish prints as visible characters rather than as U+FFFD for
+            # invalid UTF-8; every token id still goes in and every byte still round-trips.
+            head = model.get_output_embeddings().weight  # [V, H]
+            head.normal_(0.0, 3.0 * cfg.hidden_size**-0.5)
+            head[: PRINTABLE.start].zero_()
+            head[PRINTABLE.stop :].zero_()
+    model.save_pretrained(outdir)
+    make_tokenizer().save_pretrained(outdir)
+    return outdir
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moe-serving")
+
+
+def default_model_path() -> Path:
+    """Where the cached default model lives (it may not be built yet)."""
+    return cache_root() / DEFAULT_MODEL_NAME
+
+
+def default_model_dir() -> Path:
+    """The cached default model, built on first use (a few seconds).
+
+    The model is built in a temporary directory next to the cache entry and renamed into place, so a
+    crash never leaves a half-written model and two processes racing to build it both end up using
+    one complete copy.
+    """
+    path = default_model_path()
+    if path.is_dir():
+        return path
+    root = path.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=root))
+    try:
+        make_default_model(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not path.is_dir():  # not lost to a concurrent build: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
