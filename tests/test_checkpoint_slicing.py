@@ -102,3 +102,34 @@ def test_peak_memory_while_loading_stays_near_final_size(tmp_path):
     final, peak = map(int, out.split())
     assert final > 200e6
     assert peak < final * 1.15, f"peak RSS grew {peak / 1e6:.0f} MB to hold {final / 1e6:.0f} MB of experts"
+
+
+def test_fused_expert_layout_is_read_row_by_row(tiny_model_dir, tmp_path):
+    """Checkpoints saved in transformers' fused layout (experts.gate_up_proj [E, 2I, H]) work too."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tiny_model_dir("deepseek_v3")
+    spec = spec_from_pretrained(src)
+    ck = Checkpoint(src)
+    tensors = dict(ck.iter_tensors(list(ck.keys())))
+    for layer in spec.moe_layers:
+        trios = [spec.names.expert_keys(layer, e) for e in range(spec.num_experts)]
+        gate_up = torch.stack([torch.cat([tensors.pop(g), tensors.pop(u)]) for g, u, _ in trios])
+        down = torch.stack([tensors.pop(d) for _, _, d in trios])
+        fused_gu, fused_down = spec.names.fused_expert_keys(layer)
+        tensors[fused_gu], tensors[fused_down] = gate_up.contiguous(), down.contiguous()
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file(tensors, str(fused / "model.safetensors"))
+    shutil.copy(src / "config.json", fused / "config.json")
+
+    worker = ExpertWorker(0, str(fused), {spec.moe_layers[0]: [2, 9]}, spec=spec)
+    gu, dn = spec.names.fused_expert_keys(spec.moe_layers[0])
+    routed = [k for k in worker.checkpoint.keys_read if ".experts." in k]
+    assert routed == [f"{gu}[2]", f"{gu}[9]", f"{dn}[2]", f"{dn}[9]"]
+
+    ids = torch.randint(3, 90, (2, 7))
+    with Engine.from_pretrained(fused, num_workers=3) as a, Engine.from_pretrained(src, num_workers=3) as b:
+        assert torch.equal(a.forward(ids), b.forward(ids))
