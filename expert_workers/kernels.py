@@ -1,38 +1,147 @@
 """Grouped SwiGLU over all of a worker's local experts (stage 4's arithmetic).
 
 Rows arrive sorted by local expert with `counts[e]` rows for expert e; one call computes
-`down(silu(gate(x)) * up(x))` for every row with its own expert's weights. Two ways to do it:
+`down(silu(gate(x)) * up(x))` for every row with its own expert's weights. The storage dtype (what
+the weights are kept in) and the compute path are separate choices; the paths are:
 
-- "grouped_mm": one `torch._grouped_mm` per projection over all experts (a single kernel launch;
-  on CUDA this is the fastest path, on CPU it loops over groups inside ATen);
-- "loop": one `torch.mm` per expert that received rows, over a contiguous slice; never per token.
+- "grouped_mm": one `torch._grouped_mm` per projection over all experts (one kernel launch; the
+  CUDA path; on CPU ATen loops over the groups itself);
+- "loop": one `torch.mm` per expert that received rows, over a contiguous slice of x;
+- "onednn": the same loop, but each expert's weights are reordered once at load into oneDNN's
+  blocked layout (`mkldnn._reorder_linear_weight`, what torch inductor does for CPU linears) and run
+  with `mkldnn._linear_pointwise`, so no call pays for a weight reorder; fp32, and bf16 on CPUs with
+  native bf16 (AVX512-BF16 / AMX);
+- "upcast": bf16 (or fp16) storage, fp32 compute: each weight is converted to fp32 one tile of
+  256 rows at a time (cache resident) and multiplied there by oneDNN's fp32 linear, for CPUs whose
+  bf16 matmul is emulated (AVX2-only: ~1 GFLOP/s against ~180 in fp32). At most one tile (one
+  expert's projection when an expert has >= 256 rows) is ever in fp32, so memory stays at the bf16
+  size.
 
-`select_kernel` picks by device (see docs/performance.md for the measurements behind the choice).
+Never a per-token loop. `select_kernel` picks the path from the device, the dtype and the CPU's
+flags; the measurements behind the rule are in docs/performance.md.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("grouped_mm", "loop")
+KERNELS = ("grouped_mm", "loop", "onednn", "upcast")
+KERNEL_ENV = "MOE_EXPERT_KERNEL"  # overrides "auto" when set (the explicit argument wins)
+UPCAST_TILE_ROWS = 256  # [256, 2048] fp32 = 2 MiB: stays in L2/L3 between the convert and the mm
+UPCAST_WHOLE_MIN_ROWS = 256  # from this many rows one full-size product beats tiles (~8% at 384 rows)
 
 
 def has_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm") or hasattr(F, "grouped_mm")
 
 
+def has_onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls in hardware (AVX512-BF16 or AMX) and oneDNN uses it."""
+    cpu = torch.cpu
+    native = any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return native and has_onednn() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def select_kernel(device: torch.device, dtype: torch.dtype, override: str | None = None) -> str:
-    """The kernel for weights of `dtype` on `device`; `override` (one of KERNELS) wins."""
-    if override not in (None, "auto"):
+    """The compute path for weights stored in `dtype` on `device`.
+
+    `override` (one of KERNELS) wins; None or "auto" reads $MOE_EXPERT_KERNEL, then picks:
+    CUDA -> grouped_mm (sm90+, else loop); CPU fp32 -> onednn; CPU bf16 -> onednn with native bf16,
+    else upcast; anything else -> loop (upcast for CPU fp16).
+    """
+    device = torch.device(device)
+    if override in (None, "auto"):
+        override = os.environ.get(KERNEL_ENV) or "auto"
+    if override != "auto":
         if override not in KERNELS:
             raise ValueError(f"unknown expert kernel {override!r}; choose one of {KERNELS} or 'auto'")
         if override == "grouped_mm" and not has_grouped_mm():
             raise ValueError("expert kernel 'grouped_mm' needs torch._grouped_mm, which this torch lacks")
+        if override == "onednn" and (device.type != "cpu" or not has_onednn()):
+            raise ValueError(f"expert kernel 'onednn' needs a CPU device with oneDNN, got {device}")
+        if override == "onednn" and dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"expert kernel 'onednn' supports float32 and bfloat16, got {dtype}")
         return override
-    if device.type == "cuda" and has_grouped_mm() and torch.cuda.get_device_capability(device) >= (9, 0):
-        return "grouped_mm"
+    if device.type == "cuda":
+        if has_grouped_mm() and torch.cuda.get_device_capability(device) >= (9, 0):
+            return "grouped_mm"
+        return "loop"
+    if device.type != "cpu":
+        return "loop"
+    if dtype == torch.float32:
+        return "onednn" if has_onednn() else "loop"
+    if dtype == torch.bfloat16:
+        return "onednn" if cpu_has_native_bf16() else "upcast"
+    if dtype == torch.float16:
+        return "upcast"
     return "loop"
+
+
+# ---- weight preparation (once, at load) ---------------------------------------------------------
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+
+
+def alloc_experts(kernel: str, n: int, rows13: int, h: int, inter: int, dtype, device):
+    """Empty expert weights to load into: stacked `[n, rows13, h]` / `[n, h, inter]` tensors, or,
+    for a kernel that prepacks ("onednn"), lists of n per-expert tensors, so that each can be
+    replaced by its packed form one at a time (peak memory: the final size plus one expert)."""
+    if kernel != "onednn":
+        return (
+            torch.empty(n, rows13, h, dtype=dtype, device=device),
+            torch.empty(n, h, inter, dtype=dtype, device=device),
+        )
+    return (
+        [torch.empty(rows13, h, dtype=dtype, device=device) for _ in range(n)],
+        [torch.empty(h, inter, dtype=dtype, device=device) for _ in range(n)],
+    )
+
+
+def prepack_experts(kernel: str, w13, w2):
+    """Weights in the layout `kernel` reads: per-expert oneDNN-packed lists for "onednn", else as is.
+
+    w13 / w2 are stacked tensors or lists of per-expert tensors (from `alloc_experts`); lists are
+    packed in place, one expert at a time, so two full copies never exist.
+    """
+    if kernel != "onednn":
+        return w13, w2
+    if isinstance(w13, torch.Tensor):  # stacked: packed copies of its views (callers drop the stack)
+        w13, w2 = list(w13), list(w2)
+    for ws in (w13, w2):
+        for i in range(len(ws)):
+            ws[i] = _pack(ws[i])
+    return w13, w2
+
+
+def prepack_dense(kernel: str, w: torch.Tensor | None) -> torch.Tensor | None:
+    """One 2-D weight (a shared-expert projection) in the layout `kernel` reads."""
+    if kernel != "onednn" or w is None:
+        return w
+    return _pack(w)
+
+
+def weight_nbytes(w) -> int:
+    """Bytes held by a weight as stored: a tensor, a list of (packed) tensors, or None."""
+    if w is None:
+        return 0
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return sum(t.numel() * t.element_size() for t in w)
+
+
+# ---- compute --------------------------------------------------------------------------------------
 
 
 def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -40,36 +149,72 @@ def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch
     return fn(x, w_t, offs=offs)
 
 
-def swiglu_experts(
-    kernel: str, x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor
-) -> torch.Tensor:
+def _linear_upcast(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T in fp32 with w in low precision, converted a tile of rows at a time.
+
+    x: [n, K] fp32, w: [N, K] bf16/fp16 -> [n, N] fp32.
+    """
+    rows, cols = w.shape
+    step = rows if x.shape[0] >= UPCAST_WHOLE_MIN_ROWS else UPCAST_TILE_ROWS
+    buf = torch.empty(min(step, rows) * cols, dtype=torch.float32, device=x.device)
+    out = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
+    # The tiles go through oneDNN's fp32 linear where there is one: MKL's sgemm alternating with
+    # aten's parallel copy was bimodal here (13 or 65 ms for the T = 1 bench layer, thread pools
+    # fighting over 2 cores) and 1.4x slower at T = 128; oneDNN runs on aten's own OpenMP pool.
+    onednn = x.device.type == "cpu" and has_onednn()
+    for r in range(0, rows, step):
+        r2 = min(r + step, rows)
+        tile = buf[: (r2 - r) * cols].view(r2 - r, cols)
+        tile.copy_(w[r:r2])
+        if onednn:
+            out[:, r:r2] = torch.ops.mkldnn._linear_pointwise(x, tile, None, "none", [], "")
+        else:
+            torch.mm(x, tile.t(), out=out[:, r:r2])
+    return out
+
+
+def _linear(kernel: str, x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T for one expert's 2-D weight w in `kernel`'s layout; x: [n, K] -> [n, N]."""
+    if kernel == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    if kernel == "upcast" and w.dtype != torch.float32:
+        return _linear_upcast(x, w)
+    return torch.mm(x, w.t())
+
+
+def swiglu_experts(kernel: str, x: torch.Tensor, counts: list[int], w13, w2) -> torch.Tensor:
     """Expert FFN of every row of x, rows sorted by expert.
 
     # S = routed rows, E = local experts, H = hidden, I = expert inter dim
-    x: [S, H], counts: E ints summing to S, w13: [E, 2I, H] (gate rows then up rows), w2: [E, H, I].
-    Returns [S, H] in x's dtype.
+    x: [S, H], counts: E ints summing to S, w13: [E, 2I, H] (gate rows then up rows), w2: [E, H, I]
+    (for "onednn": lists of E packed [2I, H] / [H, I] weights). Returns [S, H] in x's dtype, except
+    "upcast", which computes and returns fp32.
     """
-    inter = w2.shape[-1]
     if kernel == "grouped_mm":
+        inter = w2.shape[-1]
         offs = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         h = _grouped_mm(x, w13.transpose(1, 2), offs)  # [S, 2I]
         h = F.silu(h[:, :inter]) * h[:, inter:]  # [S, I]
         return _grouped_mm(h, w2.transpose(1, 2), offs)  # [S, H]
+    if kernel == "upcast":
+        x = x.float()
     out = torch.empty_like(x)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        xe = x[start : start + n]
-        h = torch.mm(xe, w13[e].t())  # [n, 2I]
-        h = F.silu(h[:, :inter]) * h[:, inter:]
-        torch.mm(h, w2[e].t(), out=out[start : start + n])
+        h = _linear(kernel, x[start : start + n], w13[e])  # [n, 2I]
+        inter = h.shape[1] // 2
+        h = F.silu(h[:, :inter]) * h[:, inter:]  # [n, I]
+        out[start : start + n] = _linear(kernel, h, w2[e])  # [n, H]
         start += n
     return out
 
 
-def swiglu_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One SwiGLU FFN (the fused shared experts). x: [N, H], w13: [2I, H], w2: [H, I]."""
-    inter = w2.shape[-1]
-    h = x @ w13.t()
-    return (F.silu(h[:, :inter]) * h[:, inter:]) @ w2.t()
+def swiglu_dense(x: torch.Tensor, w13, w2, kernel: str = "loop") -> torch.Tensor:
+    """One SwiGLU FFN (the fused shared experts). x: [N, H], w13: [2I, H], w2: [H, I] in `kernel`'s layout."""
+    if kernel == "upcast":
+        x = x.float()
+    h = _linear(kernel, x, w13)  # [N, 2I]
+    inter = h.shape[1] // 2
+    return _linear(kernel, F.silu(h[:, :inter]) * h[:, inter:], w2)  # [N, H]

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from expert_workers.kernels import select_kernel, swiglu_dense, swiglu_experts
+from expert_workers.kernels import (
+    alloc_experts,
+    prepack_dense,
+    prepack_experts,
+    select_kernel,
+    swiglu_dense,
+    swiglu_experts,
+    weight_nbytes,
+)
 from moe_models.checkpoint import Checkpoint
 from moe_models.spec import ModelSpec, spec_from_pretrained
 
@@ -44,18 +52,22 @@ class ExpertBatch:
 
 @dataclass
 class LayerExperts:
-    """A layer's local weights: stacked routed experts and the (replicated) fused shared experts."""
+    """A layer's local weights: stacked routed experts and the (replicated) fused shared experts.
+
+    With the "onednn" kernel w13 / w2 are lists of per-expert oneDNN-packed weights (same shapes)
+    that replace the stacked tensors, and the shared weights are packed too.
+    """
 
     expert_ids: list[int]
-    w13: torch.Tensor  # [E_local, 2I, H]
-    w2: torch.Tensor  # [E_local, H, I]
+    w13: torch.Tensor | list[torch.Tensor]  # [E_local, 2I, H]
+    w2: torch.Tensor | list[torch.Tensor]  # [E_local, H, I]
     shared_w13: torch.Tensor | None = None  # [2 * I_shared, H]
     shared_w2: torch.Tensor | None = None  # [H, I_shared]
 
     @property
     def nbytes(self) -> int:
         ts = [self.w13, self.w2, self.shared_w13, self.shared_w2]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return sum(weight_nbytes(t) for t in ts)
 
 
 class ExpertWorker:
@@ -106,8 +118,7 @@ class ExpertWorker:
                 f"worker {self.worker_id}: expert ids {bad} out of range [0, {spec.num_experts})"
             )
         n = len(expert_ids)
-        w13 = torch.empty(n, 2 * inter, h, dtype=self.dtype, device=self.device)
-        w2 = torch.empty(n, h, inter, dtype=self.dtype, device=self.device)
+        w13, w2 = alloc_experts(self.kernel, n, 2 * inter, h, inter, self.dtype, self.device)
         per_expert = [names.expert_keys(layer, e) for e in expert_ids]
         fused_gate_up, fused_down = names.fused_expert_keys(layer)
         if n and per_expert[0][0] not in ck and fused_gate_up in ck:
@@ -119,7 +130,7 @@ class ExpertWorker:
             keys = [k for trio in per_expert for k in trio]
             for j, (_, t) in enumerate(ck.iter_tensors(keys)):
                 i, which = divmod(j, 3)
-                dst = (w13[i, :inter], w13[i, inter:], w2[i])[which]
+                dst = (w13[i][:inter], w13[i][inter:], w2[i])[which]
                 if t.shape != dst.shape:
                     raise ValueError(f"{keys[j]} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
                 dst.copy_(t)
@@ -134,6 +145,10 @@ class ExpertWorker:
                 if t.shape != dst.shape:
                     raise ValueError(f"{key} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
                 dst.copy_(t)
+        # Lay the weights out once for the compute path (oneDNN's blocked layout); each packed
+        # expert replaces its plain tensor in place, so at most one expert exists twice.
+        w13, w2 = prepack_experts(self.kernel, w13, w2)
+        shared_w13, shared_w2 = prepack_dense(self.kernel, shared_w13), prepack_dense(self.kernel, shared_w2)
         return LayerExperts(expert_ids, w13, w2, shared_w13, shared_w2)
 
     # ---- serving -------------------------------------------------------------------------------
@@ -156,7 +171,9 @@ class ExpertWorker:
             out.index_add_(0, pair_rows, ys.float() * weights[:, None])
         if batch.shared_rows is not None and batch.shared_rows.numel() and lx.shared_w13 is not None:
             rows = batch.shared_rows.to(self.device)
-            ys = swiglu_dense(x.index_select(0, rows), lx.shared_w13, lx.shared_w2).float()  # [NS, H]
+            ys = swiglu_dense(
+                x.index_select(0, rows), lx.shared_w13, lx.shared_w2, self.kernel
+            ).float()  # [NS, H]
             if batch.shared_weights is not None:
                 ys = ys * batch.shared_weights.to(self.device, torch.float32)[:, None]
             out.index_add_(0, rows, ys)

@@ -82,7 +82,9 @@ class Engine:
     ) -> Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
 
-        expert_kernel: "auto" (pick by device and dtype), or force "grouped_mm" / "loop".
+        expert_kernel: the expert compute path, "auto" (by device, dtype and CPU flags; the
+        MOE_EXPERT_KERNEL environment variable overrides "auto") or one of
+        expert_workers.kernels.KERNELS: "grouped_mm", "loop", "onednn", "upcast".
         """
         t0 = time.perf_counter()
         if transport not in TRANSPORTS:

@@ -21,7 +21,7 @@ def test_worker_reads_exactly_its_experts(family, sharded, tiny_model_dir, tmp_p
     d = make_tiny_model(family, tmp_path / "m", max_shard_size="20KB") if sharded else tiny_model_dir(family)
     spec = spec_from_pretrained(d)
     mine = {layer: [1, 4, 5] for layer in spec.moe_layers}
-    worker = ExpertWorker(0, str(d), mine, spec=spec)
+    worker = ExpertWorker(0, str(d), mine, spec=spec, kernel="loop")  # plain stacks, inspectable
     expected = {k for layer, ids in mine.items() for e in ids for k in spec.names.expert_keys(layer, e)}
     if spec.shared_intermediate_size:
         expected |= {k for layer in spec.moe_layers for k in spec.names.shared_keys(layer)}
@@ -101,7 +101,10 @@ def test_peak_memory_while_loading_stays_near_final_size(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     final, peak = map(int, out.split())
     assert final > 200e6
-    assert peak < final * 1.15, f"peak RSS grew {peak / 1e6:.0f} MB to hold {final / 1e6:.0f} MB of experts"
+    # oneDNN's runtime takes ~10 MB the first time it packs a weight; mmap reading peaked at 1.5x.
+    assert peak < final * 1.1 + (32 << 20), (
+        f"peak RSS grew {peak / 1e6:.0f} MB to hold {final / 1e6:.0f} MB of experts"
+    )
 
 
 def test_fused_expert_layout_is_read_row_by_row(tiny_model_dir, tmp_path):

@@ -142,3 +142,32 @@ def test_sharded_checkpoint_equals_single_file(tiny_model_dir, tmp_path):
         Engine.from_pretrained(tiny_model_dir("qwen2_moe"), num_workers=2) as b,
     ):
         assert torch.equal(a.forward(ids), b.forward(ids))
+
+
+@pytest.mark.parametrize(
+    "kernel, dtype",
+    [
+        ("loop", "float32"),
+        ("grouped_mm", "float32"),
+        ("onednn", "float32"),
+        ("onednn", "bfloat16"),
+        ("upcast", "bfloat16"),
+    ],
+)
+def test_every_expert_kernel_serves_the_same_model(kernel, dtype, tiny_model_dir):
+    """Each compute path, forced through the Engine, still equals transformers."""
+    d = tiny_model_dir("qwen2_moe")
+    torch_dtype = getattr(torch, dtype)
+    ref = reference(d, torch_dtype)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with (
+        Engine.from_pretrained(d, num_workers=3, dtype=dtype, expert_kernel=kernel) as engine,
+        torch.no_grad(),
+    ):
+        assert {w["kernel"] for w in engine.cluster_state()["workers"]} == {kernel}
+        layer = engine.spec.moe_layers[0]
+        h = torch.randn(9, 32).to(torch_dtype)
+        tol = FP32_TOL if dtype == "float32" else BF16_TOL
+        assert rel_err(engine.moe_forward(layer, h), ref_moe(ref, layer, h)) < tol
+        if dtype == "float32":
+            assert rel_err(engine.forward(ids), ref(ids).logits) < FP32_TOL
