@@ -84,22 +84,33 @@ def routing_margin_ok(ref32, spec, ids, mask, trials=6, noise=8e-3) -> bool:
     return True
 
 
+def tie_free_batch(ref32, spec, padded: bool):
+    """The first seeded batch whose routing is not within bf16 rounding of a tie."""
+    for _ in range(20):
+        if padded:
+            ids, mask = padded_batch()
+        else:
+            ids = torch.randint(3, VOCAB, (2, 6))
+            mask = torch.ones_like(ids)
+        if routing_margin_ok(ref32, spec, ids, mask):
+            return ids, mask
+    pytest.fail("no tie-free input batch found in 20 tries")
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3, 5])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_bf16(family, tiny_model_dir):
+def test_forward_bf16(family, num_workers, tiny_model_dir):
     d = tiny_model_dir(family)
     ref = reference(d, torch.bfloat16)
     ref32 = reference(d)
-    with Engine.from_pretrained(d, num_workers=2, dtype="bfloat16") as engine, torch.no_grad():
-        for _ in range(20):  # the first seeded batch whose routing is not within rounding of a tie
-            pids, mask = padded_batch()
-            if routing_margin_ok(ref32, engine.spec, pids, mask):
-                break
-        else:
-            pytest.fail("no tie-free input batch found in 20 tries")
-        out = engine.forward(pids, attention_mask=mask)
-        assert out.dtype == torch.float32
-        real = mask.bool()
-        assert rel_err(out[real], ref(pids, attention_mask=mask).logits.float()[real]) < BF16_TOL
+    with Engine.from_pretrained(d, num_workers=num_workers, dtype="bfloat16") as engine, torch.no_grad():
+        for padded in (False, True):
+            ids, mask = tie_free_batch(ref32, engine.spec, padded)
+            out = engine.forward(ids, attention_mask=mask if padded else None)
+            assert out.dtype == torch.float32
+            real = mask.bool()  # logits at padding positions mean nothing
+            exp = ref(ids, attention_mask=mask if padded else None).logits.float()
+            assert rel_err(out[real], exp[real]) < BF16_TOL
         layer = engine.spec.moe_layers[-1]
         h = torch.randn(11, 32, dtype=torch.bfloat16)
         got = engine.moe_forward(layer, h)
