@@ -28,6 +28,18 @@ from moe_models.spec import ModelSpec, spec_from_pretrained
 log = logging.getLogger(__name__)
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for `device` in this process ("auto": CUDA when this process sees a GPU)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'"
+        )
+    return dev
+
+
 @dataclass
 class ExpertBatch:
     """One worker's share of one MoE layer (the plan slice plus its token rows).
@@ -86,13 +98,14 @@ class ExpertWorker:
         self.worker_id = worker_id
         self.spec = spec or spec_from_pretrained(model_dir)
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.kernel = select_kernel(self.device, dtype, kernel)
         self.checkpoint = Checkpoint(model_dir)
         self.layers: dict[int, LayerExperts] = {}
         t0 = time.perf_counter()
-        for layer, ids in experts_per_layer.items():
+        for done, (layer, ids) in enumerate(experts_per_layer.items(), start=1):
             self.layers[layer] = self._load_layer(layer, list(ids))
+            self.on_layer_loaded(layer, done, len(experts_per_layer))
         log.info(
             "worker %d loaded %d layers (%.1f MB) in %.2fs, kernel=%s",
             worker_id,
@@ -103,6 +116,10 @@ class ExpertWorker:
         )
 
     # ---- loading -------------------------------------------------------------------------------
+
+    def on_layer_loaded(self, layer: int, done: int, total: int) -> None:
+        """Progress hook, called after each layer is loaded; a Ray wrapper shows it as a bar."""
+        log.debug("worker %d: layer %d loaded (%d/%d)", self.worker_id, layer, done, total)
 
     def _load_layer(self, layer: int, expert_ids: list[int]) -> LayerExperts:
         """Stack this worker's experts of one layer, reading only their tensors.

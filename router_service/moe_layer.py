@@ -14,6 +14,7 @@ from torch import nn
 
 from moe_models.spec import ModelSpec
 from router_service.gating import route
+from router_service.load_stats import ExpertLoad
 from router_service.placement import Placement
 from router_service.plan import combine, plan
 from router_service.transport import Transport
@@ -22,10 +23,11 @@ from router_service.transport import Transport
 class ExpertDispatcher:
     """Runs the routed part of every MoE layer over the workers of the current placement."""
 
-    def __init__(self, spec: ModelSpec, placement: Placement, transport: Transport):
+    def __init__(self, spec: ModelSpec, placement: Placement, transport: Transport, load_window: int = 256):
         self.spec = spec
         self.placement = placement
         self.transport = transport
+        self.load = ExpertLoad(spec.moe_layers, spec.num_experts, load_window)
 
     def moe(self, layer: int, x: torch.Tensor, block: DistributedMoE) -> torch.Tensor:
         """x: [T, H] -> [T, H], the MoE block's output (routed + shared experts)."""
@@ -35,6 +37,7 @@ class ExpertDispatcher:
         routing = route(
             self.spec.gating, x, block.gate.weight, getattr(block.gate, "e_score_correction_bias", None)
         )
+        self.load.record(layer, routing.ids)
         shared_weights = None
         if block.shared_expert_gate is not None:
             # qwen2_moe: sigmoid(shared_expert_gate(x)) scales the shared expert, computed as transformers does.

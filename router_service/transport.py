@@ -3,7 +3,7 @@
 The interface is deliberately small (vLLM's prepare/finalize vs experts split): the router hands a
 transport one dict {worker: batch} per layer and gets {worker: partial}; it never sees how workers
 are reached. "local" keeps the workers as objects in this process; "ray" and "compiled" (Ray actor
-calls, Ray Compiled Graphs) come with the distributed-runtime issue and must give identical bits.
+calls, Ray Compiled Graphs; `ray_runtime.py`) give bit-identical results for the same placement.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from expert_workers.worker import ExpertBatch, ExpertWorker
 from moe_models.spec import ModelSpec
 from router_service.placement import Placement
 
-TRANSPORTS = ("local", "ray", "compiled")
-
 
 class WorkerError(RuntimeError):
     """An expert worker failed; the message names the worker and the layer."""
@@ -31,8 +29,19 @@ class WorkerSetup:
     model_dir: str
     spec: ModelSpec
     dtype: torch.dtype
-    device: torch.device
+    device: str  # "auto" resolves in the worker's own process
     kernel: str | None = None
+
+    def build(self, worker_id: int, experts_per_layer: dict[int, list[int]], cls=ExpertWorker):
+        return cls(
+            worker_id,
+            self.model_dir,
+            experts_per_layer,
+            dtype=self.dtype,
+            device=self.device,
+            kernel=self.kernel,
+            spec=self.spec,
+        )
 
 
 class Transport(Protocol):
@@ -47,18 +56,7 @@ class LocalTransport:
     """Workers as plain objects in the router's process (tests, one-machine use)."""
 
     def __init__(self, setup: WorkerSetup, placement: Placement):
-        self.workers = [
-            ExpertWorker(
-                w,
-                setup.model_dir,
-                placement.worker_assignment(w),
-                dtype=setup.dtype,
-                device=setup.device,
-                kernel=setup.kernel,
-                spec=setup.spec,
-            )
-            for w in range(placement.num_workers)
-        ]
+        self.workers = [setup.build(w, placement.worker_assignment(w)) for w in range(placement.num_workers)]
 
     def run_layer(self, layer: int, batches: dict[int, ExpertBatch]) -> dict[int, torch.Tensor]:
         out = {}
@@ -78,12 +76,11 @@ class LocalTransport:
         self.workers = []
 
 
-def make_transport(kind: str, setup: WorkerSetup, placement: Placement) -> Transport:
-    """The one place a transport is chosen."""
-    if kind == "local":
+def make_transport(config, setup: WorkerSetup, placement: Placement) -> Transport:
+    """The one place a transport is chosen (config: an EngineConfig)."""
+    if config.transport == "local":
         return LocalTransport(setup, placement)
-    if kind in ("ray", "compiled"):
-        raise NotImplementedError(
-            f"transport {kind!r} arrives with the distributed runtime; use 'local' for now"
-        )
-    raise ValueError(f"unknown transport {kind!r}; choose one of {TRANSPORTS}")
+    from router_service.ray_runtime import CompiledTransport, RayTransport
+
+    cls = RayTransport if config.transport == "ray" else CompiledTransport
+    return cls(setup, placement, config.worker_resources)

@@ -52,8 +52,8 @@ def test_router_holds_no_expert_weight_and_workers_split_them(tiny_model_dir, mo
         routed = [k for k in reads if spec.names.is_routed_expert_key(k)]
         assert sorted(routed) == sorted(set(routed)), "an expert tensor was read twice"
         assert len(routed) == len(spec.moe_layers) * spec.num_experts * 3
-        assert not any(".experts." in name for name in engine.model.state_dict())
-        assert not any("shared_experts" in name for name in engine.model.state_dict())
+        assert not any(".experts." in name for name in engine.router.model.state_dict())
+        assert not any("shared_experts" in name for name in engine.router.model.state_dict())
         state = engine.cluster_state()
         per_worker = [w["param_bytes"] for w in state["workers"]]
         assert len(per_worker) == 3 and min(per_worker) > 0

@@ -86,12 +86,6 @@ def test_from_pretrained_rejects_bad_settings(tiny_model_dir, kwargs, match):
         Engine.from_pretrained(tiny_model_dir("deepseek_v3"), **kwargs)
 
 
-def test_distributed_transports_not_yet_available(tiny_model_dir):
-    for kind in ("ray", "compiled"):
-        with pytest.raises(NotImplementedError, match="distributed runtime"):
-            Engine.from_pretrained(tiny_model_dir("deepseek_v3"), transport=kind)
-
-
 def _copy_with_config(src, dst, **changes):
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
@@ -128,7 +122,7 @@ def test_missing_checkpoint_dir(tmp_path):
 
 def test_worker_failure_names_worker_and_layer(tiny_model_dir):
     with Engine.from_pretrained(tiny_model_dir("deepseek_v3"), num_workers=2) as e:
-        worker = e.dispatcher.transport.workers[1]
+        worker = e.router.dispatcher.transport.workers[1]
         weights = worker.layers.pop(2)  # the worker now raises inside forward for layer 2
         with pytest.raises(WorkerError, match="worker 1 failed in MoE layer 2"):
             e.forward(torch.randint(3, VOCAB, (2, 16)))

@@ -1,0 +1,100 @@
+"""EngineConfig: every setting an Engine runs with, validated in one place.
+
+The same frozen dataclass travels to the Router actor, so the driver and the actor agree on what
+was asked; `from_pretrained` builds it and nothing reads loose keyword arguments after that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from expert_workers.worker import resolve_device
+
+__all__ = ["EngineConfig", "WorkerResources", "resolve_device"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRANSPORTS = ("local", "ray", "compiled")
+PLACEMENT_STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        for name, d in DTYPES.items():
+            if d == dtype:
+                return name
+        raise ValueError(f"dtype {dtype} is not supported; choose one of {list(DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    return dtype
+
+
+def check_device(device: str | torch.device) -> str:
+    """Validate a device name without touching CUDA when the device is "auto"."""
+    if str(device) == "auto":
+        return "auto"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from e
+    return str(dev)
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """Ray resources of each expert-worker actor (transport "ray" / "compiled").
+
+    num_gpus None means: one GPU per worker when the cluster has a GPU for every worker, else none.
+    strategy is the placement group's: SPREAD (default) puts workers on different nodes where it can.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    strategy: str = "SPREAD"
+
+    def __post_init__(self):
+        if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
+            raise ValueError(
+                f"worker resources must be >= 0, got num_cpus={self.num_cpus}, num_gpus={self.num_gpus}"
+            )
+        if self.strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"unknown placement strategy {self.strategy!r}; choose one of {PLACEMENT_STRATEGIES}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The resolved settings an Engine runs with."""
+
+    model_dir: str
+    num_workers: int = 2
+    transport: str = "local"
+    dtype: str = "float32"
+    device: str = "auto"
+    expert_kernel: str | None = "auto"
+    worker_resources: WorkerResources = field(default_factory=WorkerResources)
+    # Expert-load statistics: token counts per (layer, expert) over the last `load_window` batches.
+    load_window: int = 256
+
+    def __post_init__(self):
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {self.transport!r}; choose one of {TRANSPORTS}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        object.__setattr__(self, "device", check_device(self.device))
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers must be a positive int, got {self.num_workers!r}")
+        if self.load_window < 1:
+            raise ValueError(f"load_window must be >= 1, got {self.load_window}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def worker_device(self) -> str:
+        """Where workers put their experts: the router's device in-process, "auto" in a worker actor
+        (resolved there, where Ray has or has not assigned a GPU)."""
+        return self.device if self.transport == "local" else "auto"

@@ -1,0 +1,187 @@
+"""The Ray runtime: the Router actor, the ExpertWorker actors and the "ray" transport.
+
+The Engine starts (or joins) a Ray cluster and one Router actor; the Router actor creates the
+ExpertWorker actors through its transport, in a placement group (SPREAD across nodes by default),
+and loads them in parallel. `RayTransport.run_layer` sends each worker its ExpertBatch as one actor
+call and gathers the partials; the calls run concurrently on the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from expert_workers.worker import ExpertBatch, ExpertWorker
+from router_service.config import EngineConfig, WorkerResources
+from router_service.placement import Placement
+from router_service.transport import WorkerError, WorkerSetup
+
+log = logging.getLogger(__name__)
+
+# How long to wait for the cluster to find room for the workers before saying what is missing.
+PLACEMENT_TIMEOUT_S = float(os.environ.get("MOE_PLACEMENT_TIMEOUT_S", "60"))
+
+
+# ---- the driver side ---------------------------------------------------------------------------
+
+
+def ensure_ray(address: str | None, min_cpus: int) -> bool:
+    """Connect to Ray; True when this call started a local instance (which the Engine then owns)."""
+    if ray.is_initialized():
+        return False
+    if address is None:
+        # A local instance: enough logical CPUs for every actor even on a small machine (the
+        # actors mostly wait on each other, so oversubscribing cores is harmless).
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, min_cpus),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+        return True
+    ray.init(address=address, logging_level=logging.WARNING)
+    return False
+
+
+def _cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def start_router_actor(config: EngineConfig, address: str | None):
+    """Start the Router actor (which starts the workers) and wait until the model is loaded."""
+    from router_service.router import Router
+
+    owns = ensure_ray(
+        address, min_cpus=config.num_workers * int(max(1, config.worker_resources.num_cpus)) + 1
+    )
+    wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and _cluster_gpus() > 0)
+    actor = ray.remote(Router).options(num_cpus=0, num_gpus=1 if wants_gpu else 0).remote(config)
+    try:
+        call_actor(actor, "ready")
+    except BaseException:
+        stop_router_actor(actor, owns)
+        raise
+    return actor, owns
+
+
+def call_actor(actor, method: str, *args):
+    """One Router call; errors the caller can act on come back as themselves, not wrapped."""
+    try:
+        return ray.get(getattr(actor, method).remote(*args))
+    except RayTaskError as e:
+        if isinstance(e.cause, ValueError | WorkerError | NotImplementedError | RuntimeError):
+            raise e.cause from None
+        raise
+    except RayActorError as e:
+        raise RuntimeError(f"the router actor died: {e}") from None
+
+
+def stop_router_actor(actor, owns_ray: bool) -> None:
+    try:
+        ray.get(actor.shutdown.remote(), timeout=30)
+    except (RayActorError, RayTaskError, GetTimeoutError) as e:
+        log.warning("router shutdown did not finish cleanly: %s", e)
+    ray.kill(actor)
+    if owns_ray:
+        ray.shutdown()
+
+
+# ---- the worker side ---------------------------------------------------------------------------
+
+
+class RayExpertWorker(ExpertWorker):
+    """ExpertWorker as a Ray actor: the same class, plus a load-progress bar and its node id."""
+
+    def on_layer_loaded(self, layer: int, done: int, total: int) -> None:
+        from ray.experimental import tqdm_ray
+
+        if done == 1:
+            self._bar = tqdm_ray.tqdm(
+                total=total, desc=f"expert worker {self.worker_id}: layers", position=self.worker_id
+            )
+        self._bar.update(1)
+        if done == total:
+            self._bar.close()
+        super().on_layer_loaded(layer, done, total)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+class RayTransport:
+    """Workers as Ray actors in a placement group; one actor call per worker per layer."""
+
+    def __init__(self, setup: WorkerSetup, placement: Placement, resources: WorkerResources):
+        n = placement.num_workers
+        gpus = resources.num_gpus if resources.num_gpus is not None else (1 if _cluster_gpus() >= n else 0)
+        bundle = {"CPU": resources.num_cpus, **({"GPU": gpus} if gpus else {}), **resources.resources}
+        self.pg = placement_group([bundle] * n, strategy=resources.strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise ValueError(
+                f"the Ray cluster cannot place {n} expert workers of {bundle} each (strategy "
+                f"{resources.strategy}) within {PLACEMENT_TIMEOUT_S:.0f}s; it has {ray.available_resources()} "
+                f"free. Use fewer workers, smaller worker_resources, or add nodes."
+            ) from None
+        actor_cls = ray.remote(RayExpertWorker)
+
+        def start(w: int):
+            opts = actor_cls.options(
+                num_cpus=resources.num_cpus,
+                num_gpus=gpus,
+                resources=resources.resources,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=w),
+            )
+            return lambda *args, **kwargs: opts.remote(*args, **kwargs)
+
+        self.actors = [setup.build(w, placement.worker_assignment(w), cls=start(w)) for w in range(n)]
+        try:  # the workers load in parallel; this waits for all of them
+            self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
+        except (RayTaskError, RayActorError) as e:
+            self.close()
+            cause = getattr(e, "cause", None) or e
+            raise WorkerError(f"an expert worker failed to load: {type(cause).__name__}: {cause}") from None
+        self._node_ip = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+
+    def run_layer(self, layer: int, batches: dict[int, ExpertBatch]) -> dict:
+        refs = [(w, self.actors[w].forward.remote(layer, batch)) for w, batch in batches.items()]
+        out = {}
+        for w, ref in refs:
+            try:
+                out[w] = ray.get(ref)
+            except RayTaskError as e:
+                cause = e.cause
+                raise WorkerError(
+                    f"expert worker {w} failed in MoE layer {layer}: {type(cause).__name__}: {cause}"
+                ) from None
+            except RayActorError as e:
+                raise WorkerError(f"expert worker {w} died during MoE layer {layer}: {e}") from None
+        return out
+
+    def describe_workers(self) -> list[dict]:
+        infos = ray.get([a.describe.remote() for a in self.actors])
+        for info, node in zip(infos, self.node_ids, strict=True):
+            info["node_id"] = node
+            info["node_ip"] = self._node_ip.get(node)
+        return infos
+
+    def close(self) -> None:
+        for a in getattr(self, "actors", []):
+            ray.kill(a)
+        self.actors = []
+        if getattr(self, "pg", None) is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+class CompiledTransport(RayTransport):
+    """Placeholder until the compiled-graph transport lands: refuses clearly."""
+
+    def __init__(self, setup: WorkerSetup, placement: Placement, resources: WorkerResources):
+        raise NotImplementedError("transport 'compiled' is not available yet; use 'ray' or 'local'")
