@@ -94,7 +94,10 @@ class ExpertWorker:
         device: str | torch.device = "cpu",
         kernel: str | None = None,
         spec: ModelSpec | None = None,
+        num_threads: int | None = None,
     ):
+        if num_threads is not None:  # process-wide; results depend on it in the last bits
+            torch.set_num_threads(num_threads)
         self.worker_id = worker_id
         self.spec = spec or spec_from_pretrained(model_dir)
         self.dtype = dtype

@@ -53,8 +53,14 @@ class WorkerResources:
     num_gpus: float | None = None
     resources: dict[str, float] = field(default_factory=dict)
     strategy: str = "SPREAD"
+    # How long to wait for the cluster to find room for the workers before saying what is missing.
+    placement_timeout_s: float = 60.0
 
     def __post_init__(self):
+        if self.num_cpus <= 0:
+            raise ValueError(
+                f"worker num_cpus must be > 0 (a placement-group bundle needs a resource), got {self.num_cpus}"
+            )
         if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ValueError(
                 f"worker resources must be >= 0, got num_cpus={self.num_cpus}, num_gpus={self.num_gpus}"
@@ -78,6 +84,10 @@ class EngineConfig:
     worker_resources: WorkerResources = field(default_factory=WorkerResources)
     # Expert-load statistics: token counts per (layer, expert) over the last `load_window` batches.
     load_window: int = 256
+    # Intra-op threads of the router and of every worker, the same in every transport: CPU GEMM
+    # results depend on the thread count in the last bits, and transports must agree bit for bit.
+    # None: the calling process's torch.get_num_threads().
+    num_threads: int | None = None
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -86,6 +96,10 @@ class EngineConfig:
         object.__setattr__(self, "device", check_device(self.device))
         if not isinstance(self.num_workers, int) or self.num_workers < 1:
             raise ValueError(f"num_workers must be a positive int, got {self.num_workers!r}")
+        if self.num_threads is None:
+            object.__setattr__(self, "num_threads", torch.get_num_threads())
+        if not isinstance(self.num_threads, int) or self.num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int, got {self.num_threads!r}")
         if self.load_window < 1:
             raise ValueError(f"load_window must be >= 1, got {self.load_window}")
 

@@ -45,6 +45,7 @@ class Engine:
         expert_kernel: str | None = "auto",
         ray_address: str | None = None,
         worker_resources: WorkerResources | dict | None = None,
+        num_threads: int | None = None,
     ) -> Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
 
@@ -56,6 +57,8 @@ class Engine:
         ray_address: join this cluster ("auto": the one `ray start` made on this machine); None starts
         a local Ray instance unless this process is already connected.
         worker_resources: Ray resources per worker (`WorkerResources` or its fields as a dict).
+        num_threads: torch intra-op threads of the router and of each worker (default: this
+        process's); the same in every transport, so that transports agree bit for bit.
         """
         if isinstance(worker_resources, dict):
             worker_resources = WorkerResources(**worker_resources)
@@ -67,6 +70,7 @@ class Engine:
             device=device,
             expert_kernel=expert_kernel,
             worker_resources=worker_resources or WorkerResources(),
+            num_threads=num_threads,
         )
         spec = spec_from_pretrained(config.model_dir)  # raises before any weight is read
         if not 1 <= num_workers <= spec.num_experts:

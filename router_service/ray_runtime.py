@@ -19,13 +19,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from expert_workers.worker import ExpertBatch, ExpertWorker
 from router_service.config import EngineConfig, WorkerResources
 from router_service.placement import Placement
+from router_service.router import Router
 from router_service.transport import WorkerError, WorkerSetup
 
 log = logging.getLogger(__name__)
-
-# How long to wait for the cluster to find room for the workers before saying what is missing.
-PLACEMENT_TIMEOUT_S = float(os.environ.get("MOE_PLACEMENT_TIMEOUT_S", "60"))
-
 
 # ---- the driver side ---------------------------------------------------------------------------
 
@@ -47,21 +44,47 @@ def ensure_ray(address: str | None, min_cpus: int) -> bool:
     return False
 
 
+def _free_resources() -> dict:
+    """Free cluster resources a user can act on (no per-node or placement-group bookkeeping keys)."""
+    return {
+        k: v
+        for k, v in ray.available_resources().items()
+        if "bundle_group" not in k and not k.startswith("node:")
+    }
+
+
 def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+class RouterActor(Router):
+    """The Router as a Ray actor. It is built in `start()`, not in the actor's constructor, so that a
+    load error (a bad checkpoint, an unplaceable worker) reaches the caller as itself: an exception in
+    an actor's constructor only comes back as "the actor died" with the cause flattened to text."""
+
+    def __init__(self, config: EngineConfig):  # Router.__init__ runs in start()
+        self._config = config
+        self._started = False
+
+    def start(self) -> bool:
+        super().__init__(self._config)
+        self._started = True
+        return True
+
+    def shutdown(self) -> None:
+        if self._started:
+            super().shutdown()
+
+
 def start_router_actor(config: EngineConfig, address: str | None):
     """Start the Router actor (which starts the workers) and wait until the model is loaded."""
-    from router_service.router import Router
-
     owns = ensure_ray(
         address, min_cpus=config.num_workers * int(max(1, config.worker_resources.num_cpus)) + 1
     )
     wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and _cluster_gpus() > 0)
-    actor = ray.remote(Router).options(num_cpus=0, num_gpus=1 if wants_gpu else 0).remote(config)
+    actor = ray.remote(RouterActor).options(num_cpus=0, num_gpus=1 if wants_gpu else 0).remote(config)
     try:
-        call_actor(actor, "ready")
+        call_actor(actor, "start")
     except BaseException:
         stop_router_actor(actor, owns)
         raise
@@ -115,21 +138,23 @@ class RayExpertWorker(ExpertWorker):
 class RayTransport:
     """Workers as Ray actors in a placement group; one actor call per worker per layer."""
 
+    worker_cls = RayExpertWorker  # the actor class (the compiled transport adds its graph entry point)
+
     def __init__(self, setup: WorkerSetup, placement: Placement, resources: WorkerResources):
         n = placement.num_workers
         gpus = resources.num_gpus if resources.num_gpus is not None else (1 if _cluster_gpus() >= n else 0)
         bundle = {"CPU": resources.num_cpus, **({"GPU": gpus} if gpus else {}), **resources.resources}
         self.pg = placement_group([bundle] * n, strategy=resources.strategy)
         try:
-            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            ray.get(self.pg.ready(), timeout=resources.placement_timeout_s)
         except GetTimeoutError:
             remove_placement_group(self.pg)
             raise ValueError(
                 f"the Ray cluster cannot place {n} expert workers of {bundle} each (strategy "
-                f"{resources.strategy}) within {PLACEMENT_TIMEOUT_S:.0f}s; it has {ray.available_resources()} "
-                f"free. Use fewer workers, smaller worker_resources, or add nodes."
+                f"{resources.strategy}) within {resources.placement_timeout_s:.0f}s; free now: {_free_resources()}. "
+                f"Use fewer workers, smaller worker_resources, or add nodes."
             ) from None
-        actor_cls = ray.remote(RayExpertWorker)
+        actor_cls = ray.remote(self.worker_cls)
 
         def start(w: int):
             opts = actor_cls.options(
@@ -178,10 +203,3 @@ class RayTransport:
         if getattr(self, "pg", None) is not None:
             remove_placement_group(self.pg)
             self.pg = None
-
-
-class CompiledTransport(RayTransport):
-    """Placeholder until the compiled-graph transport lands: refuses clearly."""
-
-    def __init__(self, setup: WorkerSetup, placement: Placement, resources: WorkerResources):
-        raise NotImplementedError("transport 'compiled' is not available yet; use 'ray' or 'local'")

@@ -29,6 +29,7 @@ class Router:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
+        torch.set_num_threads(config.num_threads)  # a no-op in-process unless asked for
         self.dtype = config.torch_dtype
         self.device = resolve_device(config.device)
         hf_config = load_hf_config(config.model_dir)
@@ -51,9 +52,6 @@ class Router:
             config.transport,
             time.perf_counter() - t0,
         )
-
-    def ready(self) -> bool:
-        return True
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         """Results stay on the device in-process; a Router actor returns CPU tensors to its caller."""

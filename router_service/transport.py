@@ -3,7 +3,8 @@
 The interface is deliberately small (vLLM's prepare/finalize vs experts split): the router hands a
 transport one dict {worker: batch} per layer and gets {worker: partial}; it never sees how workers
 are reached. "local" keeps the workers as objects in this process; "ray" and "compiled" (Ray actor
-calls, Ray Compiled Graphs; `ray_runtime.py`) give bit-identical results for the same placement.
+calls, `ray_runtime.py`; Ray Compiled Graphs, `compiled_transport.py`) give bit-identical results
+for the same placement.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def make_transport(config, setup: WorkerSetup, placement: Placement) -> Transpor
     """The one place a transport is chosen (config: an EngineConfig)."""
     if config.transport == "local":
         return LocalTransport(setup, placement)
-    from router_service.ray_runtime import CompiledTransport, RayTransport
+    if config.transport == "ray":
+        from router_service.ray_runtime import RayTransport
 
-    cls = RayTransport if config.transport == "ray" else CompiledTransport
-    return cls(setup, placement, config.worker_resources)
+        return RayTransport(setup, placement, config.worker_resources)
+    from router_service.compiled_transport import CompiledTransport
+
+    return CompiledTransport(setup, placement, config.worker_resources)

@@ -1,0 +1,112 @@
+"""The "ray" transport: Router and ExpertWorker actors give exactly the local engine's outputs."""
+
+import pytest
+import ray
+import torch
+from conftest import rel_err
+from tiny_models import FAMILIES, VOCAB
+from transformers import AutoModelForCausalLM
+
+from moe_models.spec import spec_from_pretrained
+from router_service import Engine
+from router_service.transport import WorkerError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def padded_batch():
+    ids = torch.randint(3, VOCAB, (3, 6))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("num_workers", [2, 3])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ray_transport_equals_local_and_transformers(family, num_workers, tiny_model_dir):
+    d = tiny_model_dir(family)
+    ids, mask = padded_batch()
+    h = torch.randn(7, 32)
+    with Engine.from_pretrained(d, num_workers=num_workers) as local:
+        exp_logits = local.forward(ids, attention_mask=mask)
+        layer = local.spec.moe_layers[-1]
+        exp_moe = local.moe_forward(layer, h)
+        exp_gen = local.generate(ids, max_new_tokens=4, attention_mask=mask)
+    with Engine.from_pretrained(d, num_workers=num_workers, transport="ray") as engine:
+        logits = engine.forward(ids, attention_mask=mask)
+        assert torch.equal(logits, exp_logits), "ray transport is not bit-identical to local"
+        assert torch.equal(engine.moe_forward(layer, h), exp_moe)
+        assert torch.equal(engine.generate(ids, max_new_tokens=4, attention_mask=mask), exp_gen)
+    ref = AutoModelForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        assert rel_err(logits, ref(ids, attention_mask=mask).logits) < 1e-5
+
+
+def test_cluster_state_reports_slices_bytes_and_load(tiny_model_dir):
+    d = tiny_model_dir("deepseek_v3")
+    spec = spec_from_pretrained(d)
+    with Engine.from_pretrained(d, num_workers=3, transport="ray") as engine:
+        ids = torch.randint(3, VOCAB, (2, 5))
+        engine.forward(ids)
+        state = engine.cluster_state()
+    workers = state["workers"]
+    assert [w["worker_id"] for w in workers] == [0, 1, 2]
+    assert all(w["node_id"] and w["device"] == "cpu" for w in workers)
+    held = sorted(e for w in workers for e in w["experts"][spec.moe_layers[0]])
+    assert held == list(range(spec.num_experts))
+    # each worker: its share of the routed experts plus one replica of the shared experts
+    h, i, si = spec.hidden_size, spec.moe_intermediate_size, spec.shared_intermediate_size
+    per_expert, shared = 3 * h * i * 4, 3 * h * si * 4
+    for w in workers:
+        n_routed = sum(len(ids) for ids in w["experts"].values())
+        assert w["param_bytes"] == n_routed * per_expert + len(spec.moe_layers) * shared
+    # expert load: every token's k choices counted once per MoE layer
+    for layer in spec.moe_layers:
+        assert sum(state["expert_load"]["tokens"][layer]) == ids.numel() * spec.top_k
+        assert state["expert_load"]["batches_seen"][layer] == 1
+
+
+def test_worker_error_names_worker_and_layer_and_engine_recovers(tiny_model_dir):
+    d = tiny_model_dir("deepseek_v3")
+    with Engine.from_pretrained(d, num_workers=2, transport="ray") as engine:
+        ids = torch.randint(3, VOCAB, (2, 16))
+        expected = engine.forward(ids)
+
+        def on_worker(router, worker, fn):
+            return ray.get(router.dispatcher.transport.actors[worker].__ray_call__.remote(fn))
+
+        def stash(w):  # the worker now raises inside forward for layer 2
+            w.stash = w.layers.pop(2)
+
+        def restore(w):
+            w.layers[2] = w.stash
+
+        ray.get(engine._router.__ray_call__.remote(on_worker, 1, stash))
+        with pytest.raises(WorkerError, match="expert worker 1 failed in MoE layer 2"):
+            engine.forward(ids)
+        ray.get(engine._router.__ray_call__.remote(on_worker, 1, restore))
+        assert torch.equal(engine.forward(ids), expected)
+
+
+def test_bad_input_over_ray_is_a_plain_value_error(tiny_model_dir):
+    with Engine.from_pretrained(tiny_model_dir("qwen3_moe"), num_workers=2, transport="ray") as engine:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            engine.forward(torch.tensor([[1, VOCAB + 5]]))
+        with pytest.raises(ValueError, match="not a MoE layer"):
+            engine.moe_forward(0, torch.randn(2, 32))
+        assert engine.forward(torch.tensor([[3, 4]])).shape == (1, 2, VOCAB)
+
+
+def test_unplaceable_workers_fail_fast_with_the_reason(tiny_model_dir):
+    with pytest.raises(ValueError, match="cannot place 2 expert workers"):
+        Engine.from_pretrained(
+            tiny_model_dir("mixtral"),
+            num_workers=2,
+            transport="ray",
+            worker_resources={"num_cpus": 64, "placement_timeout_s": 3},
+        )
