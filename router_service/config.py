@@ -6,6 +6,7 @@ was asked; `from_pretrained` builds it and nothing reads loose keyword arguments
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,9 @@ class EngineConfig:
     # results depend on the thread count in the last bits, and transports must agree bit for bit.
     # None: the calling process's torch.get_num_threads().
     num_threads: int | None = None
+    # Worker load progress: "bar", "log" (a line per layer) or "off"; "auto": a bar when the
+    # caller's stderr is a terminal, else log lines.
+    progress: str = "auto"
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -100,6 +104,10 @@ class EngineConfig:
             object.__setattr__(self, "num_threads", torch.get_num_threads())
         if not isinstance(self.num_threads, int) or self.num_threads < 1:
             raise ValueError(f"num_threads must be a positive int, got {self.num_threads!r}")
+        if self.progress == "auto":
+            object.__setattr__(self, "progress", "bar" if sys.stderr.isatty() else "log")
+        if self.progress not in ("bar", "log", "off"):
+            raise ValueError(f"progress must be 'auto', 'bar', 'log' or 'off', got {self.progress!r}")
         if self.load_window < 1:
             raise ValueError(f"load_window must be >= 1, got {self.load_window}")
 

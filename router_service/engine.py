@@ -46,6 +46,7 @@ class Engine:
         ray_address: str | None = None,
         worker_resources: WorkerResources | dict | None = None,
         num_threads: int | None = None,
+        progress: str = "auto",
     ) -> Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
 
@@ -59,6 +60,8 @@ class Engine:
         worker_resources: Ray resources per worker (`WorkerResources` or its fields as a dict).
         num_threads: torch intra-op threads of the router and of each worker (default: this
         process's); the same in every transport, so that transports agree bit for bit.
+        progress: worker load progress with Ray transports: "bar", "log", "off" or "auto" (a bar on a
+        terminal, else a log line per worker and layer).
         """
         if isinstance(worker_resources, dict):
             worker_resources = WorkerResources(**worker_resources)
@@ -71,6 +74,7 @@ class Engine:
             expert_kernel=expert_kernel,
             worker_resources=worker_resources or WorkerResources(),
             num_threads=num_threads,
+            progress=progress,
         )
         spec = spec_from_pretrained(config.model_dir)  # raises before any weight is read
         if not 1 <= num_workers <= spec.num_experts:

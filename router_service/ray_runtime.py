@@ -117,18 +117,29 @@ def stop_router_actor(actor, owns_ray: bool) -> None:
 
 
 class RayExpertWorker(ExpertWorker):
-    """ExpertWorker as a Ray actor: the same class, plus a load-progress bar and its node id."""
+    """ExpertWorker as a Ray actor: the same class, plus load progress and its node id.
+
+    progress: "bar" (a Ray tqdm bar per worker, drawn by the driver's terminal), "log" (one line per
+    layer, for logs that are not a terminal) or "off".
+    """
+
+    def __init__(self, *args, progress: str = "bar", **kwargs):
+        self._progress = progress
+        super().__init__(*args, **kwargs)
 
     def on_layer_loaded(self, layer: int, done: int, total: int) -> None:
-        from ray.experimental import tqdm_ray
+        if self._progress == "bar":
+            from ray.experimental import tqdm_ray
 
-        if done == 1:
-            self._bar = tqdm_ray.tqdm(
-                total=total, desc=f"expert worker {self.worker_id}: layers", position=self.worker_id
-            )
-        self._bar.update(1)
-        if done == total:
-            self._bar.close()
+            if done == 1:
+                self._bar = tqdm_ray.tqdm(
+                    total=total, desc=f"expert worker {self.worker_id}: layers", position=self.worker_id
+                )
+            self._bar.update(1)
+            if done == total:
+                self._bar.close()
+        elif self._progress == "log":
+            print(f"expert worker {self.worker_id}: loaded layer {layer} ({done}/{total})", flush=True)
         super().on_layer_loaded(layer, done, total)
 
     def node_id(self) -> str:
@@ -140,7 +151,9 @@ class RayTransport:
 
     worker_cls = RayExpertWorker  # the actor class (the compiled transport adds its graph entry point)
 
-    def __init__(self, setup: WorkerSetup, placement: Placement, resources: WorkerResources):
+    def __init__(
+        self, setup: WorkerSetup, placement: Placement, resources: WorkerResources, progress: str = "bar"
+    ):
         n = placement.num_workers
         gpus = resources.num_gpus if resources.num_gpus is not None else (1 if _cluster_gpus() >= n else 0)
         bundle = {"CPU": resources.num_cpus, **({"GPU": gpus} if gpus else {}), **resources.resources}
@@ -163,7 +176,7 @@ class RayTransport:
                 resources=resources.resources,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=w),
             )
-            return lambda *args, **kwargs: opts.remote(*args, **kwargs)
+            return lambda *args, **kwargs: opts.remote(*args, progress=progress, **kwargs)
 
         self.actors = [setup.build(w, placement.worker_assignment(w), cls=start(w)) for w in range(n)]
         try:  # the workers load in parallel; this waits for all of them
