@@ -8,10 +8,13 @@ call and gathers the partials; the calls run concurrently on the workers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import warnings
 
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -23,6 +26,41 @@ from router_service.router import Router
 from router_service.transport import WorkerError, WorkerSetup
 
 log = logging.getLogger(__name__)
+
+# ---- tensors on the wire -------------------------------------------------------------------------
+# Tensors cross Ray as raw bytes in numpy arrays ("packed"), not as pickled torch tensors: Ray reads
+# numpy zero-copy from shared memory, while a pickled tensor is copied through torch's serialiser.
+# Measured on this 2-core machine, two workers, T=8 x H=2048 fp32: 2.1 ms -> 0.7 ms per round trip;
+# T=4096 (32 MB each way per worker): 330 ms -> 32 ms. Bytes are bytes, so bf16 arrives bit-exact.
+
+Packed = tuple  # (uint8 numpy array of the bytes, torch dtype, shape)
+
+
+def pack(t: torch.Tensor | None) -> Packed | None:
+    if t is None:
+        return None
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy(), t.dtype, tuple(t.shape)
+
+
+def unpack(p: Packed | None) -> torch.Tensor | None:
+    """The tensor over the received bytes, without a copy (read-only memory: never written to)."""
+    if p is None:
+        return None
+    data, dtype, shape = p
+    with warnings.catch_warnings():  # torch warns that the shared-memory array is read-only
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(data).view(dtype).view(shape)
+
+
+def pack_batch(batch: ExpertBatch | None) -> tuple | None:
+    if batch is None:
+        return None
+    return tuple(pack(getattr(batch, f.name)) for f in dataclasses.fields(ExpertBatch))
+
+
+def unpack_batch(packed: tuple | None) -> ExpertBatch | None:
+    return None if packed is None else ExpertBatch(*(unpack(p) for p in packed))
+
 
 # ---- the driver side ---------------------------------------------------------------------------
 
@@ -145,11 +183,24 @@ class RayExpertWorker(ExpertWorker):
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def forward_packed(self, layer: int, packed: tuple | None) -> Packed | None:
+        """`forward` on a packed batch, returning the packed partial; None when there are no rows.
+
+        Errors are named here (worker and layer) because a compiled graph hands the first error of an
+        execution to every output, so the router cannot tell which worker raised.
+        """
+        if packed is None:
+            return None
+        try:
+            return pack(self.forward(layer, unpack_batch(packed)))
+        except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed
+            raise WorkerError(
+                f"expert worker {self.worker_id} failed in MoE layer {layer}: {type(e).__name__}: {e}"
+            ) from e
+
 
 class RayTransport:
     """Workers as Ray actors in a placement group; one actor call per worker per layer."""
-
-    worker_cls = RayExpertWorker  # the actor class (the compiled transport adds its graph entry point)
 
     def __init__(
         self, setup: WorkerSetup, placement: Placement, resources: WorkerResources, progress: str = "bar"
@@ -167,7 +218,7 @@ class RayTransport:
                 f"{resources.strategy}) within {resources.placement_timeout_s:.0f}s; free now: {_free_resources()}. "
                 f"Use fewer workers, smaller worker_resources, or add nodes."
             ) from None
-        actor_cls = ray.remote(self.worker_cls)
+        actor_cls = ray.remote(RayExpertWorker)
 
         def start(w: int):
             opts = actor_cls.options(
@@ -188,13 +239,18 @@ class RayTransport:
         self._node_ip = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
 
     def run_layer(self, layer: int, batches: dict[int, ExpertBatch]) -> dict:
-        refs = [(w, self.actors[w].forward.remote(layer, batch)) for w, batch in batches.items()]
+        refs = [
+            (w, self.actors[w].forward_packed.remote(layer, pack_batch(batch)))
+            for w, batch in batches.items()
+        ]
         out = {}
         for w, ref in refs:
             try:
-                out[w] = ray.get(ref)
+                out[w] = unpack(ray.get(ref)).to(batches[w].x.device)
             except RayTaskError as e:
                 cause = e.cause
+                if isinstance(cause, WorkerError):
+                    raise cause from None
                 raise WorkerError(
                     f"expert worker {w} failed in MoE layer {layer}: {type(cause).__name__}: {cause}"
                 ) from None

@@ -32,8 +32,10 @@ class WorkerSetup:
     dtype: torch.dtype
     device: str  # "auto" resolves in the worker's own process
     kernel: str | None = None
+    num_threads: int | None = None
 
     def build(self, worker_id: int, experts_per_layer: dict[int, list[int]], cls=ExpertWorker):
+        """cls(...) with this setup: the class itself, or any callable taking its arguments."""
         return cls(
             worker_id,
             self.model_dir,
@@ -42,6 +44,7 @@ class WorkerSetup:
             device=self.device,
             kernel=self.kernel,
             spec=self.spec,
+            num_threads=self.num_threads,
         )
 
 
