@@ -20,6 +20,7 @@ send their partials through host memory, and the router puts them back on its ow
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -88,7 +89,12 @@ class CompiledTransport(RayTransport):
         for w, ref in enumerate(refs):
             try:
                 partial = ray.get(ref, timeout=GET_TIMEOUT_S)
-            except RayTaskError as e:  # a worker raised; the graph stays usable
+            except RayTaskError as e:  # a worker raised
+                # Rebuild the graph on the next call: after a worker error, a later channel resize (a
+                # bigger batch) left the next execution hanging until the submit timeout (measured in
+                # tests/test_compiled_transport.py); a fresh graph costs ~1 s, and only on errors.
+                self._drain(refs, w)
+                self._teardown()
                 if isinstance(e.cause, WorkerError):  # named by the worker (forward_packed)
                     raise e.cause from None
                 raise WorkerError(
@@ -97,10 +103,18 @@ class CompiledTransport(RayTransport):
             except (RayChannelError, RayActorError) as e:  # a dead actor or a hung worker
                 raise self._broken(layer, e) from None
             if w in batches:
-                # Zero-copy over the channel's buffer, which Ray keeps until this tensor is dropped
-                # (the router's combine uses it at once); on the router's device, as "ray" returns it.
-                out[w] = unpack(partial).to(batches[w].x.device)
+                # Copied out of the channel's buffer: a tensor viewing it would keep the channel busy
+                # for as long as anyone holds it, and the next execution would block on it.
+                out[w] = unpack(partial).to(batches[w].x.device, copy=True)
         return out
+
+    @staticmethod
+    def _drain(refs, failed: int) -> None:
+        """Read the outputs after the failed one, so the graph is idle before its teardown."""
+        for ref in refs[failed + 1 :]:
+            # the same execution's error, already being reported
+            with contextlib.suppress(RayTaskError, RayChannelError, RayActorError):
+                ray.get(ref, timeout=GET_TIMEOUT_S)
 
     def _broken(self, layer: int, e: Exception) -> WorkerError:
         """The graph cannot go on: drop it (the next call rebuilds it) and name the dead workers."""

@@ -114,6 +114,12 @@ def test_large_payload_and_idle_worker(engines):
     )
 
 
+def test_still_serves_after_errors_and_resizes(engines):
+    local, compiled = engines
+    ids = torch.randint(3, VOCAB, (2, 5))
+    assert torch.equal(compiled.forward(ids), local.forward(ids))
+
+
 def test_dead_worker_is_a_clear_error(engines):
     """Last in this module: it kills a worker of the shared compiled engine."""
     _, compiled = engines
