@@ -5,7 +5,7 @@ import time
 import pytest
 import ray
 import torch
-from tiny_models import VOCAB
+from tiny_models import FAMILIES, VOCAB
 
 from expert_workers.worker import ExpertBatch
 from router_service import Engine
@@ -20,7 +20,7 @@ def ray_cluster():
 
 
 @pytest.mark.parametrize("num_workers", [2, 3])
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_identical_to_local(family, num_workers, tiny_model_dir):
     d = tiny_model_dir(family)
     ids = torch.randint(3, VOCAB, (2, 9))
