@@ -36,7 +36,12 @@ class Router:
         self.spec = spec_from_hf_config(hf_config)
         placement = contiguous_placement(self.spec.moe_layers, self.spec.num_experts, config.num_workers)
         setup = WorkerSetup(
-            config.model_dir, self.spec, self.dtype, config.worker_device, config.expert_kernel, config.num_threads
+            config.model_dir,
+            self.spec,
+            self.dtype,
+            config.worker_device,
+            config.expert_kernel,
+            config.num_threads,
         )
         transport = make_transport(config, setup, placement)
         self.dispatcher = ExpertDispatcher(self.spec, placement, transport, config.load_window)
