@@ -35,6 +35,8 @@ class GatingSpec:
     topk_group: int = 1
     has_correction_bias: bool = False
     norm_topk_prob: bool = False
+    # Added to the top-k sum before normalising (deepseek_v3 uses 1e-20; the others divide plainly).
+    norm_eps: float = 0.0
     routed_scaling_factor: float = 1.0
     # qwen2/qwen3 cast the top-k weights back to the logits dtype (bf16 when serving in bf16).
     weights_in_logits_dtype: bool = False
@@ -163,6 +165,7 @@ def spec_from_hf_config(cfg) -> ModelSpec:
                 topk_group=cfg.topk_group,
                 has_correction_bias=True,
                 norm_topk_prob=bool(cfg.norm_topk_prob),
+                norm_eps=1e-20,
                 routed_scaling_factor=float(cfg.routed_scaling_factor),
             )
         else:

@@ -65,7 +65,7 @@ def route(
         weights, ids = torch.topk(scores, k=g.top_k, dim=-1, sorted=not g.logits_in_fp32)
     if g.norm_topk_prob:
         denominator = weights.sum(dim=-1, keepdim=True)
-        weights = weights / (denominator + 1e-20 if g.scoring == "sigmoid" else denominator)
+        weights = weights / (denominator + g.norm_eps)  # + 0.0 is exact: same bits as a plain divide
     if g.routed_scaling_factor != 1.0:
         weights = weights * g.routed_scaling_factor
     if g.weights_in_logits_dtype:
