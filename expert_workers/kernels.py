@@ -52,6 +52,12 @@ def cpu_has_native_bf16() -> bool:
     return native and has_onednn() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def check_kernel_name(name: str | None) -> None:
+    """Refuse an expert kernel name that is neither "auto" (or None) nor one of KERNELS."""
+    if name not in (None, "auto") and name not in KERNELS:
+        raise ValueError(f"unknown expert kernel {name!r}; choose one of {KERNELS} or 'auto'")
+
+
 def select_kernel(device: torch.device, dtype: torch.dtype, override: str | None = None) -> str:
     """The compute path for weights stored in `dtype` on `device`.
 
@@ -62,9 +68,8 @@ def select_kernel(device: torch.device, dtype: torch.dtype, override: str | None
     device = torch.device(device)
     if override in (None, "auto"):
         override = os.environ.get(KERNEL_ENV) or "auto"
+    check_kernel_name(override)
     if override != "auto":
-        if override not in KERNELS:
-            raise ValueError(f"unknown expert kernel {override!r}; choose one of {KERNELS} or 'auto'")
         if override == "grouped_mm" and not has_grouped_mm():
             raise ValueError("expert kernel 'grouped_mm' needs torch._grouped_mm, which this torch lacks")
         if override == "onednn" and (device.type != "cpu" or not has_onednn()):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from expert_workers.kernels import check_kernel_name
 from expert_workers.worker import resolve_device
 
 __all__ = ["EngineConfig", "WorkerResources", "resolve_device"]
@@ -100,6 +101,7 @@ class EngineConfig:
         object.__setattr__(self, "device", check_device(self.device))
         if not isinstance(self.num_workers, int) or self.num_workers < 1:
             raise ValueError(f"num_workers must be a positive int, got {self.num_workers!r}")
+        check_kernel_name(self.expert_kernel)  # before any actor starts
         if self.num_threads is None:
             object.__setattr__(self, "num_threads", torch.get_num_threads())
         if not isinstance(self.num_threads, int) or self.num_threads < 1:

@@ -81,13 +81,6 @@ class Engine:
             raise ValueError(
                 f"num_workers must be between 1 and the number of experts ({spec.num_experts}), got {num_workers}"
             )
-        if config.expert_kernel not in (None, "auto"):
-            from expert_workers.kernels import KERNELS
-
-            if config.expert_kernel not in KERNELS:
-                raise ValueError(
-                    f"unknown expert kernel {config.expert_kernel!r}; choose one of {KERNELS} or 'auto'"
-                )
         if config.transport == "local":
             return cls(config, spec, Router(config))
         from router_service.ray_runtime import start_router_actor

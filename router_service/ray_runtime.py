@@ -23,7 +23,7 @@ from expert_workers.worker import ExpertBatch, ExpertWorker
 from router_service.config import EngineConfig, WorkerResources
 from router_service.placement import Placement
 from router_service.router import Router
-from router_service.transport import WorkerError, WorkerSetup
+from router_service.transport import WorkerError, WorkerSetup, worker_error
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,7 @@ class RayExpertWorker(ExpertWorker):
         try:
             return pack(self.forward(layer, unpack_batch(packed)))
         except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed
-            raise WorkerError(
-                f"expert worker {self.worker_id} failed in MoE layer {layer}: {type(e).__name__}: {e}"
-            ) from e
+            raise worker_error(self.worker_id, layer, e) from e
 
 
 class RayTransport:
@@ -251,9 +249,7 @@ class RayTransport:
                 cause = e.cause
                 if isinstance(cause, WorkerError):
                     raise cause from None
-                raise WorkerError(
-                    f"expert worker {w} failed in MoE layer {layer}: {type(cause).__name__}: {cause}"
-                ) from None
+                raise worker_error(w, layer, cause) from None
             except RayActorError as e:
                 raise WorkerError(f"expert worker {w} died during MoE layer {layer}: {e}") from None
         return out

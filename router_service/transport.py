@@ -23,6 +23,11 @@ class WorkerError(RuntimeError):
     """An expert worker failed; the message names the worker and the layer."""
 
 
+def worker_error(worker: int, layer: int, cause: BaseException) -> WorkerError:
+    """The error every transport raises when worker `worker` fails in MoE layer `layer`."""
+    return WorkerError(f"expert worker {worker} failed in MoE layer {layer}: {type(cause).__name__}: {cause}")
+
+
 @dataclass(frozen=True)
 class WorkerSetup:
     """What every worker is built from (the transport decides where it runs)."""
@@ -68,9 +73,7 @@ class LocalTransport:
             try:
                 out[w] = self.workers[w].forward(layer, batch)
             except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed
-                raise WorkerError(
-                    f"expert worker {w} failed in MoE layer {layer}: {type(e).__name__}: {e}"
-                ) from e
+                raise worker_error(w, layer, e) from e
         return out
 
     def describe_workers(self) -> list[dict]:
