@@ -99,26 +99,58 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
 
 
-def alloc_experts(kernel: str, n: int, rows13: int, h: int, inter: int, dtype, device):
-    """Empty expert weights to load into: stacked `[n, rows13, h]` / `[n, h, inter]` tensors, or,
-    for a kernel that prepacks ("onednn"), lists of n per-expert tensors, so that each can be
-    replaced by its packed form one at a time (peak memory: the final size plus one expert)."""
-    if kernel != "onednn":
-        return (
-            torch.empty(n, rows13, h, dtype=dtype, device=device),
-            torch.empty(n, h, inter, dtype=dtype, device=device),
-        )
-    return (
-        [torch.empty(rows13, h, dtype=dtype, device=device) for _ in range(n)],
-        [torch.empty(h, inter, dtype=dtype, device=device) for _ in range(n)],
-    )
+class ExpertStackBuilder:
+    """Receives a layer's expert weights one expert at a time, in the layout `kernel` reads.
+
+    Plain kernels get stacked `[n, 2I, H]` / `[n, H, I]` tensors and each expert is written straight
+    into its row. "onednn" gets per-expert packed weights: every expert is written into one staging
+    pair that lives for the whole layer and is packed from there. Allocating all plain tensors up
+    front and packing them one by one instead left the freed plain tensors scattered among the
+    packed ones in the malloc heap: 25% more RSS than the weights themselves (measured: 258 MB
+    resident for 204 MB of experts), never given back.
+
+    Usage: for i in order, write into `slot(i)` (views `(gate, up, down)`), then call `done(i)`;
+    `finish()` returns `(w13, w2)`.
+    """
+
+    def __init__(self, kernel: str, n: int, inter: int, h: int, dtype, device):
+        self.kernel, self.n, self.inter = kernel, n, inter
+        self.packed = kernel == "onednn"
+        if self.packed:
+            self._stage13 = torch.empty(2 * inter, h, dtype=dtype, device=device)
+            self._stage2 = torch.empty(h, inter, dtype=dtype, device=device)
+            self._w13: list | torch.Tensor = []
+            self._w2: list | torch.Tensor = []
+        else:
+            self._w13 = torch.empty(n, 2 * inter, h, dtype=dtype, device=device)
+            self._w2 = torch.empty(n, h, inter, dtype=dtype, device=device)
+
+    def slot(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Destinations (gate [I, H], up [I, H], down [H, I]) for expert i's weights."""
+        if self.packed:
+            if i != len(self._w13):
+                raise RuntimeError(f"experts must be loaded in order: got {i}, expected {len(self._w13)}")
+            w13, w2 = self._stage13, self._stage2
+        else:
+            w13, w2 = self._w13[i], self._w2[i]
+        return w13[: self.inter], w13[self.inter :], w2
+
+    def done(self, i: int) -> None:
+        """Expert i's three tensors are written."""
+        if self.packed:
+            self._w13.append(_pack(self._stage13))
+            self._w2.append(_pack(self._stage2))
+
+    def finish(self):
+        if self.packed and len(self._w13) != self.n:
+            raise RuntimeError(f"{len(self._w13)} of {self.n} experts loaded")
+        self._stage13 = self._stage2 = None
+        return self._w13, self._w2
 
 
 def prepack_experts(kernel: str, w13, w2):
-    """Weights in the layout `kernel` reads: per-expert oneDNN-packed lists for "onednn", else as is.
-
-    w13 / w2 are stacked tensors or lists of per-expert tensors (from `alloc_experts`); lists are
-    packed in place, one expert at a time, so two full copies never exist.
+    """Stacked weights in the layout `kernel` reads: per-expert oneDNN-packed lists for "onednn",
+    else as is. For weights already in memory (tests, benchmarks); loading uses ExpertStackBuilder.
     """
     if kernel != "onednn":
         return w13, w2

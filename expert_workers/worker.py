@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from expert_workers.kernels import (
-    alloc_experts,
+    ExpertStackBuilder,
     prepack_dense,
-    prepack_experts,
     select_kernel,
     swiglu_dense,
     swiglu_experts,
@@ -137,23 +136,35 @@ class ExpertWorker:
             raise ValueError(
                 f"worker {self.worker_id}: expert ids {bad} out of range [0, {spec.num_experts})"
             )
-        n = len(expert_ids)
-        w13, w2 = alloc_experts(self.kernel, n, 2 * inter, h, inter, self.dtype, self.device)
+        stack = ExpertStackBuilder(self.kernel, len(expert_ids), inter, h, self.dtype, self.device)
         per_expert = [names.expert_keys(layer, e) for e in expert_ids]
         fused_gate_up, fused_down = names.fused_expert_keys(layer)
-        if n and per_expert[0][0] not in ck and fused_gate_up in ck:
-            for i, t in enumerate(ck.read_rows(fused_gate_up, expert_ids)):
-                w13[i].copy_(t)
-            for i, t in enumerate(ck.read_rows(fused_down, expert_ids)):
-                w2[i].copy_(t)
+        if expert_ids and per_expert[0][0] not in ck and fused_gate_up in ck:
+            rows = zip(
+                ck.read_rows(fused_gate_up, expert_ids), ck.read_rows(fused_down, expert_ids), strict=True
+            )
+            for i, (gate_up, down) in enumerate(rows):
+                gate, up, dst_down = stack.slot(i)
+                if gate_up.shape != (2 * inter, h) or down.shape != dst_down.shape:
+                    raise ValueError(
+                        f"{fused_gate_up} / {fused_down} rows have shapes {tuple(gate_up.shape)} / "
+                        f"{tuple(down.shape)}, expected {(2 * inter, h)} / {tuple(dst_down.shape)}"
+                    )
+                gate.copy_(gate_up[:inter])
+                up.copy_(gate_up[inter:])
+                dst_down.copy_(down)
+                stack.done(i)
         else:
             keys = [k for trio in per_expert for k in trio]
             for j, (_, t) in enumerate(ck.iter_tensors(keys)):
                 i, which = divmod(j, 3)
-                dst = (w13[i][:inter], w13[i][inter:], w2[i])[which]
+                dst = stack.slot(i)[which]
                 if t.shape != dst.shape:
                     raise ValueError(f"{keys[j]} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
                 dst.copy_(t)
+                if which == 2:
+                    stack.done(i)
+        w13, w2 = stack.finish()
         shared_w13 = shared_w2 = None
         if spec.shared_intermediate_size:
             si = spec.shared_intermediate_size
@@ -165,9 +176,6 @@ class ExpertWorker:
                 if t.shape != dst.shape:
                     raise ValueError(f"{key} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
                 dst.copy_(t)
-        # Lay the weights out once for the compute path (oneDNN's blocked layout); each packed
-        # expert replaces its plain tensor in place, so at most one expert exists twice.
-        w13, w2 = prepack_experts(self.kernel, w13, w2)
         shared_w13, shared_w2 = prepack_dense(self.kernel, shared_w13), prepack_dense(self.kernel, shared_w2)
         return LayerExperts(expert_ids, w13, w2, shared_w13, shared_w2)
 

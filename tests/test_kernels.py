@@ -164,11 +164,26 @@ def test_auto_rule_on_cuda(monkeypatch):
         select_kernel(torch.device("cuda"), torch.float32, "onednn")
 
 
-@pytest.mark.skipif(not kernels.has_onednn(), reason="no oneDNN")
-def test_alloc_then_prepack_packs_each_expert_in_place():
-    w13, w2 = kernels.alloc_experts("onednn", 3, 2 * INTER, H, INTER, torch.float32, "cpu")
-    assert isinstance(w13, list) and w13[0].shape == (2 * INTER, H) and w2[0].shape == (H, INTER)
-    p13, p2 = prepack_experts("onednn", w13, w2)
-    assert p13 is w13 and p2 is w2 and all(w.is_mkldnn for w in w13 + w2)
-    s13, s2 = kernels.alloc_experts("loop", 3, 2 * INTER, H, INTER, torch.float32, "cpu")
-    assert s13.shape == (3, 2 * INTER, H) and s2.shape == (3, H, INTER)
+@pytest.mark.parametrize("kernel", ["loop", "onednn"])
+def test_stack_builder_gives_the_layout_the_kernel_reads(kernel):
+    if not available(kernel, torch.float32):
+        pytest.skip(f"{kernel} not available here")
+    w13, w2 = make_weights(torch.float32, n_experts=3)
+    b = kernels.ExpertStackBuilder(kernel, 3, INTER, H, torch.float32, "cpu")
+    for i in range(3):
+        gate, up, down = b.slot(i)
+        gate.copy_(w13[i, :INTER])
+        up.copy_(w13[i, INTER:])
+        down.copy_(w2[i])
+        b.done(i)
+    got13, got2 = b.finish()
+    want13, want2 = prepack_experts(kernel, w13, w2)
+    x = torch.randn(5, H)
+    counts = [2, 0, 3]
+    torch.testing.assert_close(
+        swiglu_experts(kernel, x, counts, got13, got2), swiglu_experts(kernel, x, counts, want13, want2)
+    )
+    if kernel == "onednn":
+        assert all(w.is_mkldnn for w in got13 + got2)
+        with pytest.raises(RuntimeError, match="in order"):
+            kernels.ExpertStackBuilder(kernel, 3, INTER, H, torch.float32, "cpu").slot(1)
