@@ -14,7 +14,7 @@ import torch
 from expert_workers.kernels import check_kernel_name
 from expert_workers.worker import resolve_device
 
-__all__ = ["EngineConfig", "WorkerResources", "resolve_device"]
+__all__ = ["BatchLimits", "EngineConfig", "WorkerResources", "resolve_device"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRANSPORTS = ("local", "ray", "compiled")
@@ -74,6 +74,26 @@ class WorkerResources:
 
 
 @dataclass(frozen=True)
+class BatchLimits:
+    """How much the decode loop takes on at once.
+
+    max_batch_size: sequences decoded together per step (the T each MoE layer sees).
+    max_batch_tokens: prompt + max_new_tokens summed over the batch (bounds the KV cache), and the
+      largest single request accepted (prompt + max_new_tokens): larger ones are refused.
+    max_waiting: requests queued beyond the batch before new ones are refused (back-pressure).
+    """
+
+    max_batch_size: int = 32
+    max_batch_tokens: int = 16384
+    max_waiting: int = 512
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_batch_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """The resolved settings an Engine runs with."""
 
@@ -93,6 +113,8 @@ class EngineConfig:
     # Worker load progress: "bar", "log" (a line per layer) or "off"; "auto": a bar when the
     # caller's stderr is a terminal, else log lines.
     progress: str = "auto"
+    # Generation batching (continuous batching in the router, see router_service/scheduler.py).
+    batch_limits: BatchLimits = field(default_factory=BatchLimits)
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:

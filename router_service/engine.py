@@ -10,12 +10,14 @@ any weight is read.
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from moe_models.spec import ModelSpec, spec_from_pretrained
-from router_service.config import DTYPES, EngineConfig, WorkerResources
+from router_service.config import DTYPES, BatchLimits, EngineConfig, WorkerResources
 from router_service.router import Router
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Engine:
         worker_resources: WorkerResources | dict | None = None,
         num_threads: int | None = None,
         progress: str = "auto",
+        batch_limits: BatchLimits | dict | None = None,
     ) -> Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
 
@@ -62,9 +65,12 @@ class Engine:
         process's); the same in every transport, so that transports agree bit for bit.
         progress: worker load progress with Ray transports: "bar", "log", "off" or "auto" (a bar on a
         terminal, else a log line per worker and layer).
+        batch_limits: the continuous-batching limits of `generate_stream` (`BatchLimits` or a dict).
         """
         if isinstance(worker_resources, dict):
             worker_resources = WorkerResources(**worker_resources)
+        if isinstance(batch_limits, dict):
+            batch_limits = BatchLimits(**batch_limits)
         config = EngineConfig(
             model_dir=str(model_dir),
             num_workers=num_workers,
@@ -75,6 +81,7 @@ class Engine:
             worker_resources=worker_resources or WorkerResources(),
             num_threads=num_threads,
             progress=progress,
+            batch_limits=batch_limits or BatchLimits(),
         )
         spec = spec_from_pretrained(config.model_dir)  # raises before any weight is read
         if not 1 <= num_workers <= spec.num_experts:
@@ -99,6 +106,13 @@ class Engine:
         """The in-process Router (transport "local" only; for tests and introspection)."""
         if not self.is_local:
             raise AttributeError("the Router runs in a Ray actor with this transport")
+        return self._router
+
+    @property
+    def actor(self):
+        """The Router actor's handle (transports "ray" / "compiled"), e.g. for a serving front end."""
+        if self.is_local or self._router is None:
+            raise AttributeError("this Engine has no Router actor (transport 'local', or shut down)")
         return self._router
 
     def _call(self, method: str, *args, **kwargs):
@@ -129,6 +143,39 @@ class Engine:
     ) -> torch.Tensor:
         """Prompt + generated ids [B, S + n]; temperature 0 is greedy, `seed` makes sampling repeatable."""
         return self._call("generate", input_ids, max_new_tokens, temperature, top_p, seed, attention_mask)
+
+    def generate_stream(
+        self,
+        prompt_ids,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[dict]:
+        """Generate for one prompt (token ids) in the router's continuous batch, streamed.
+
+        Yields {"token_ids": [...], "finish_reason": None | "length" | "stop"} chunks; concurrent
+        calls (threads, or many clients of one server) share each decode step. Closing the iterator
+        early frees the request's place in the batch.
+        """
+        if self._router is None:
+            raise RuntimeError("this Engine has been shut down")
+        if self.is_local:
+            return self._router.generate_stream(prompt_ids, max_new_tokens, temperature, top_p, seed)
+        return self._remote_stream(prompt_ids, max_new_tokens, temperature, top_p, seed)
+
+    def _remote_stream(self, *args) -> Iterator[dict]:
+        from router_service.ray_runtime import stream_actor
+
+        request_id = uuid.uuid4().hex
+        done = False
+        try:
+            for chunk in stream_actor(self._router, "generate_stream", *args, request_id):
+                done = chunk["finish_reason"] is not None
+                yield chunk
+        finally:
+            if not done and self._router is not None:
+                self._router.cancel_generation.remote(request_id)
 
     def cluster_state(self) -> dict:
         """Workers (node, device, experts per layer, bytes), placement version and expert load."""

@@ -8,10 +8,12 @@ call and gathers the partials; the calls run concurrently on the workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 
 import ray
 import torch
@@ -95,6 +97,10 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+# Concurrent calls a Router actor takes: every open generation stream holds one thread.
+ROUTER_MAX_CONCURRENCY = 1024
+
+
 class RouterActor(Router):
     """The Router as a Ray actor. It is built in `start()`, not in the actor's constructor, so that a
     load error (a bad checkpoint, an unplaceable worker) reaches the caller as itself: an exception in
@@ -109,6 +115,11 @@ class RouterActor(Router):
         self._started = True
         return True
 
+    def generate_stream(self, *args, **kwargs):
+        # A generator function, as Ray's streaming calls need (Router's version returns one so
+        # that bad arguments raise at the call, in-process).
+        yield from super().generate_stream(*args, **kwargs)
+
     def shutdown(self) -> None:
         if self._started:
             super().shutdown()
@@ -120,7 +131,13 @@ def start_router_actor(config: EngineConfig, address: str | None):
         address, min_cpus=config.num_workers * int(max(1, config.worker_resources.num_cpus)) + 1
     )
     wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and _cluster_gpus() > 0)
-    actor = ray.remote(RouterActor).options(num_cpus=0, num_gpus=1 if wants_gpu else 0).remote(config)
+    # Threaded: generation streams wait in their own threads while the decode loop runs; model calls
+    # take turns on the Router's lock.
+    actor = (
+        ray.remote(RouterActor)
+        .options(num_cpus=0, num_gpus=1 if wants_gpu else 0, max_concurrency=ROUTER_MAX_CONCURRENCY)
+        .remote(config)
+    )
     try:
         call_actor(actor, "start")
     except BaseException:
@@ -129,16 +146,31 @@ def start_router_actor(config: EngineConfig, address: str | None):
     return actor, owns
 
 
-def call_actor(actor, method: str, *args):
-    """One Router call; errors the caller can act on come back as themselves, not wrapped."""
+@contextlib.contextmanager
+def actor_errors():
+    """Errors the caller can act on come back from the Router actor as themselves, not wrapped."""
     try:
-        return ray.get(getattr(actor, method).remote(*args))
+        yield
     except RayTaskError as e:
         if isinstance(e.cause, ValueError | WorkerError | NotImplementedError | RuntimeError):
             raise e.cause from None
         raise
     except RayActorError as e:
         raise RuntimeError(f"the router actor died: {e}") from None
+
+
+def call_actor(actor, method: str, *args):
+    """One Router call, waited for."""
+    with actor_errors():
+        return ray.get(getattr(actor, method).remote(*args))
+
+
+def stream_actor(actor, method: str, *args) -> Iterator:
+    """A Router generator method, item by item as the actor yields them (a Ray streaming call)."""
+    refs = getattr(actor, method).options(num_returns="streaming").remote(*args)
+    with actor_errors():
+        for ref in refs:
+            yield ray.get(ref)
 
 
 def stop_router_actor(actor, owns_ray: bool) -> None:

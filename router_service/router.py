@@ -9,15 +9,20 @@ input at its edge with `ValueError`s that say what to change.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 
 import torch
 
 from moe_models.spec import load_hf_config, spec_from_hf_config
 from router_service.config import EngineConfig, resolve_device
+from router_service.decoding import SamplingParams
 from router_service.dense_model import build_router_model
 from router_service.moe_layer import ExpertDispatcher
 from router_service.placement import contiguous_placement
+from router_service.scheduler import GenerationScheduler, eos_ids
 from router_service.transport import WorkerSetup, make_transport
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,9 @@ class Router:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
+        # One model, many callers (actor threads, the generation loop): model calls take turns.
+        self.lock = threading.RLock()
+        self._scheduler: GenerationScheduler | None = None
         torch.set_num_threads(config.num_threads)  # a no-op in-process unless asked for
         self.dtype = config.torch_dtype
         self.device = resolve_device(config.device)
@@ -103,7 +111,9 @@ class Router:
         """Logits [B, S, V] (float32) for token ids [B, S], like transformers' model(...).logits."""
         ids = self._check_ids(input_ids)
         mask = self._check_mask(attention_mask, ids)
-        return self._out(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float())
+        with self.lock:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return self._out(logits.float())
 
     @torch.inference_mode()
     def moe_forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,7 +128,9 @@ class Router:
         if hidden.numel() == 0:
             raise ValueError(f"hidden is empty (shape {tuple(hidden.shape)})")
         x = hidden.to(self.device, self.dtype)
-        return self._out(self.model.model.layers[layer].mlp(x).to(hidden.dtype))
+        with self.lock:
+            out = self.model.model.layers[layer].mlp(x)
+        return self._out(out.to(hidden.dtype))
 
     @torch.inference_mode()
     def generate(
@@ -153,10 +165,61 @@ class Router:
         if gen_cfg.pad_token_id is None and gen_cfg.eos_token_id is not None:
             eos = gen_cfg.eos_token_id
             kwargs["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with self.lock, torch.random.fork_rng(devices=cuda):
             if seed is not None:
                 torch.manual_seed(seed)
             return self._out(self.model.generate(ids, **kwargs))
+
+    # ---- continuous batching ------------------------------------------------------------------------
+
+    @property
+    def scheduler(self) -> GenerationScheduler:
+        if self._scheduler is None:
+            eos = eos_ids(self.model.generation_config, self.model.config)
+            self._scheduler = GenerationScheduler(
+                self.model, eos, self.device, self.lock, self.config.batch_limits
+            )
+        return self._scheduler
+
+    def generate_stream(
+        self,
+        prompt_ids,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[dict]:
+        """Generate for one prompt (a list of token ids) in the router's continuous batch.
+
+        Yields {"token_ids": [...], "finish_reason": None | "length" | "stop"} chunks as tokens are
+        made; concurrent calls share each decode step. Stops at the model's end-of-sequence token or
+        after max_new_tokens. Closing the iterator early (or `cancel_generation(request_id)`) frees
+        the request's place in the batch.
+        """
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.reshape(1, -1)
+        elif isinstance(prompt_ids, list | tuple):
+            prompt_ids = [list(prompt_ids)]
+        ids = self._check_ids(prompt_ids, "prompt_ids")
+        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), seed)
+        key = request_id or uuid.uuid4().hex
+        self.scheduler.submit(key, ids[0].tolist(), params)
+        return self._stream(key)
+
+    def _stream(self, key) -> Iterator[dict]:
+        stream = self.scheduler.stream(key)
+        try:
+            for tokens, finish in stream:
+                yield {"token_ids": tokens, "finish_reason": finish}
+        finally:
+            stream.close()  # cancels the request when it has not finished
+
+    def cancel_generation(self, request_id: str) -> None:
+        """Stop a `generate_stream` request (its client went away); unknown ids are ignored."""
+        if self._scheduler is not None:
+            self._scheduler.cancel(request_id)
 
     def cluster_state(self) -> dict:
         """Workers, placement version, the experts and bytes each worker holds, and expert load."""
@@ -170,7 +233,10 @@ class Router:
             "moe_layers": list(self.spec.moe_layers),
             "workers": self.dispatcher.transport.describe_workers(),
             "expert_load": self.dispatcher.load.snapshot(),
+            "generation": self._scheduler.stats() if self._scheduler else None,
         }
 
     def shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
         self.dispatcher.transport.close()

@@ -1,0 +1,58 @@
+"""The one error type of the serving API, shared by servers and clients.
+
+A `ServingError` carries a code named like gRPC's status codes (lower case), so the HTTP status and
+the gRPC status are both looked up here and nowhere else.
+"""
+
+from __future__ import annotations
+
+# code -> HTTP status. gRPC uses grpc.StatusCode[code.upper()].
+HTTP_STATUS = {
+    "invalid_argument": 400,
+    "not_found": 404,
+    "resource_exhausted": 413,  # a request over a size limit; a full queue is "unavailable" (503)
+    "unimplemented": 501,
+    "unavailable": 503,
+    "internal": 500,
+    "cancelled": 499,
+}
+
+
+class ServingError(Exception):
+    """A request the server refused or could not serve, with a code clients can branch on.
+
+    Server side: raised by validation and mapped to an HTTP status / gRPC status by the ingress.
+    Client side: raised by the Python clients for any non-OK answer (`status` is the HTTP status or
+    the gRPC status name).
+    """
+
+    def __init__(self, code: str, message: str, status: int | str | None = None):
+        if code not in HTTP_STATUS:
+            raise ValueError(f"unknown ServingError code {code!r}; one of {sorted(HTTP_STATUS)}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+    def to_json(self) -> dict:
+        """The body of an HTTP error answer (OpenAI's error shape: message, type, code)."""
+        kind = "invalid_request_error" if self.http_status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "code": self.code}}
+
+    def __reduce__(self):  # crosses Ray (deployment -> handle) as itself
+        return (type(self), (self.code, self.message, self.status))
+
+    def __repr__(self) -> str:
+        return f"ServingError({self.code!r}, {self.message!r})"
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError("invalid_argument", message)
+
+
+def too_large(message: str) -> ServingError:
+    return ServingError("resource_exhausted", message)

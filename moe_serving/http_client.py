@@ -1,0 +1,403 @@
+"""Python clients of the HTTP API: `HTTPClient` (blocking) and `AsyncHTTPClient` (asyncio), on httpx.
+
+    with HTTPClient("http://localhost:8000") as client:
+        logits = client.forward(torch.tensor([[1, 2, 3]]))           # msgpack tensors, exact
+        out = client.complete("Hello", max_tokens=8, seed=0)         # OpenAI completion JSON
+        for chunk in client.stream("Hello", max_tokens=8):           # GenerateChunk per SSE event
+            print(chunk.text, end="")
+
+Tensors go as msgpack maps `{dtype, shape, data}` (`encoding="msgpack"`, the default: exact, any
+dtype) or as JSON nested lists (`encoding="json"`: readable; logits come back as float32). Any
+answer other than 2xx raises `ServingError` with the server's error code and message and
+`status` = the HTTP status; a server that cannot be reached raises `ServingError("unavailable")`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import msgpack
+import torch
+
+from moe_serving.errors import HTTP_STATUS, ServingError
+from moe_serving.tensors import from_json, tensor_from_map, tensor_to_map, to_json_lists
+from moe_serving.types import GenerateChunk
+
+MSGPACK = "application/msgpack"
+_CODE_OF_STATUS = {status: code for code, status in HTTP_STATUS.items()}
+_CODE_OF_STATUS.update({422: "invalid_argument", 429: "unavailable", 504: "unavailable"})
+
+__all__ = ["AsyncHTTPClient", "HTTPClient"]
+
+
+# ---- requests and answers, shared by both clients -----------------------------------------------
+
+
+def _as_tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.tensor(x, dtype=dtype)
+
+
+def _check_encoding(encoding: str) -> None:
+    if encoding not in ("msgpack", "json"):
+        raise ValueError(f'encoding must be "msgpack" or "json", got {encoding!r}')
+
+
+def _tensor_request(fields: dict[str, torch.Tensor | None], encoding: str) -> dict:
+    """httpx request arguments for a body of named tensors (None fields are left out)."""
+    _check_encoding(encoding)
+    present = {k: v for k, v in fields.items() if v is not None}
+    if encoding == "msgpack":
+        body = msgpack.packb({k: tensor_to_map(v) for k, v in present.items()}, use_bin_type=True)
+        return {"content": body, "headers": {"Content-Type": MSGPACK, "Accept": MSGPACK}}
+    return {
+        "json": {k: to_json_lists(v) for k, v in present.items()},
+        "headers": {"Accept": "application/json"},
+    }
+
+
+def _body(response: httpx.Response) -> Any:
+    ctype = response.headers.get("content-type", "")
+    if MSGPACK in ctype or "application/x-msgpack" in ctype:
+        return msgpack.unpackb(response.content, raw=False)
+    return response.json()
+
+
+def _error(response: httpx.Response) -> ServingError:
+    status = response.status_code
+    code, message = _CODE_OF_STATUS.get(status, "internal"), None
+    try:
+        err = _body(response)["error"]
+        if isinstance(err.get("code"), str) and err["code"] in HTTP_STATUS:
+            code = err["code"]
+        message = str(err["message"])
+    except Exception:
+        code = "internal"
+        text = response.text.strip().replace("\n", " ")
+        message = f"HTTP {status}: {text[:200]}" if text else f"HTTP {status} {response.reason_phrase}"
+    return ServingError(code, message, status=status)
+
+
+def _tensor_answer(response: httpx.Response, key: str, encoding: str, dtype: torch.dtype) -> torch.Tensor:
+    if not response.is_success:
+        raise _error(response)
+    body = _body(response)
+    if not isinstance(body, dict) or key not in body:
+        raise ServingError("internal", f"the server's answer has no {key!r}", status=response.status_code)
+    value = body[key]
+    if encoding == "msgpack" or (isinstance(value, dict) and isinstance(value.get("data"), bytes)):
+        return tensor_from_map(value, key)
+    if isinstance(value, dict):  # {dtype, shape, data: base64}
+        return from_json(value, name=key)
+    return from_json(value, "float32", name=key).to(dtype)
+
+
+def _json_answer(response: httpx.Response) -> Any:
+    if not response.is_success:
+        raise _error(response)
+    return response.json()
+
+
+def _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream: bool) -> dict:
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+    }
+    if seed is not None:
+        body["seed"] = seed
+    if model is not None:
+        body["model"] = model
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+class _SSE:
+    """Server-sent events, line by line: `feed` returns an event's data when a blank line ends it."""
+
+    def __init__(self):
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None  # comment / keep-alive
+        field, _, value = line.partition(":")
+        if field == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        if not self._data:
+            return None
+        data, self._data = "\n".join(self._data), []
+        return data
+
+
+class _ChunkDecoder:
+    """OpenAI text_completion chunks -> GenerateChunk. The finishing chunk is held back until
+    [DONE] so a usage-only chunk after it (stream_options.include_usage) lands in it."""
+
+    def __init__(self):
+        self.held: GenerateChunk | None = None
+        self.done = False
+
+    def feed(self, data: str) -> list[GenerateChunk]:
+        if data.strip() == "[DONE]":
+            self.done = True
+            return self.finish()
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise ServingError("internal", f"malformed server-sent event: {data[:200]!r}") from None
+        if isinstance(event, dict) and "error" in event:
+            err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
+            code = err.get("code") if err.get("code") in HTTP_STATUS else "internal"
+            raise ServingError(code, str(err.get("message", "error in the stream")))
+        out: list[GenerateChunk] = []
+        choices = event.get("choices") or []
+        usage = event.get("usage") or None
+        if choices:
+            c = choices[0]
+            chunk = GenerateChunk(
+                token_ids=list(c.get("token_ids") or []),
+                text=c.get("text") or "",
+                finish_reason=c.get("finish_reason") or None,
+            )
+            if self.held is not None:  # a chunk after the finishing one: nothing to wait for
+                out.append(self.held)
+                self.held = None
+            if usage:
+                _set_usage(chunk, usage)
+            if chunk.finish_reason is not None and not usage:
+                self.held = chunk
+            else:
+                out.append(chunk)
+        elif usage:
+            if self.held is not None:
+                _set_usage(self.held, usage)
+                out.append(self.held)
+                self.held = None
+            else:
+                out.append(_set_usage(GenerateChunk(), usage))
+        return out
+
+    def finish(self) -> list[GenerateChunk]:
+        held, self.held = self.held, None
+        return [held] if held is not None else []
+
+
+def _set_usage(chunk: GenerateChunk, usage: dict) -> GenerateChunk:
+    chunk.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    chunk.completion_tokens = int(usage.get("completion_tokens") or 0)
+    return chunk
+
+
+def _unreachable(base_url: str, e: Exception) -> ServingError:
+    kind = "timed out" if isinstance(e, httpx.TimeoutException) else "unreachable"
+    return ServingError("unavailable", f"{base_url} {kind}: {type(e).__name__}: {e}")
+
+
+# ---- clients -------------------------------------------------------------------------------------
+
+
+class HTTPClient:
+    """Blocking client of the HTTP API at `base_url` (e.g. "http://localhost:8000")."""
+
+    def __init__(self, base_url: str, timeout: float | None = 60.0, headers: dict[str, str] | None = None):
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            return self._client.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise _unreachable(self.base_url, e) from e
+
+    def forward(self, input_ids, attention_mask=None, *, encoding: str = "msgpack") -> torch.Tensor:
+        """Logits [B, S, V] for token ids [B, S] (POST /v1/forward)."""
+        ids = _as_tensor(input_ids, torch.int64)
+        mask = None if attention_mask is None else _as_tensor(attention_mask, torch.int64)
+        req = _tensor_request({"input_ids": ids, "attention_mask": mask}, encoding)
+        return _tensor_answer(self._send("POST", "/v1/forward", **req), "logits", encoding, torch.float32)
+
+    def moe_layer(self, layer: int, hidden_states, *, encoding: str = "msgpack") -> torch.Tensor:
+        """One MoE block on hidden states [T, H] or [B, S, H] (POST /v1/layers/{layer}/moe)."""
+        h = _as_tensor(hidden_states, torch.float32)
+        req = _tensor_request({"hidden_states": h}, encoding)
+        resp = self._send("POST", f"/v1/layers/{int(layer)}/moe", **req)
+        return _tensor_answer(resp, "hidden_states", encoding, h.dtype)
+
+    def complete(
+        self,
+        prompt,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed=None,
+        model=None,
+    ) -> dict:
+        """An OpenAI completion (POST /v1/completions); `prompt` is text or a list of token ids."""
+        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream=False)
+        return _json_answer(self._send("POST", "/v1/completions", json=body))
+
+    def stream(
+        self,
+        prompt,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed=None,
+        model=None,
+    ) -> Iterator[GenerateChunk]:
+        """The completion as it is generated: one GenerateChunk per server-sent event; the last one
+        has finish_reason (and the token counts, when the server sends usage)."""
+        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream=True)
+        try:
+            with self._client.stream(
+                "POST", "/v1/completions", json=body, headers={"Accept": "text/event-stream"}
+            ) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise _error(resp)
+                sse, dec = _SSE(), _ChunkDecoder()
+                for line in resp.iter_lines():
+                    data = sse.feed(line)
+                    if data is not None:
+                        yield from dec.feed(data)
+                        if dec.done:
+                            return
+                data = sse.flush()
+                if data is not None:
+                    yield from dec.feed(data)
+                yield from dec.finish()
+        except httpx.TransportError as e:
+            raise _unreachable(self.base_url, e) from e
+
+    def cluster_state(self) -> dict:
+        """Workers, experts per worker and layer, expert load (GET /v1/cluster)."""
+        return _json_answer(self._send("GET", "/v1/cluster"))
+
+    def models(self) -> dict:
+        """OpenAI's model list (GET /v1/models)."""
+        return _json_answer(self._send("GET", "/v1/models"))
+
+    def health(self) -> bool:
+        """True when the server answers GET /healthz with 2xx; False otherwise (also if unreachable)."""
+        try:
+            return self._client.get("/healthz").is_success
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HTTPClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncHTTPClient:
+    """asyncio client of the HTTP API; the same methods as `HTTPClient`, awaitable
+    (`stream` is an async iterator)."""
+
+    def __init__(self, base_url: str, timeout: float | None = 60.0, headers: dict[str, str] | None = None):
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers)
+
+    async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            return await self._client.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise _unreachable(self.base_url, e) from e
+
+    async def forward(self, input_ids, attention_mask=None, *, encoding: str = "msgpack") -> torch.Tensor:
+        ids = _as_tensor(input_ids, torch.int64)
+        mask = None if attention_mask is None else _as_tensor(attention_mask, torch.int64)
+        req = _tensor_request({"input_ids": ids, "attention_mask": mask}, encoding)
+        resp = await self._send("POST", "/v1/forward", **req)
+        return _tensor_answer(resp, "logits", encoding, torch.float32)
+
+    async def moe_layer(self, layer: int, hidden_states, *, encoding: str = "msgpack") -> torch.Tensor:
+        h = _as_tensor(hidden_states, torch.float32)
+        req = _tensor_request({"hidden_states": h}, encoding)
+        resp = await self._send("POST", f"/v1/layers/{int(layer)}/moe", **req)
+        return _tensor_answer(resp, "hidden_states", encoding, h.dtype)
+
+    async def complete(
+        self,
+        prompt,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed=None,
+        model=None,
+    ) -> dict:
+        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream=False)
+        return _json_answer(await self._send("POST", "/v1/completions", json=body))
+
+    async def stream(
+        self,
+        prompt,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed=None,
+        model=None,
+    ) -> AsyncIterator[GenerateChunk]:
+        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream=True)
+        try:
+            async with self._client.stream(
+                "POST", "/v1/completions", json=body, headers={"Accept": "text/event-stream"}
+            ) as resp:
+                if not resp.is_success:
+                    await resp.aread()
+                    raise _error(resp)
+                sse, dec = _SSE(), _ChunkDecoder()
+                async for line in resp.aiter_lines():
+                    data = sse.feed(line)
+                    if data is not None:
+                        for chunk in dec.feed(data):
+                            yield chunk
+                        if dec.done:
+                            return
+                data = sse.flush()
+                rest = (dec.feed(data) if data is not None else []) + dec.finish()
+                for chunk in rest:
+                    yield chunk
+        except httpx.TransportError as e:
+            raise _unreachable(self.base_url, e) from e
+
+    async def cluster_state(self) -> dict:
+        return _json_answer(await self._send("GET", "/v1/cluster"))
+
+    async def models(self) -> dict:
+        return _json_answer(await self._send("GET", "/v1/models"))
+
+    async def health(self) -> bool:
+        try:
+            return (await self._client.get("/healthz")).is_success
+        except httpx.HTTPError:
+            return False
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncHTTPClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -1,0 +1,227 @@
+"""The router's generation queue: admits requests into one continuously batched decode loop.
+
+Callers (the Serve deployment through the Router actor, or Python code in-process) `submit` a
+request and read its tokens from `stream`; one background thread runs the model: it admits waiting
+requests between steps (up to the batch limits), runs one step for every live sequence, and hands
+each sequence's token to its reader. A request whose reader goes away is `cancel`led and leaves the
+batch at the next step, freeing its slot.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+
+from router_service.config import BatchLimits
+from router_service.decoding import DecodeBatch, SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than `max_waiting`: try again later."""
+
+
+class RequestTooLarge(ValueError):
+    """A single request needs more than `max_batch_tokens`."""
+
+
+_DONE = object()
+
+
+class GenerationScheduler:
+    """One decode loop over a `DecodeBatch`, fed by a queue. `lock` serialises model use with the
+    router's other calls (forward, moe_forward), which run between steps."""
+
+    def __init__(self, model, eos_token_ids: set[int], device, lock: threading.RLock, limits: BatchLimits):
+        self.batch = DecodeBatch(model, eos_token_ids, device)
+        self.lock = lock
+        self.limits = limits
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._outputs: dict[object, queue.SimpleQueue] = {}
+        self._cancelled: set[object] = set()
+        self._live: set[object] = set()  # submitted, not yet out of the batch
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps_by_batch_size: collections.Counter[int] = collections.Counter()
+        self.prefill_batches: collections.Counter[int] = collections.Counter()
+
+    # ---- the caller's side -----------------------------------------------------------------------
+
+    def submit(self, key, prompt: list[int], params: SamplingParams) -> None:
+        need = len(prompt) + params.max_new_tokens
+        if need > self.limits.max_batch_tokens:
+            raise RequestTooLarge(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} "
+                f"exceeds the server's limit of {self.limits.max_batch_tokens} tokens per request"
+            )
+        with self._cv:
+            if key in self._outputs:
+                raise ValueError(f"request id {key!r} is already in use")
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are already waiting (max_waiting="
+                    f"{self.limits.max_waiting}); retry later"
+                )
+            self._outputs[key] = queue.SimpleQueue()
+            self._live.add(key)
+            self._waiting.append(Sequence(prompt, params, key=key))
+            self._ensure_thread()
+            self._cv.notify()
+
+    def stream(self, key, timeout: float | None = None):
+        """Yield (token_ids, finish_reason) chunks for `key`: every token ready since the last chunk;
+        the last chunk has a finish_reason. Raises the loop's error if the batch failed."""
+        out = self._outputs[key]
+        finished = False
+        try:
+            while True:
+                items = [out.get(timeout=timeout)]
+                while True:
+                    try:
+                        items.append(out.get_nowait())
+                    except queue.Empty:
+                        break
+                tokens, finish = [], None
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is _DONE:
+                        continue
+                    token, finish = item
+                    tokens.append(token)
+                finished = finish is not None
+                yield tokens, finish
+                if finished:
+                    return
+        finally:
+            if not finished:  # the reader left early, or the batch failed
+                self.cancel(key)
+            with self._cv:
+                self._outputs.pop(key, None)
+
+    def cancel(self, key) -> None:
+        """Stop generating for `key` (its reader left); a no-op for unknown or finished requests."""
+        with self._cv:
+            if key not in self._live:
+                return
+            if any(s.key == key for s in self._waiting):
+                self._waiting = collections.deque(s for s in self._waiting if s.key != key)
+                self._live.discard(key)
+            else:
+                self._cancelled.add(key)
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {
+                "running": len(self.batch),
+                "waiting": len(self._waiting),
+                "steps_by_batch_size": dict(sorted(self.steps_by_batch_size.items())),
+                "prefills_by_batch_size": dict(sorted(self.prefill_batches.items())),
+                "limits": {
+                    "max_batch_size": self.limits.max_batch_size,
+                    "max_batch_tokens": self.limits.max_batch_tokens,
+                    "max_waiting": self.limits.max_waiting,
+                },
+            }
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="generation-loop", daemon=True)
+            self._thread.start()
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting sequences that fit the batch limits now (in arrival order). Holds self._cv."""
+        if not self.batch.can_join():
+            return []
+        admitted = []
+        size, tokens = len(self.batch), self.batch.tokens_in_flight()
+        while self._waiting and size < self.limits.max_batch_size:
+            s = self._waiting[0]
+            need = len(s.prompt) + s.params.max_new_tokens
+            if size and tokens + need > self.limits.max_batch_tokens:
+                break
+            admitted.append(self._waiting.popleft())
+            size, tokens = size + 1, tokens + need
+        return admitted
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not len(self.batch):
+                    self._cv.wait()
+                if self._stopping:
+                    self._fail_all(RuntimeError("the server is shutting down"))
+                    return
+                cancelled = {id(s) for s in self.batch.seqs if s.key in self._cancelled}
+                for s in self.batch.seqs:
+                    if id(s) in cancelled:
+                        s.finish_reason = "cancelled"
+                        self._cancelled.discard(s.key)
+                        self._live.discard(s.key)
+                new = self._admit()
+            try:
+                with self.lock:
+                    if cancelled:
+                        self.batch.evict(cancelled)
+                    events = []
+                    if new:
+                        self.prefill_batches[len(new)] += 1
+                        events += self.batch.add(new)
+                        self.batch.evict(self._finished())
+                    if len(self.batch):
+                        self.steps_by_batch_size[len(self.batch)] += 1
+                        events += self.batch.step()
+                        self.batch.evict(self._finished())
+            except Exception as e:  # a worker error: every sequence in the batch gets it
+                log.exception("generation step failed; failing %d sequences", len(self.batch))
+                failed = self.batch.seqs + [s for s in new if s not in self.batch.seqs]
+                self.batch.evict({id(s) for s in self.batch.seqs})
+                with self._cv:
+                    for s in failed:
+                        self._push(s.key, e)
+                        self._live.discard(s.key)
+                        self._cancelled.discard(s.key)
+                continue
+            with self._cv:
+                for s, token in events:
+                    self._push(s.key, (token, s.finish_reason))
+                    if s.finish_reason is not None:
+                        self._live.discard(s.key)
+                        self._cancelled.discard(s.key)
+
+    def _finished(self) -> set[int]:
+        return {id(s) for s in self.batch.seqs if s.finish_reason is not None}
+
+    def _push(self, key, item) -> None:
+        out = self._outputs.get(key)
+        if out is not None and key not in self._cancelled:
+            out.put(item)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for s in list(self._waiting) + self.batch.seqs:
+            self._push(s.key, err)
+        self._waiting.clear()
+
+
+def eos_ids(generation_config, config) -> set[int]:
+    """The model's end-of-sequence token ids (generation_config first, then config)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}

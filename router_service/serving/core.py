@@ -1,0 +1,256 @@
+"""The ingress core shared by HTTP and gRPC: validate, merge small requests, call the Router actor.
+
+Everything a client can get wrong is checked here, before the router sees it, and raised as a
+`ServingError` (HTTP 4xx / gRPC INVALID_ARGUMENT or RESOURCE_EXHAUSTED); errors coming back from
+the Router actor are mapped to `ServingError`s in `router_errors`, the one place that knows both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from moe_models.spec import ModelSpec
+from moe_serving.errors import ServingError, invalid, too_large
+from moe_serving.types import GenerateChunk, GenerateParams
+from router_service.scheduler import QueueFull, RequestTooLarge
+from router_service.serving.detokenize import TextStream
+from router_service.serving.settings import ServingSettings
+from router_service.transport import WorkerError
+
+
+@contextlib.contextmanager
+def router_errors():
+    """Router-side failures as ServingErrors (the message is the router's own, one line)."""
+    try:
+        yield
+    except RayTaskError as e:
+        raise _as_serving_error(e.cause if e.cause is not None else e) from None
+    except RayActorError as e:
+        raise ServingError("unavailable", f"the router actor is not running: {e}") from None
+
+
+def _as_serving_error(e: BaseException) -> ServingError:
+    if isinstance(e, ServingError):
+        return e
+    if isinstance(e, RequestTooLarge):
+        return too_large(str(e))
+    if isinstance(e, QueueFull):
+        return ServingError("unavailable", str(e))
+    if isinstance(e, ValueError):
+        return invalid(str(e))
+    if isinstance(e, WorkerError):
+        return ServingError("internal", str(e))
+    return ServingError("internal", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+
+def check_token_ids(ids: torch.Tensor, spec: ModelSpec, name: str = "input_ids") -> torch.Tensor:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise invalid(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise invalid(f"{name} must be 2-D [batch, seq], got shape {list(ids.shape)}")
+    if ids.numel() == 0:
+        raise invalid(f"{name} is empty (shape {list(ids.shape)}); send at least one token")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= spec.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise invalid(f"{name} holds token id {bad}, outside the vocabulary [0, {spec.vocab_size})")
+    return ids.long()
+
+
+def check_mask(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise invalid(f"attention_mask shape {list(mask.shape)} must equal input_ids shape {list(ids.shape)}")
+    if mask.dtype.is_floating_point or not ((mask == 0) | (mask == 1)).all():
+        raise invalid("attention_mask must hold only integer 0 (padding) and 1 (token)")
+    return mask.long()
+
+
+def check_moe_request(layer: int, hidden: torch.Tensor, spec: ModelSpec) -> None:
+    if layer not in spec.moe_layers:
+        kind = "a dense layer" if 0 <= layer < spec.num_hidden_layers else "not a layer of this model"
+        raise invalid(f"layer {layer} is {kind}; the MoE layers are {list(spec.moe_layers)}")
+    h = spec.hidden_size
+    if hidden.dim() not in (2, 3) or hidden.shape[-1] != h:
+        raise invalid(f"hidden_states must be [T, {h}] or [B, S, {h}], got shape {list(hidden.shape)}")
+    if not hidden.dtype.is_floating_point:
+        raise invalid(f"hidden_states must be floating point, got {hidden.dtype}")
+    if hidden.numel() == 0:
+        raise invalid(f"hidden_states is empty (shape {list(hidden.shape)})")
+    if not torch.isfinite(hidden).all():
+        raise invalid("hidden_states holds NaN or infinite values")
+
+
+def check_size(tokens: int, limit: int, what: str) -> None:
+    if tokens > limit:
+        raise too_large(f"{what} has {tokens} tokens; this server takes at most {limit} per request")
+
+
+def check_generate_params(p: GenerateParams) -> None:
+    if (p.prompt is None) == (p.prompt_token_ids is None):
+        raise invalid("give exactly one of prompt (text) and prompt token ids")
+    if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+        raise invalid(f"max_tokens must be a positive integer, got {p.max_tokens!r}")
+    if not isinstance(p.temperature, int | float) or not 0.0 <= p.temperature <= 100.0:
+        raise invalid(f"temperature must be a number in [0, 100], got {p.temperature!r}")
+    if not isinstance(p.top_p, int | float) or not 0.0 < p.top_p <= 1.0:
+        raise invalid(f"top_p must be in (0, 1], got {p.top_p!r}")
+    if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int) or p.seed < 0):
+        raise invalid(f"seed must be a non-negative integer, got {p.seed!r}")
+
+
+# ---- merging concurrent requests into one router call ---------------------------------------------
+
+
+def merge_forward(requests: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """Stack [B_i, S_i] id batches into one right-padded [sum B, max S] batch with its mask.
+
+    Right padding leaves every real token's logits as they are (attention is causal and the mask
+    hides the padding from nobody who comes before it).
+    """
+    width = max(ids.shape[1] for ids, _ in requests)
+    rows = sum(ids.shape[0] for ids, _ in requests)
+    ids_out = torch.zeros(rows, width, dtype=torch.long)
+    mask_out = torch.zeros(rows, width, dtype=torch.long)
+    r = 0
+    for ids, mask in requests:
+        b, s = ids.shape
+        ids_out[r : r + b, :s] = ids
+        mask_out[r : r + b, :s] = 1 if mask is None else mask
+        r += b
+    needs_mask = any(m is not None for _, m in requests) or any(i.shape[1] != width for i, _ in requests)
+    return ids_out, (mask_out if needs_mask else None)
+
+
+def split_forward(logits: torch.Tensor, requests) -> list[torch.Tensor]:
+    out, r = [], 0
+    for ids, _ in requests:
+        b, s = ids.shape
+        out.append(logits[r : r + b, :s].clone())
+        r += b
+    return out
+
+
+def token_groups(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive request indices grouped so that each group's tokens stay within `limit`."""
+    groups, cur, total = [], [], 0
+    for i, n in enumerate(sizes):
+        if cur and total + n > limit:
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+# ---- the core --------------------------------------------------------------------------------------
+
+
+class IngressCore:
+    """Validation and Router calls shared by the HTTP deployment (and through it, gRPC).
+
+    `router` is the Router actor handle; `tokenizer` a transformers tokenizer or None (then only
+    token-id prompts are accepted).
+    """
+
+    def __init__(self, router, spec: ModelSpec, tokenizer, settings: ServingSettings):
+        self.router = router
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.settings = settings
+
+    async def forward_many(self, requests: list[tuple[torch.Tensor, torch.Tensor | None]]):
+        """One router call per token-limited group of already validated requests."""
+        results: list = [None] * len(requests)
+        sizes = [ids.numel() for ids, _ in requests]
+        for group in token_groups(sizes, self.settings.max_batch_tokens):
+            reqs = [requests[i] for i in group]
+            ids, mask = merge_forward(reqs)
+            with router_errors():
+                logits = await self.router.forward.remote(ids, mask)
+            for i, out in zip(group, split_forward(logits, reqs), strict=True):
+                results[i] = out
+        return results
+
+    async def moe_many(self, requests: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Requests for the same layer and dtype share one router call (rows concatenated)."""
+        results: list = [None] * len(requests)
+        by_key: dict[tuple, list[int]] = {}
+        for i, (layer, hidden) in enumerate(requests):
+            by_key.setdefault((layer, hidden.dtype), []).append(i)
+        for (layer, _), idx in by_key.items():
+            sizes = [requests[i][1].numel() // self.spec.hidden_size for i in idx]
+            for group in token_groups(sizes, self.settings.max_batch_tokens):
+                members = [idx[g] for g in group]
+                flat = [requests[i][1].reshape(-1, self.spec.hidden_size) for i in members]
+                with router_errors():
+                    out = await self.router.moe_forward.remote(layer, torch.cat(flat))
+                for i, part in zip(members, out.split([f.shape[0] for f in flat]), strict=True):
+                    results[i] = part.reshape(requests[i][1].shape).clone()
+        return results
+
+    def prompt_ids(self, p: GenerateParams) -> list[int]:
+        check_generate_params(p)
+        if p.prompt is not None:
+            if not isinstance(p.prompt, str):
+                raise invalid(f"prompt must be a string, got {type(p.prompt).__name__}")
+            if self.tokenizer is None:
+                raise invalid("this model has no tokenizer; send prompt token ids instead of text")
+            ids = self.tokenizer.encode(p.prompt, add_special_tokens=True)
+        else:
+            ids = p.prompt_token_ids
+            if not isinstance(ids, list | tuple) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
+                raise invalid("prompt token ids must be a list of integers")
+            ids = list(ids)
+        if not ids:
+            raise invalid("the prompt is empty; send at least one token")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise invalid(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})")
+        check_size(len(ids) + p.max_tokens, self.settings.max_request_tokens, "prompt + max_tokens")
+        return ids
+
+    async def generate(self, p: GenerateParams) -> AsyncIterator[GenerateChunk]:
+        """Stream one completion; leaving early (client gone) cancels it in the router."""
+        ids = self.prompt_ids(p)
+        request_id = uuid.uuid4().hex
+        text = TextStream(self.tokenizer) if self.tokenizer is not None else None
+        made = 0
+        finished = False
+        refs = self.router.generate_stream.options(num_returns="streaming").remote(
+            ids, p.max_tokens, float(p.temperature), float(p.top_p), p.seed, request_id
+        )
+        try:
+            with router_errors():
+                async for ref in refs:
+                    chunk = await ref
+                    made += len(chunk["token_ids"])
+                    finished = chunk["finish_reason"] is not None
+                    delta = text.push(chunk["token_ids"], final=finished) if text else ""
+                    yield GenerateChunk(
+                        token_ids=chunk["token_ids"],
+                        text=delta,
+                        finish_reason=chunk["finish_reason"],
+                        prompt_tokens=len(ids),
+                        completion_tokens=made,
+                    )
+        finally:
+            if not finished:
+                self.router.cancel_generation.remote(request_id)
+
+    async def cluster_state(self) -> dict:
+        with router_errors():
+            return await self.router.cluster_state.remote()

@@ -1,0 +1,294 @@
+"""gRPC front end: `moe_serving.v1.MoEService` over a serving backend, plus health and reflection.
+
+The servicer decodes and validates the protobuf tensors and requests, calls the backend and encodes
+its answers. The backend is any object with these methods (the contract; in production a Ray Serve
+deployment handle adapter, in tests an Engine wrapper):
+
+    async def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor
+    async def moe_layer(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor
+    def generate(self, params: GenerateParams) -> AsyncIterator[GenerateChunk]
+    async def cluster_state(self) -> dict
+    async def scale(self, num_workers: int) -> dict
+
+Errors: a `ServingError` (from validation here or from the backend) becomes the gRPC status of its
+code (`grpc.StatusCode[code.upper()]`) with its message; any other exception becomes INTERNAL with
+a one-line message, its traceback goes to this process's log only. A client that cancels a
+Generate stream closes the backend's iterator (`aclose`), so the backend frees the request's slot.
+
+    server = await start_grpc_server(backend, port=50051)
+    ...
+    await server.stop(grace=5)   # health -> NOT_SERVING, then stop
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moe_serving.errors import ServingError, invalid
+from moe_serving.tensors import tensor_from_proto, tensor_to_proto
+from moe_serving.types import GenerateChunk, GenerateParams
+from moe_serving.v1 import moe_service_pb2 as pb
+from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoEService"].full_name  # "moe_serving.v1.MoEService"
+DEFAULT_MAX_TOKENS = 16
+
+__all__ = [
+    "SERVICE_NAME",
+    "GrpcServer",
+    "MoEServicer",
+    "cluster_state_to_proto",
+    "generate_params",
+    "start_grpc_server",
+]
+
+
+# ---- request / answer conversion ----------------------------------------------------------------
+
+
+def generate_params(request: pb.GenerateRequest) -> GenerateParams:
+    """GenerateParams of a GenerateRequest (defaults applied; exactly one prompt form checked)."""
+    prompt = request.prompt or None
+    ids = list(request.prompt_token_ids) or None
+    if (prompt is None) == (ids is None):
+        raise invalid(
+            "set exactly one of prompt and prompt_token_ids" + (" (both are set)" if prompt else "")
+        )
+    if request.max_tokens < 0:
+        raise invalid(
+            f"max_tokens must be >= 0 (0: the default, {DEFAULT_MAX_TOKENS}), got {request.max_tokens}"
+        )
+    return GenerateParams(
+        prompt=prompt,
+        prompt_token_ids=ids,
+        max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        seed=request.seed if request.HasField("seed") else None,
+    )
+
+
+def _generate_response(chunk: GenerateChunk) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(
+        token_ids=[int(t) for t in chunk.token_ids],
+        text=chunk.text or "",
+        finish_reason=chunk.finish_reason or "",
+    )
+    if chunk.finish_reason:
+        resp.usage.prompt_tokens = int(chunk.prompt_tokens)
+        resp.usage.completion_tokens = int(chunk.completion_tokens)
+        resp.usage.total_tokens = int(chunk.prompt_tokens) + int(chunk.completion_tokens)
+    return resp
+
+
+def _json_default(x: Any):
+    if hasattr(x, "tolist"):  # torch / numpy values
+        return x.tolist()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    return str(x)
+
+
+def cluster_state_to_proto(state: dict) -> pb.ClusterState:
+    """ClusterState of an engine's cluster_state() dict; `json` carries the whole dict."""
+    msg = pb.ClusterState(
+        model_type=str(state.get("model_type", "")),
+        transport=str(state.get("transport", "")),
+        dtype=str(state.get("dtype", "")),
+        placement_version=int(state.get("placement_version", 0)),
+        num_workers=int(state.get("num_workers", len(state.get("workers", [])))),
+        moe_layers=[int(x) for x in state.get("moe_layers", [])],
+        json=json.dumps(state, default=_json_default),
+    )
+    for w in state.get("workers", []):
+        ws = msg.workers.add(
+            worker_id=int(w.get("worker_id", 0)),
+            node_id=str(w.get("node_id") or ""),
+            node_ip=str(w.get("node_ip") or ""),
+            device=str(w.get("device", "")),
+            dtype=str(w.get("dtype", "")),
+            kernel=str(w.get("kernel") or ""),
+            param_bytes=int(w.get("param_bytes", 0)),
+        )
+        for layer, ids in (w.get("experts") or {}).items():
+            ws.experts[int(layer)].ids.extend(int(e) for e in ids)
+    load = state.get("expert_load") or {}
+    msg.load_window_batches = int(load.get("window_batches", 0))
+    seen = {int(k): int(v) for k, v in (load.get("batches_seen") or {}).items()}
+    for layer, tokens in sorted((int(k), v) for k, v in (load.get("tokens") or {}).items()):
+        msg.expert_load.add(layer=layer, tokens=[int(t) for t in tokens], batches_seen=seen.get(layer, 0))
+    return msg
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0][:200] if text else ""
+    return f"internal error: {type(e).__name__}" + (f": {first}" if first else "")
+
+
+# ---- servicer ------------------------------------------------------------------------------------
+
+
+class MoEServicer(pb_grpc.MoEServiceServicer):
+    """`moe_serving.v1.MoEService` over `backend` (see the module docstring for its contract)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, e: Exception):
+        if isinstance(e, ServingError):
+            await context.abort(grpc.StatusCode[e.code.upper()], e.message)
+        log.exception("%s failed", method)
+        await context.abort(grpc.StatusCode.INTERNAL, _one_line(e))
+
+    async def Forward(self, request: pb.ForwardRequest, context):
+        try:
+            if not request.HasField("input_ids"):
+                raise invalid("input_ids is required")
+            ids = tensor_from_proto(request.input_ids, "input_ids")
+            mask = None
+            if request.HasField("attention_mask"):
+                mask = tensor_from_proto(request.attention_mask, "attention_mask")
+            logits = await self.backend.forward(ids, mask)
+            resp = pb.ForwardResponse()
+            tensor_to_proto(logits, resp.logits)
+            return resp
+        except Exception as e:
+            await self._fail(context, "Forward", e)
+
+    async def MoELayerForward(self, request: pb.MoELayerRequest, context):
+        try:
+            if not request.HasField("hidden_states"):
+                raise invalid("hidden_states is required")
+            hidden = tensor_from_proto(request.hidden_states, "hidden_states")
+            out = await self.backend.moe_layer(request.layer, hidden)
+            resp = pb.MoELayerResponse()
+            tensor_to_proto(out, resp.hidden_states)
+            return resp
+        except Exception as e:
+            await self._fail(context, "MoELayerForward", e)
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        # Written with context.write (not as an async generator) so that the backend iterator is
+        # closed here, deterministically, however the call ends: finished, failed or cancelled
+        # (cancellation arrives as CancelledError at the await in progress).
+        stream = None
+        try:
+            params = generate_params(request)
+            stream = self.backend.generate(params)
+            async for chunk in stream:
+                await context.write(_generate_response(chunk))
+        except Exception as e:
+            await self._fail(context, "Generate", e)
+        finally:
+            if stream is not None and hasattr(stream, "aclose"):
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+
+    async def GetClusterState(self, request: pb.GetClusterStateRequest, context):
+        try:
+            return cluster_state_to_proto(await self.backend.cluster_state())
+        except Exception as e:
+            await self._fail(context, "GetClusterState", e)
+
+    async def Scale(self, request: pb.ScaleRequest, context):
+        try:
+            if request.num_workers < 1:
+                raise invalid(f"num_workers must be >= 1, got {request.num_workers}")
+            return cluster_state_to_proto(await self.backend.scale(request.num_workers))
+        except Exception as e:
+            await self._fail(context, "Scale", e)
+
+
+# ---- server --------------------------------------------------------------------------------------
+
+
+class GrpcServer:
+    """A started gRPC server: `port` (the bound port), `server` (the grpc.aio.Server; its other
+    attributes are reachable on this object too), `health` (the health servicer)."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer, servicer: MoEServicer):
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self.servicer = servicer
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING / NOT_SERVING for "" and the MoEService to health checks."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health -> NOT_SERVING (load balancers stop sending), then stop, letting calls in flight
+        finish for `grace` seconds."""
+        with contextlib.suppress(Exception):
+            await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)
+
+    def __getattr__(self, name: str):
+        return getattr(self.server, name)
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+async def start_grpc_server(
+    backend, host: str = "0.0.0.0", port: int = 50051, *, max_message_mb: int = 256
+) -> GrpcServer:
+    """Start MoEService over `backend` with health and reflection on host:port (0: a free port).
+
+    Returns a GrpcServer; its `port` is the bound port. Raises OSError(EADDRINUSE) when the port
+    cannot be bound (in use: SO_REUSEPORT is off, so a second server does not silently share it).
+    """
+    size = int(max_message_mb) * 1024 * 1024
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", size),
+            ("grpc.max_receive_message_length", size),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    servicer = MoEServicer(backend)
+    pb_grpc.add_MoEServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = _address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:
+        bound, cause = 0, e
+    else:
+        cause = None
+    if not bound:
+        raise OSError(
+            errno.EADDRINUSE,
+            f"gRPC server cannot bind {address}: the port is in use or the address is invalid",
+        ) from cause
+    await server.start()
+    started = GrpcServer(server, bound, health_servicer, servicer)
+    await started.set_serving(True)
+    log.info("gRPC server (%s, health, reflection) listening on %s", SERVICE_NAME, _address(host, bound))
+    return started

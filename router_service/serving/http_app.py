@@ -1,0 +1,371 @@
+"""The HTTP ingress: a Ray Serve deployment with a FastAPI app in front of the Router actor.
+
+Routes: OpenAI-compatible `POST /v1/completions` (text or token-id prompts, SSE streaming) and
+`GET /v1/models`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
+lists, or msgpack `{dtype, shape, data}` maps when Content-Type or Accept is application/msgpack);
+`GET /v1/cluster`, `GET /healthz`, `GET /metrics`. Every error is a JSON `{"error": {...}}` body
+with a 4xx/5xx status, never a traceback.
+
+The deployment's `forward` / `moe_layer` / `generate` / `cluster_state` methods are also the
+backend of the gRPC server, which calls them through a deployment handle: one replica, one set of
+batches and metrics for both protocols. Concurrent forward and MoE-layer requests are merged by
+`serve.batch` into one router call; generation requests are batched continuously by the router.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+
+import msgpack
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moe_models.spec import spec_from_pretrained
+from moe_serving import tensors
+from moe_serving.errors import ServingError, invalid
+from moe_serving.types import GenerateChunk, GenerateParams
+from router_service.serving.core import (
+    IngressCore,
+    check_mask,
+    check_moe_request,
+    check_size,
+    check_token_ids,
+)
+from router_service.serving.metrics import CONTENT_TYPE, Metrics
+from router_service.serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+MSGPACK = "application/msgpack"
+
+app = FastAPI(title="moe-serving", docs_url="/docs", redoc_url=None)
+
+
+def _error_response(err: ServingError) -> JSONResponse:
+    return JSONResponse(err.to_json(), status_code=err.http_status)
+
+
+@app.exception_handler(ServingError)
+async def _serving_error(request: Request, exc: ServingError):
+    return _error_response(exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    code = {404: "not_found", 405: "invalid_argument"}.get(exc.status_code, "invalid_argument")
+    message = (
+        f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+    )
+    body = ServingError(code, message).to_json()
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _error_response(ServingError("internal", f"internal error ({type(exc).__name__})"))
+
+
+def load_tokenizer(model_dir: str):
+    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only then)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer in %s (%s): prompts must be token ids", model_dir, e)
+        return None
+
+
+async def _read_body(request: Request) -> tuple[dict, bool]:
+    """The request body as a dict, and whether the answer should be msgpack."""
+    raw = await request.body()
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    wants_msgpack = ctype == MSGPACK or MSGPACK in request.headers.get("accept", "").lower()
+    if ctype == MSGPACK:
+        try:
+            body = msgpack.unpackb(raw, raw=False)
+        except Exception as e:  # msgpack raises several unrelated types on bad input
+            raise invalid(f"malformed msgpack body: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            body = json.loads(raw) if raw else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise invalid(f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise invalid("the body must be a JSON object (or msgpack map)")
+    return body, wants_msgpack
+
+
+def _tensor_in(body: dict, key: str, binary: bool, dtype: str | None, required: bool = True):
+    if key not in body or body[key] is None:
+        if required:
+            raise invalid(f"missing field {key!r}")
+        return None
+    value = body[key]
+    if isinstance(value, dict):
+        return tensors.tensor_from_map(value, key) if binary else tensors.from_json(value, name=key)
+    return tensors.from_json(value, dtype, name=key)
+
+
+def _tensor_out(key: str, t: torch.Tensor, binary: bool) -> Response:
+    if binary:
+        return Response(msgpack.packb({key: tensors.tensor_to_map(t)}), media_type=MSGPACK)
+    return JSONResponse({key: tensors.to_json_lists(t)})
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@serve.deployment(name="MoEIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+@serve.ingress(app)
+class MoEIngress:
+    def __init__(self, router, model_dir: str, settings: ServingSettings):
+        self.settings = settings
+        self.spec = spec_from_pretrained(model_dir)
+        self.core = IngressCore(router, self.spec, load_tokenizer(model_dir), settings)
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        for method in (self._forward_batch, self._moe_batch):
+            method.set_max_batch_size(settings.max_batch_requests)
+            method.set_batch_wait_timeout_s(settings.batch_wait_s)
+
+    # ---- the backend (HTTP routes below and the gRPC server call these) ----------------------------
+
+    @contextlib.asynccontextmanager
+    async def _observe(self, endpoint: str, protocol: str):
+        t0, status = time.perf_counter(), "ok"
+        try:
+            yield
+        except ServingError as e:
+            status = e.code
+            raise
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception:
+            status = "internal"
+            raise
+        finally:
+            self.metrics.requests.labels(endpoint, protocol, status).inc()
+            self.metrics.latency.labels(endpoint, protocol).observe(time.perf_counter() - t0)
+
+    async def forward(self, input_ids: torch.Tensor, attention_mask=None, protocol: str = "grpc"):
+        async with self._observe("forward", protocol):
+            ids = check_token_ids(input_ids, self.spec)
+            mask = check_mask(attention_mask, ids)
+            check_size(ids.numel(), self.settings.max_request_tokens, "input_ids")
+            self.metrics.forward_tokens.labels("forward").inc(ids.numel())
+            return await self._forward_batch((ids, mask))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _forward_batch(self, requests: list) -> list:
+        self.metrics.ingress_batch.labels("forward").observe(len(requests))
+        return await self.core.forward_many(requests)
+
+    async def moe_layer(self, layer: int, hidden_states: torch.Tensor, protocol: str = "grpc"):
+        async with self._observe("moe_layer", protocol):
+            check_moe_request(layer, hidden_states, self.spec)
+            tokens = hidden_states.numel() // self.spec.hidden_size
+            check_size(tokens, self.settings.max_request_tokens, "hidden_states")
+            self.metrics.forward_tokens.labels("moe_layer").inc(tokens)
+            return await self._moe_batch((layer, hidden_states))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _moe_batch(self, requests: list) -> list:
+        self.metrics.ingress_batch.labels("moe_layer").observe(len(requests))
+        return await self.core.moe_many(requests)
+
+    async def generate(self, params: GenerateParams, protocol: str = "grpc"):
+        """Async generator of GenerateChunk (validation errors raise before the first chunk)."""
+        async with self._observe("generate", protocol):
+            t0, first = time.perf_counter(), True
+            async for chunk in self.core.generate(params):
+                if first:
+                    self.metrics.first_token.observe(time.perf_counter() - t0)
+                    self.metrics.prompt_tokens.inc(chunk.prompt_tokens)
+                    first = False
+                self.metrics.generated_tokens.inc(len(chunk.token_ids))
+                yield chunk
+
+    async def cluster_state(self) -> dict:
+        return await self.core.cluster_state()
+
+    async def scale(self, num_workers: int) -> dict:
+        raise ServingError("unimplemented", "scaling expert workers at run time is not available yet")
+
+    # ---- HTTP routes --------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "model": self.settings.model_name}
+
+    @app.get("/metrics")
+    async def metrics_text(self):
+        try:
+            state = await self.core.cluster_state()
+        except ServingError:
+            state = None
+        return Response(self.metrics.render(state), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/cluster")
+    async def http_cluster(self):
+        return JSONResponse(json.loads(json.dumps(await self.core.cluster_state(), default=str)))
+
+    @app.get("/v1/models")
+    async def http_models(self):
+        card = {
+            "id": self.settings.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "moe-serving",
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/forward")
+    async def http_forward(self, request: Request):
+        body, binary = await _read_body(request)
+        ids = _tensor_in(body, "input_ids", binary, "int64")
+        mask = _tensor_in(body, "attention_mask", binary, "int64", required=False)
+        return _tensor_out("logits", await self.forward(ids, mask, "http"), binary)
+
+    @app.post("/v1/layers/{layer}/moe")
+    async def http_moe(self, layer: str, request: Request):
+        try:
+            layer_i = int(layer)
+        except ValueError:
+            raise invalid(f"layer must be an integer, got {layer!r}") from None
+        body, binary = await _read_body(request)
+        hidden = _tensor_in(body, "hidden_states", binary, "float32")
+        return _tensor_out("hidden_states", await self.moe_layer(layer_i, hidden, "http"), binary)
+
+    @app.post("/v1/completions")
+    async def http_completions(self, request: Request):
+        body, _ = await _read_body(request)
+        prompts, params, stream, usage_in_stream = self._completion_request(body)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        for p in params:
+            self.core.prompt_ids(p)  # bad input answers 4xx before any stream starts
+        if stream:
+            gen = self.generate(params[0], "http")
+            return StreamingResponse(
+                self._sse_stream(gen, cid, created, usage_in_stream), media_type="text/event-stream"
+            )
+        results = await asyncio.gather(*(self._collect(p) for p in params))
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, (text, token_ids, finish, usage) in enumerate(results):
+            choices.append(
+                {"index": i, "text": text, "token_ids": token_ids, "logprobs": None, "finish_reason": finish}
+            )
+            prompt_tokens += usage[0]
+            completion_tokens += usage[1]
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.settings.model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    # ---- completions helpers --------------------------------------------------------------------------
+
+    def _completion_request(self, body: dict):
+        """OpenAI completion fields -> GenerateParams per prompt (unsupported options refused)."""
+        if "prompt" not in body:
+            raise invalid("missing field 'prompt'")
+        model = body.get("model")
+        if model is not None and model != self.settings.model_name:
+            raise ServingError(
+                "not_found",
+                f"model {model!r} is not served here; this server serves {self.settings.model_name!r}",
+            )
+        for key, ok in (
+            ("n", (None, 1)),
+            ("best_of", (None, 1)),
+            ("echo", (None, False)),
+            ("logprobs", (None,)),
+            ("suffix", (None,)),
+        ):
+            if body.get(key) not in ok:
+                raise invalid(f"{key}={body.get(key)!r} is not supported by this server")
+        prompt = body["prompt"]
+        if isinstance(prompt, str) or (
+            isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+        ):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+            prompts = prompt
+        else:
+            raise invalid("prompt must be a string, a list of token ids, or a list of either")
+        max_tokens = body.get("max_tokens")
+        max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
+        temperature = body.get("temperature")
+        top_p = body.get("top_p")
+        params = [
+            GenerateParams(
+                prompt=p if isinstance(p, str) else None,
+                prompt_token_ids=None if isinstance(p, str) else p,
+                max_tokens=max_tokens,
+                temperature=1.0 if temperature is None else temperature,
+                top_p=1.0 if top_p is None else top_p,
+                seed=body.get("seed"),
+            )
+            for p in prompts
+        ]
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise invalid(f"stream must be true or false, got {stream!r}")
+        if stream and len(params) > 1:
+            raise invalid("a streamed completion takes one prompt")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise invalid("stream_options must be an object")
+        return prompts, params, stream, bool(options.get("include_usage"))
+
+    async def _collect(self, p: GenerateParams):
+        text, ids, finish, usage = [], [], None, (0, 0)
+        async for c in self.generate(p, "http"):
+            text.append(c.text)
+            ids += c.token_ids
+            finish = c.finish_reason
+            usage = (c.prompt_tokens, c.completion_tokens)
+        return "".join(text), ids, finish, usage
+
+    async def _sse_stream(self, gen, cid: str, created: int, include_usage: bool):
+        base = {"id": cid, "object": "text_completion", "created": created, "model": self.settings.model_name}
+        last: GenerateChunk | None = None
+        try:
+            async for c in gen:
+                last = c
+                choice = {
+                    "index": 0,
+                    "text": c.text,
+                    "token_ids": c.token_ids,
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                yield _sse({**base, "choices": [choice]})
+            if include_usage and last is not None:
+                usage = {
+                    "prompt_tokens": last.prompt_tokens,
+                    "completion_tokens": last.completion_tokens,
+                    "total_tokens": last.prompt_tokens + last.completion_tokens,
+                }
+                yield _sse({**base, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        except ServingError as e:
+            yield _sse(e.to_json())
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.aclose()
