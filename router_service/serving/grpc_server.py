@@ -213,6 +213,51 @@ class MoEServicer(pb_grpc.MoEServiceServicer):
 # ---- server --------------------------------------------------------------------------------------
 
 
+class _Malformed:
+    """A request whose bytes are not the method's protobuf message."""
+
+    def __init__(self, message_name: str, error: Exception):
+        self.text = f"malformed {message_name}: {error}"
+
+
+def _lenient(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as e:  # google.protobuf.message.DecodeError and friends
+            return _Malformed(message_cls.__name__, e)
+
+    return parse
+
+
+def _guard(method):
+    async def handler(request, context):
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
+        return await method(request, context)
+
+    return handler
+
+
+def _add_servicer(servicer: MoEServicer, server: grpc.aio.Server) -> None:
+    """Register MoEService like the generated `add_MoEServiceServicer_to_server`, except that bytes
+    that do not parse get INVALID_ARGUMENT (grpc's own deserialiser answers INTERNAL)."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["MoEService"].methods:
+        request_cls, response_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if m.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[m.name] = make(
+            _guard(getattr(servicer, m.name)),
+            request_deserializer=_lenient(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 class GrpcServer:
     """A started gRPC server: `port` (the bound port), `server` (the grpc.aio.Server; its other
     attributes are reachable on this object too), `health` (the health servicer)."""
@@ -268,7 +313,7 @@ async def start_grpc_server(
         ]
     )
     servicer = MoEServicer(backend)
-    pb_grpc.add_MoEServiceServicer_to_server(servicer, server)
+    _add_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,0 +1,363 @@
+"""The served model over real HTTP (Ray Serve) and gRPC: exact numerics, OpenAI compatibility,
+continuous batching, and bad input that gets a clear 4xx / gRPC status and loses nothing."""
+
+import asyncio
+import json
+import threading
+import time
+
+import grpc
+import httpx
+import msgpack
+import pytest
+import torch
+from conftest import rel_err
+from transformers import AutoModelForCausalLM
+
+from moe_models.spec import spec_from_pretrained
+from moe_serving import ServingError
+from moe_serving.grpc_client import AsyncGrpcClient, GrpcClient
+from moe_serving.http_client import AsyncHTTPClient, HTTPClient
+from moe_serving.v1 import moe_service_pb2 as pb
+from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
+from router_service.config import BatchLimits
+from router_service.default_model import default_model_dir
+from router_service.serving.launch import ServerOptions, start_server
+from router_service.serving.settings import ServingSettings
+
+MAX_REQUEST_TOKENS = 512
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    settings = ServingSettings(model_name="tiny-moe", max_request_tokens=MAX_REQUEST_TOKENS)
+    with start_server(
+        model_dir,
+        num_workers=2,
+        transport="ray",
+        options=ServerOptions(http_port=0, grpc_port=0),
+        settings=settings,
+        batch_limits=BatchLimits(max_batch_size=16, max_waiting=64),
+        progress="off",
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def spec(model_dir):
+    return spec_from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with HTTPClient(server.http_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    with GrpcClient(server.grpc_target) as c:
+        yield c
+
+
+def ids_batch(spec, b=2, s=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, spec.vocab_size, (b, s), generator=g)
+
+
+def hf_greedy(reference, prompt: list[int], n: int) -> list[int]:
+    out = reference.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+# ---- numerics ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_http_forward_equals_transformers(http, reference, spec, encoding):
+    ids = ids_batch(spec)
+    with torch.no_grad():
+        want = reference(ids).logits
+    got = http.forward(ids, encoding=encoding)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert rel_err(got, want) < 1e-5
+
+
+def test_grpc_forward_equals_transformers(grpc_client, reference, spec):
+    ids = ids_batch(spec, seed=1)
+    with torch.no_grad():
+        want = reference(ids).logits
+    assert rel_err(grpc_client.forward(ids), want) < 1e-5
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_moe_layer_equals_transformers(http, grpc_client, reference, spec, encoding):
+    layer = spec.moe_layers[0]
+    hidden = torch.randn(5, spec.hidden_size)
+    with torch.no_grad():
+        want = reference.model.layers[layer].mlp(hidden[None])[0]
+    assert rel_err(http.moe_layer(layer, hidden, encoding=encoding), want) < 1e-5
+    assert rel_err(grpc_client.moe_layer(layer, hidden), want) < 1e-5
+
+
+def test_concurrent_forwards_are_merged_and_each_exact(server, reference, spec):
+    """Requests of different lengths arriving together share router calls (serve.batch) and each
+    still gets its own logits."""
+    batches = [ids_batch(spec, b=1, s=3 + i, seed=10 + i) for i in range(8)]
+
+    async def run():
+        async with AsyncHTTPClient(server.http_url) as c:
+            return await asyncio.gather(*(c.forward(ids) for ids in batches))
+
+    for ids, got in zip(batches, asyncio.run(run()), strict=True):
+        with torch.no_grad():
+            want = reference(ids).logits
+        assert rel_err(got, want) < 1e-5
+    text = httpx.get(f"{server.http_url}/metrics").text
+    count = _metric(text, 'moe_ingress_batch_requests_count{endpoint="forward"}')
+    total = _metric(text, 'moe_ingress_batch_requests_sum{endpoint="forward"}')
+    assert total > count, "no two forward requests were merged into one router call"
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+
+def test_greedy_completion_equals_transformers(http, reference):
+    prompt = [5, 17, 42, 99, 7]
+    body = http.complete(prompt, max_tokens=12, temperature=0.0)
+    choice = body["choices"][0]
+    assert choice["token_ids"] == hf_greedy(reference, prompt, 12)
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
+
+
+def test_concurrent_streams_share_decode_steps_and_keep_their_tokens(server, http, reference):
+    prompts = [[3 + i, 11 + 2 * i, 40 + i] for i in range(6)]
+    before = http.cluster_state()["generation"] or {"steps_by_batch_size": {}}
+
+    async def one(c, p):
+        ids = []
+        async for chunk in c.stream(p, max_tokens=10, temperature=0.0):
+            ids += chunk.token_ids
+        return ids
+
+    async def run():
+        async with AsyncHTTPClient(server.http_url) as c:
+            return await asyncio.gather(*(one(c, p) for p in prompts))
+
+    results = asyncio.run(run())
+    for p, got in zip(prompts, results, strict=True):
+        assert got == hf_greedy(reference, p, 10)
+    after = http.cluster_state()["generation"]["steps_by_batch_size"]
+    grown = {int(k): v - before["steps_by_batch_size"].get(k, 0) for k, v in after.items()}
+    assert any(size > 1 and n > 0 for size, n in grown.items()), grown
+
+
+def test_seeded_sampling_is_reproducible(http):
+    a = http.complete("Hello", max_tokens=8, temperature=0.9, top_p=0.9, seed=123)
+    b = http.complete("Hello", max_tokens=8, temperature=0.9, top_p=0.9, seed=123)
+    assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
+
+
+def test_openai_client_completions(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny-moe"]
+    c = client.completions.create(model="tiny-moe", prompt="Hello, experts", max_tokens=6, temperature=0)
+    assert c.usage.completion_tokens == 6 and c.choices[0].finish_reason == "length"
+    pieces = client.completions.create(
+        model="tiny-moe",
+        prompt="Hello, experts",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(pieces)
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == c.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_grpc_generate_streams_the_same_tokens(grpc_client, http):
+    prompt = [9, 8, 7, 6]
+    got = []
+    for chunk in grpc_client.generate(prompt_token_ids=prompt, max_tokens=9, temperature=0.0):
+        got += chunk.token_ids
+    assert got == http.complete(prompt, max_tokens=9, temperature=0.0)["choices"][0]["token_ids"]
+
+
+def test_async_grpc_client_and_cluster_state(server, spec):
+    async def run():
+        async with AsyncGrpcClient(server.grpc_target) as c:
+            return await c.cluster_state(), await c.health()
+
+    state, healthy = asyncio.run(run())
+    assert healthy and state["num_workers"] == 2 and state["moe_layers"] == list(spec.moe_layers)
+    assert len(state["workers"]) == 2
+
+
+def test_client_that_leaves_mid_stream_frees_its_slot(server, http):
+    body = {"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{server.http_url}/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        gen = http.cluster_state()["generation"]
+        if gen["running"] == 0 and gen["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the abandoned request still holds a slot: {gen}")
+    assert http.complete([1, 2], max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
+
+
+def test_cluster_metrics_and_models(server, http):
+    state = http.cluster_state()
+    assert state["placement_version"] == 0 and state["transport"] == "ray"
+    assert all("node_ip" in w for w in state["workers"])
+    text = httpx.get(f"{server.http_url}/metrics").text
+    assert 'moe_requests_total{endpoint="forward",protocol="http",status="ok"}' in text
+    assert "moe_request_latency_seconds_bucket" in text and "moe_expert_tokens{" in text
+    assert http.models()["data"][0]["id"] == "tiny-moe"
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def _post(server, path, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.http_url}{path}", timeout=30, **kwargs)
+
+
+BAD_HTTP = [
+    ("/v1/forward", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+    ("/v1/forward", {"content": b"\xc1\x00", "headers": {"content-type": "application/msgpack"}}, 400),
+    ("/v1/forward", {"json": {"input_ids": [[1.5, 2.0]]}}, 400),
+    ("/v1/forward", {"json": {"input_ids": [1, 2, 3]}}, 400),
+    ("/v1/forward", {"json": {"input_ids": [[1, 2], [3]]}}, 400),
+    ("/v1/forward", {"json": {"input_ids": [[1, 100000]]}}, 400),
+    ("/v1/forward", {"json": {"wrong": [[1]]}}, 400),
+    ("/v1/forward", {"json": {"input_ids": [[1] * (MAX_REQUEST_TOKENS + 1)]}}, 413),
+    ("/v1/layers/0/moe", {"json": {"hidden_states": [[0.0] * 8]}}, 400),
+    ("/v1/layers/abc/moe", {"json": {"hidden_states": [[0.0] * 8]}}, 400),
+    ("/v1/layers/1/moe", {"json": {"hidden_states": [[0.0] * 3]}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "max_tokens": -1}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "temperature": -2}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "max_tokens": MAX_REQUEST_TOKENS}}, 413),
+    ("/v1/completions", {"json": {"prompt": [1, -4]}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "model": "gpt-4"}}, 404),
+    ("/v1/completions", {"json": {"prompt": "hi", "n": 3}}, 400),
+    ("/v1/nowhere", {"json": {}}, 404),
+]
+
+
+@pytest.mark.parametrize(
+    "path,kwargs,status", BAD_HTTP, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD_HTTP)]
+)
+def test_bad_http_input_gets_a_json_error_and_the_server_keeps_serving(
+    server, http, spec, path, kwargs, status
+):
+    r = _post(server, path, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["code"]
+    assert "Traceback" not in r.text
+    ids = ids_batch(spec, b=1, s=3)
+    assert http.forward(ids).shape == (1, 3, spec.vocab_size)
+
+
+def test_msgpack_wrong_dtype_and_shape(server, spec):
+    bad = {"input_ids": {"dtype": "int64", "shape": [2, 3], "data": b"\x00" * 8}}
+    r = _post(
+        server, "/v1/forward", content=msgpack.packb(bad), headers={"content-type": "application/msgpack"}
+    )
+    assert r.status_code == 400 and "data" in r.json()["error"]["message"]
+    bad = {"input_ids": {"dtype": "complex-ish", "shape": [1], "data": b"\x00" * 8}}
+    r = _post(
+        server, "/v1/forward", content=msgpack.packb(bad), headers={"content-type": "application/msgpack"}
+    )
+    assert r.status_code == 400 and "dtype" in r.json()["error"]["message"]
+
+
+def test_bad_grpc_input_gets_a_status_and_the_server_keeps_serving(server, grpc_client, spec):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.MoEServiceStub(channel)
+        cases = [
+            (
+                pb.ForwardRequest(input_ids=pb.Tensor(dtype="int64", shape=[1, 2], data=b"\x00")),
+                "INVALID_ARGUMENT",
+            ),
+            (
+                pb.ForwardRequest(input_ids=pb.Tensor(dtype="float32", shape=[1, 1], data=b"\x00" * 4)),
+                "INVALID_ARGUMENT",
+            ),
+        ]
+        big = torch.ones(1, MAX_REQUEST_TOKENS + 1, dtype=torch.int64)
+        cases.append(
+            (
+                pb.ForwardRequest(
+                    input_ids=pb.Tensor(dtype="int64", shape=[1, big.shape[1]], data=big.numpy().tobytes())
+                ),
+                "RESOURCE_EXHAUSTED",
+            )
+        )
+        for request, code in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Forward(request)
+            assert e.value.code().name == code
+            assert "Traceback" not in (e.value.details() or "")
+        raw = channel.unary_unary("/moe_serving.v1.MoEService/Forward")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff not a protobuf")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.value.details()
+    with pytest.raises(ServingError) as e:
+        grpc_client.moe_layer(0, torch.zeros(2, spec.hidden_size))
+    assert e.value.code == "invalid_argument"
+    with pytest.raises(ServingError) as e:
+        list(grpc_client.generate(prompt_token_ids=[1, 2], max_tokens=MAX_REQUEST_TOKENS))
+    assert e.value.code == "resource_exhausted"
+    with pytest.raises(ServingError) as e:
+        grpc_client.scale(3)
+    assert e.value.code == "unimplemented"
+    assert grpc_client.forward(ids_batch(spec, b=1, s=2)).shape == (1, 2, spec.vocab_size)
+
+
+def test_many_bad_requests_in_parallel_do_not_disturb_good_ones(server, http, reference, spec):
+    ids = ids_batch(spec, b=1, s=4, seed=5)
+    with torch.no_grad():
+        want = reference(ids).logits
+    errors: list[int] = []
+
+    def bad():
+        errors.append(_post(server, "/v1/forward", json={"input_ids": [[spec.vocab_size]]}).status_code)
+
+    threads = [threading.Thread(target=bad) for _ in range(8)]
+    for t in threads:
+        t.start()
+    got = http.forward(ids)
+    for t in threads:
+        t.join()
+    assert errors == [400] * 8
+    assert rel_err(got, want) < 1e-5
+    assert json.loads(httpx.get(f"{server.http_url}/healthz").text)["status"] == "ok"
