@@ -1,0 +1,109 @@
+"""Continuous batching in the router: sequences that join and leave a running batch get exactly
+the tokens transformers' own greedy generate gives them alone; the queue enforces its limits."""
+
+import threading
+
+import pytest
+import torch
+from tiny_models import FAMILIES
+from transformers import AutoModelForCausalLM
+
+from router_service import Engine
+from router_service.decoding import DecodeBatch, SamplingParams, Sequence, sample_rows
+from router_service.scheduler import QueueFull, RequestTooLarge
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20, 21]]
+
+
+def hf_greedy(model, prompt, n):
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequences_joining_and_leaving_equal_transformers_alone(tiny_model_dir, family):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(family)).eval()
+    limits = [8, 5, 8]
+    want = [hf_greedy(model, p, n) for p, n in zip(PROMPTS, limits, strict=True)]
+    batch = DecodeBatch(model, set(), torch.device("cpu"))
+    seqs = [Sequence(p, SamplingParams(n)) for p, n in zip(PROMPTS, limits, strict=True)]
+    batch.add(seqs[:1])
+    batch.step()
+    batch.add(seqs[1:2])  # joins a running batch with a longer prompt: the old rows get left-padded
+    batch.step()
+    batch.step()
+    batch.add(seqs[2:])
+    while len(batch):
+        batch.step()
+        batch.evict({id(s) for s in batch.seqs if s.finish_reason})
+    assert [s.generated for s in seqs] == want
+    assert all(s.finish_reason == "length" for s in seqs)
+
+
+def test_seeded_sampling_does_not_depend_on_batch_company():
+    logits = torch.randn(3, 50)
+    params = SamplingParams(4, temperature=0.8, top_p=0.9, seed=7)
+    alone = sample_rows(logits[1:2], [Sequence([1], params)])
+    rows = [Sequence([1], SamplingParams(4)), Sequence([1], params), Sequence([1], SamplingParams(4, 0.5))]
+    assert sample_rows(logits, rows)[1] == alone[0]
+    assert sample_rows(logits, rows)[0] == int(logits[0].argmax())
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([[10.0, 9.0, -10.0, -10.0]])
+    picks = {sample_rows(logits, [Sequence([1], SamplingParams(1, 1.0, 0.5, s))])[0] for s in range(30)}
+    assert picks == {0}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    with Engine.from_pretrained(
+        tiny_model_dir("deepseek_v3"),
+        num_workers=2,
+        batch_limits={"max_batch_size": 4, "max_batch_tokens": 64, "max_waiting": 2},
+    ) as e:
+        yield e
+
+
+def test_engine_generate_stream_matches_generate_under_concurrency(engine):
+    prompts = [[3 + i, 7, 11 + i] for i in range(6)]
+    want = [engine.generate(torch.tensor([p]), 6)[0, 3:].tolist() for p in prompts]
+    got = [None] * len(prompts)
+
+    def run(i):
+        for _ in range(50):  # max_waiting is 2: retry when the queue is full, as a client would
+            try:
+                got[i] = [t for c in engine.generate_stream(prompts[i], 6) for t in c["token_ids"]]
+                return
+            except QueueFull:
+                threading.Event().wait(0.05)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+    stats = engine.cluster_state()["generation"]
+    assert max(stats["steps_by_batch_size"]) <= 4
+
+
+def test_limits_and_cancellation(engine):
+    with pytest.raises(RequestTooLarge, match="64"):
+        engine.generate_stream([1] * 60, 10)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate_stream([1, 10**6], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate_stream([1, 2], 0)
+    stream = engine.generate_stream([1, 2, 3], 40)
+    next(stream)
+    stream.close()  # the reader leaves: its sequence leaves the batch
+    for _ in range(100):
+        state = engine.cluster_state()["generation"]
+        if state["running"] == 0:
+            break
+        threading.Event().wait(0.05)
+    assert state["running"] == 0 and state["waiting"] == 0
+    assert len([t for c in engine.generate_stream([4, 5], 3) for t in c["token_ids"]]) == 3
