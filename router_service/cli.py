@@ -1,24 +1,39 @@
-"""`moe-serve`: the command line, a thin layer that parses flags and calls the Engine.
+"""`moe-serve`: the command line, a thin layer that parses flags and calls the Engine, the server
+launcher or the HTTP client.
 
 Subcommands live in `COMMANDS` (name -> how to add its flags, what to run), so a new one is one
-entry. Flag defaults are read from the signatures of `Engine.from_pretrained` and `Engine.generate`,
-so the API stays the one place that states them. Errors a user can cause (a bad flag value, a
-directory that is not a checkpoint, a config we do not serve) are `ValueError`s below; they are
-printed here as one `moe-serve: error: ...` line with exit status 2, never as a traceback.
+entry. Flag defaults are read from the signatures of `Engine.from_pretrained`, `Engine.generate` and
+`start_server` and from the fields of `ServerOptions`, `ServingSettings` and `BatchLimits`, so the API
+stays the one place that states them. Errors a user can cause (a bad flag value, a directory that is
+not a checkpoint, a config we do not serve, a port in use, a server that is not there) are
+`ValueError`s or `ServingError`s below; they are printed here as one `moe-serve: error: ...` line
+with exit status 2, never as a traceback.
+
+    moe-serve serve --workers 2                       # HTTP :8000, gRPC :50051 until Ctrl-C / SIGTERM
+    moe-serve generate --url http://127.0.0.1:8000 --prompt Hello
+    moe-serve cluster --url http://127.0.0.1:8000     # workers, experts, expert load
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
+import json
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from expert_workers.kernels import KERNELS
+from moe_serving.errors import ServingError
+from router_service.config import TRANSPORTS, BatchLimits
 from router_service.engine import DTYPES, Engine
+from router_service.serving.launch import ServerOptions, start_server
+from router_service.serving.settings import ServingSettings
 
 PROG = "moe-serve"
 
@@ -31,9 +46,24 @@ def _defaults(fn: Callable) -> dict:
     }
 
 
+def _field_defaults(cls: type) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 ENGINE_DEFAULTS = _defaults(Engine.from_pretrained)
 GENERATE_DEFAULTS = _defaults(Engine.generate)
+SERVER_DEFAULTS = _defaults(start_server)
+SERVER_OPTIONS = _field_defaults(ServerOptions)
+SERVING_SETTINGS = _field_defaults(ServingSettings)
+BATCH_LIMITS = _field_defaults(BatchLimits)
 MAX_NEW_TOKENS = 32  # the API has no default for it; this is the command line's
+SERVED_TRANSPORTS = [t for t in TRANSPORTS if t != "local"]  # serving needs Ray
+DEFAULT_URL = f"http://{SERVER_OPTIONS['host']}:{SERVER_OPTIONS['http_port']}"
+
+
+def progress_mode(args: argparse.Namespace) -> str:
+    """Worker load progress follows -v like our logs: quiet by default, bar or log lines with -v."""
+    return "auto" if args.verbose else "off"
 
 
 # ---- shared flag groups ---------------------------------------------------------------------------
@@ -118,7 +148,19 @@ def run_make_model(args: argparse.Namespace) -> None:
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument(
-        "--max-new-tokens", metavar="N", type=int, default=MAX_NEW_TOKENS, help="default: %(default)s"
+        "--url",
+        metavar="URL",
+        help="ask the server at URL (e.g. http://127.0.0.1:8000) and stream its answer; "
+        "without it the model is loaded in this process",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        "--max-tokens",
+        dest="max_new_tokens",
+        metavar="N",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        help="default: %(default)s",
     )
     p.add_argument(
         "--temperature",
@@ -137,6 +179,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    if args.url is not None:
+        return generate_remote(args)
     args.model_dir = resolve_model_dir(args.model)
     with engine_from_args(args) as engine:  # validates the config before any weight is read
         tokenizer = load_tokenizer(args.model_dir)
@@ -153,6 +197,288 @@ def run_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(new_ids, skip_special_tokens=True))
 
 
+ENGINE_FLAGS = {
+    "model": "--model",
+    "num_workers": "--workers",
+    "dtype": "--dtype",
+    "device": "--device",
+    "expert_kernel": "--expert-kernel",
+}
+
+
+def generate_remote(args: argparse.Namespace) -> None:
+    """Stream the server's completion to stdout as it arrives, then a newline."""
+    from moe_serving.http_client import HTTPClient
+
+    given = [flag for dest, flag in ENGINE_FLAGS.items() if getattr(args, dest) != ENGINE_DEFAULTS.get(dest)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: the server chose its model and workers; not with --url")
+    wrote = False
+    try:
+        with HTTPClient(args.url) as client:
+            for chunk in client.stream(
+                args.prompt,
+                max_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+            ):
+                if chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                    wrote = True
+    finally:
+        if wrote or sys.exc_info()[0] is None:
+            print(flush=True)  # end the line, also before an error that cut the stream short
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    g = p.add_argument_group("serving")
+    g.add_argument(
+        "--transport",
+        choices=SERVED_TRANSPORTS,
+        default=SERVER_DEFAULTS["transport"],
+        help="how the router drives the workers (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        default=SERVER_DEFAULTS["ray_address"],
+        help="join this Ray cluster ('auto': the one `ray start` made here); default: start a local one",
+    )
+    g.add_argument(
+        "--host", default=SERVER_OPTIONS["host"], help="address to listen on (default: %(default)s)"
+    )
+    g.add_argument(
+        "--http-port",
+        metavar="PORT",
+        type=int,
+        default=SERVER_OPTIONS["http_port"],
+        help="default: %(default)s",
+    )
+    g.add_argument(
+        "--grpc-port",
+        metavar="PORT",
+        type=int,
+        default=SERVER_OPTIONS["grpc_port"],
+        help="default: %(default)s",
+    )
+    g.add_argument(
+        "--ready-timeout",
+        dest="ready_timeout_s",
+        metavar="SECONDS",
+        type=float,
+        default=SERVER_OPTIONS["ready_timeout_s"],
+        help="give up when not serving after this long (default: %(default)s)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model's name in the API (default: the model directory's name)",
+    )
+    g = p.add_argument_group("limits")
+    g.add_argument(
+        "--max-request-tokens",
+        metavar="N",
+        type=int,
+        default=SERVING_SETTINGS["max_request_tokens"],
+        help="largest request (prompt + max_tokens, or tokens of a forward) accepted (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-batch-tokens",
+        metavar="N",
+        type=int,
+        help="tokens merged into one batch, by the ingress (default: "
+        f"{SERVING_SETTINGS['max_batch_tokens']}) and by the generation batch, prompt + max_tokens "
+        f"summed (default: {BATCH_LIMITS['max_batch_tokens']})",
+    )
+    g.add_argument(
+        "--max-batch-size",
+        metavar="N",
+        type=int,
+        default=BATCH_LIMITS["max_batch_size"],
+        help="sequences decoded together per step (default: %(default)s)",
+    )
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops the server the way Ctrl-C does: KeyboardInterrupt in the main thread."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    model_dir = resolve_model_dir(args.model)
+    batch = {"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens is not None else {}
+    settings = ServingSettings(
+        model_name=args.served_model_name or Path(model_dir).name,
+        max_request_tokens=args.max_request_tokens,
+        **batch,
+    )
+    limits = BatchLimits(max_batch_size=args.max_batch_size, **batch)
+    options = ServerOptions(
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        ready_timeout_s=args.ready_timeout_s,
+    )
+    _stop_on_sigterm()
+    t0 = time.perf_counter()
+    try:
+        server = start_server(
+            model_dir,
+            num_workers=args.num_workers,
+            transport=args.transport,
+            dtype=args.dtype,
+            ray_address=args.ray_address,
+            options=options,
+            settings=settings,
+            batch_limits=limits,
+            progress=progress_mode(args),
+            device=args.device,
+            expert_kernel=args.expert_kernel,
+        )
+    except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
+        raise ValueError(e.strerror or str(e)) from e
+    except (KeyboardInterrupt, SystemExit) as e:
+        # start_server has stopped what it started. Ray's driver turns SIGTERM into SystemExit(15)
+        # once it is up, so both mean: asked to stop before we were ready.
+        if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
+            raise
+        print(f"{PROG}: stopped before the server was ready", flush=True)
+        return 0
+    try:
+        _stop_on_sigterm()  # again: ray.init installed its own handler
+        print(
+            f"{PROG}: serving {server.model_name} ({args.num_workers} workers, {args.transport}) — "
+            f"HTTP {server.http_url}  gRPC {server.grpc_target}  "
+            f"(ready in {time.perf_counter() - t0:.1f}s; Ctrl-C to stop)",
+            flush=True,
+        )
+        while True:
+            signal.pause()
+    except KeyboardInterrupt as e:
+        why = str(e) or "SIGINT"
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        print(f"{PROG}: {why}: stopping", flush=True)
+    finally:
+        server.shutdown()
+    print(f"{PROG}: stopped", flush=True)
+    return 0
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", metavar="URL", default=DEFAULT_URL, help="the server (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON state instead of tables")
+
+
+def run_cluster(args: argparse.Namespace) -> None:
+    from moe_serving.http_client import HTTPClient
+
+    with HTTPClient(args.url) as client:
+        state = client.cluster_state()
+    print(json.dumps(state, indent=2) if args.json else format_cluster(state))
+
+
+# ---- cluster state as text ------------------------------------------------------------------------
+
+HOTTEST = 8  # experts listed per layer in the load table
+
+
+def compact_ranges(ids: Iterable[int]) -> str:
+    """[0, 1, 2, 3, 7, 9, 10] -> "0-3,7,9-10"; "-" when empty."""
+    ids = sorted(set(ids))
+    parts: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(parts) or "-"
+
+
+def _experts_per_layer(experts: dict) -> str:
+    """One range when every layer holds the same experts, else "L1: 0-15  L2: 0-14,31"."""
+    by_layer = {int(k): compact_ranges(v) for k, v in (experts or {}).items()}
+    if not by_layer:
+        return "-"
+    if len(set(by_layer.values())) == 1:
+        return next(iter(by_layer.values()))
+    return "  ".join(f"L{layer}: {r}" for layer, r in sorted(by_layer.items()))
+
+
+def _table(header: list[str], rows: list[list], right: set[int] = frozenset()) -> list[str]:
+    cells = [header, *[["-" if c is None else str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for r in cells:
+        out = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(out).rstrip())
+    return lines
+
+
+def _counts(d: dict | None) -> str:
+    return " ".join(f"{k}:{v}" for k, v in sorted((d or {}).items(), key=lambda kv: int(kv[0]))) or "-"
+
+
+def format_cluster(state: dict) -> str:
+    """The state `GET /v1/cluster` answers, as a header, a worker table, expert load and generation
+    statistics."""
+    workers = state.get("workers") or []
+    layers = state.get("moe_layers") or []
+    lines = [
+        f"model_type {state.get('model_type', '?')}   transport {state.get('transport', '?')}   "
+        f"dtype {state.get('dtype', '?')}   placement version {state.get('placement_version', '?')}   "
+        f"workers {state.get('num_workers', len(workers))}   MoE layers {compact_ranges(layers)}",
+        "",
+    ]
+    rows = [
+        [
+            w.get("worker_id"),
+            w.get("node_ip"),
+            w.get("device"),
+            w.get("kernel"),
+            _experts_per_layer(w.get("experts")),
+            f"{w['param_bytes'] / 1e6:.1f}" if w.get("param_bytes") is not None else None,
+        ]
+        for w in workers
+    ]
+    lines += _table(["worker", "node ip", "device", "kernel", "experts per layer", "MB"], rows, right={0, 5})
+
+    load = state.get("expert_load") or {}
+    tokens = load.get("tokens") or {}
+    if tokens:
+        seen = load.get("batches_seen") or {}
+        rows = []
+        for layer, counts in sorted(tokens.items(), key=lambda kv: int(kv[0])):
+            hot = sorted((c, -e) for e, c in enumerate(counts) if c > 0)[::-1][:HOTTEST]
+            rows.append([layer, seen.get(layer), sum(counts), " ".join(f"e{-e}:{c}" for c, e in hot) or "-"])
+        window = load.get("window_batches")
+        lines += ["", f"expert load (tokens per expert{f', last {window} batches' if window else ''})"]
+        lines += _table(["layer", "batches", "tokens", f"hottest {HOTTEST}"], rows, right={0, 1, 2})
+
+    gen = state.get("generation")
+    if gen:
+        lines += [
+            "",
+            f"generation: running {gen.get('running', 0)}   waiting {gen.get('waiting', 0)}",
+            f"  decode steps by batch size: {_counts(gen.get('steps_by_batch_size'))}",
+        ]
+        if "prefills_by_batch_size" in gen:
+            lines.append(f"  prefills by batch size:     {_counts(gen.get('prefills_by_batch_size'))}")
+        if gen.get("limits"):
+            lines.append("  limits: " + "   ".join(f"{k} {v}" for k, v in gen["limits"].items()))
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -166,7 +492,17 @@ COMMANDS = {
         add_make_model_args,
         run_make_model,
     ),
-    "generate": Command("continue a prompt with a MoE model", add_generate_args, run_generate),
+    "generate": Command(
+        "continue a prompt with a MoE model (in this process, or a server's with --url)",
+        add_generate_args,
+        run_generate,
+    ),
+    "serve": Command(
+        "serve a MoE model over HTTP and gRPC until Ctrl-C or SIGTERM", add_serve_args, run_serve
+    ),
+    "cluster": Command(
+        "show a server's workers, expert placement and expert load", add_cluster_args, run_cluster
+    ),
 }
 
 
@@ -207,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # ConfigError, CheckpointError and the Engine's input checks
         message = " ".join(str(e).split())  # one line, whatever the exception's layout
         print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except ServingError as e:  # the server refused, or is not there
+        message = " ".join(e.message.split())
+        hint = " (is `moe-serve serve` running there?)" if e.code == "unavailable" else ""
+        print(f"{PROG}: error: {message}{hint}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a cache or output directory we may not write
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -90,7 +90,7 @@ def make_transport(config, setup: WorkerSetup, placement: Placement) -> Transpor
     if config.transport == "ray":
         from router_service.ray_runtime import RayTransport
 
-        return RayTransport(setup, placement, config.worker_resources)
+        return RayTransport(setup, placement, config.worker_resources, config.progress)
     from router_service.compiled_transport import CompiledTransport
 
-    return CompiledTransport(setup, placement, config.worker_resources)
+    return CompiledTransport(setup, placement, config.worker_resources, config.progress)
