@@ -216,12 +216,7 @@ def test_async_grpc_client_and_cluster_state(server, spec):
     assert len(state["workers"]) == 2
 
 
-def test_client_that_leaves_mid_stream_frees_its_slot(server, http):
-    body = {"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0, "stream": True}
-    with httpx.Client(timeout=30) as c, c.stream("POST", f"{server.http_url}/v1/completions", json=body) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
+def _wait_until_idle(http):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         gen = http.cluster_state()["generation"]
@@ -230,7 +225,30 @@ def test_client_that_leaves_mid_stream_frees_its_slot(server, http):
         time.sleep(0.2)
     else:
         pytest.fail(f"the abandoned request still holds a slot: {gen}")
+
+
+def test_client_that_leaves_mid_stream_frees_its_slot(server, http):
+    body = {"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{server.http_url}/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    _wait_until_idle(http)
     assert http.complete([1, 2], max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
+
+
+def test_client_that_gives_up_on_a_completion_frees_its_slot(server, http):
+    body = {"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.http_url}/v1/completions", json=body, timeout=0.5)
+    _wait_until_idle(http)
+
+
+def test_grpc_client_that_cancels_frees_its_slot(grpc_client, http):
+    stream = grpc_client.generate(prompt_token_ids=[5, 6, 7], max_tokens=400, temperature=0.0)
+    next(iter(stream))
+    stream.close()
+    _wait_until_idle(http)
 
 
 def test_cluster_metrics_and_models(server, http):

@@ -186,13 +186,14 @@ class MoEIngress:
         """Async generator of GenerateChunk (validation errors raise before the first chunk)."""
         async with self._observe("generate", protocol):
             t0, first = time.perf_counter(), True
-            async for chunk in self.core.generate(params):
-                if first:
-                    self.metrics.first_token.observe(time.perf_counter() - t0)
-                    self.metrics.prompt_tokens.inc(chunk.prompt_tokens)
-                    first = False
-                self.metrics.generated_tokens.inc(len(chunk.token_ids))
-                yield chunk
+            async with contextlib.aclosing(self.core.generate(params)) as chunks:
+                async for chunk in chunks:
+                    if first:
+                        self.metrics.first_token.observe(time.perf_counter() - t0)
+                        self.metrics.prompt_tokens.inc(chunk.prompt_tokens)
+                        first = False
+                    self.metrics.generated_tokens.inc(len(chunk.token_ids))
+                    yield chunk
 
     async def cluster_state(self) -> dict:
         return await self.core.cluster_state()
@@ -335,11 +336,12 @@ class MoEIngress:
 
     async def _collect(self, p: GenerateParams):
         text, ids, finish, usage = [], [], None, (0, 0)
-        async for c in self.generate(p, "http"):
-            text.append(c.text)
-            ids += c.token_ids
-            finish = c.finish_reason
-            usage = (c.prompt_tokens, c.completion_tokens)
+        async with contextlib.aclosing(self.generate(p, "http")) as chunks:
+            async for c in chunks:
+                text.append(c.text)
+                ids += c.token_ids
+                finish = c.finish_reason
+                usage = (c.prompt_tokens, c.completion_tokens)
         return "".join(text), ids, finish, usage
 
     async def _sse_stream(self, gen, cid: str, created: int, include_usage: bool):
