@@ -345,14 +345,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
         raise ValueError(e.strerror or str(e)) from e
     except (KeyboardInterrupt, SystemExit) as e:
-        # start_server has stopped what it started. Ray's driver turns SIGTERM into SystemExit(15)
-        # once it is up, so both mean: asked to stop before we were ready.
+        # Ctrl-C while loading; start_server has stopped what it started. (SIGTERM in that window:
+        # ray.init sets a Python handler raising SystemExit(15), but Ray's core worker then installs
+        # its C++ failure handler, which aborts the process; Ray's own processes die with it.)
         if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
             raise
         print(f"{PROG}: stopped before the server was ready", flush=True)
         return 0
     try:
-        _stop_on_sigterm()  # again: ray.init installed its own handler
+        _stop_on_sigterm()  # again: ray.init and Ray's core worker replaced ours
         print(
             f"{PROG}: serving {server.model_name} ({args.num_workers} workers, {args.transport}) — "
             f"HTTP {server.http_url}  gRPC {server.grpc_target}  "

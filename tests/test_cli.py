@@ -112,3 +112,137 @@ def test_bad_flags_exit_2_without_traceback(capsys):
         cli.main(["generate", "--prompt", "hi", "--dtype", "int8"])
     assert exc.value.code == 2
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+# ---- serve and the client commands (a real server: tests/test_cli_serve.py) ------------------------
+
+
+def test_serve_flag_defaults_come_from_the_serving_api():
+    from router_service.config import BatchLimits
+    from router_service.serving.launch import ServerOptions, start_server
+    from router_service.serving.settings import ServingSettings
+
+    args = cli.build_parser().parse_args(["serve"])
+    options, settings, limits = ServerOptions(), ServingSettings(), BatchLimits()
+    launch = inspect.signature(start_server).parameters
+    assert (args.transport, args.ray_address) == (launch["transport"].default, launch["ray_address"].default)
+    assert (args.host, args.http_port, args.grpc_port, args.ready_timeout_s) == (
+        options.host,
+        options.http_port,
+        options.grpc_port,
+        options.ready_timeout_s,
+    )
+    assert args.max_request_tokens == settings.max_request_tokens
+    assert args.max_batch_size == limits.max_batch_size
+    assert args.max_batch_tokens is None, "unset: the ingress and the batcher keep their own defaults"
+    assert args.num_workers == inspect.signature(Engine.from_pretrained).parameters["num_workers"].default
+    url = cli.DEFAULT_URL  # what `cluster` asks without --url: the default server
+    assert url == f"http://{options.host}:{options.http_port}"
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["serve", "--model", "{default}", "--max-batch-tokens", "0"], "max_batch_tokens must be >= 1"),
+        (["serve", "--model", "{default}", "--max-request-tokens", "0"], "max_request_tokens must be >= 1"),
+        (["serve", "--model", "{default}", "--max-batch-size", "0"], "max_batch_size must be >= 1"),
+        (["serve", "--model", "/no/such/dir", "--http-port", "0", "--grpc-port", "0"], "no config.json"),
+        (["generate", "--url", "http://127.0.0.1:1", "--prompt", "hi", "--model", "{default}"], "--model"),
+        (["generate", "--url", "http://127.0.0.1:1", "--prompt", "hi"], "http://127.0.0.1:1 unreachable"),
+        (["cluster", "--url", "http://127.0.0.1:1"], "http://127.0.0.1:1 unreachable"),
+    ],
+)
+def test_serve_and_client_errors_are_one_line_and_exit_2(argv, says, default_dir, capsys):
+    assert cli.main([a.format(default=default_dir) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("moe-serve: error: ") and err.count("\n") == 1, err
+    assert says in err
+
+
+def test_serve_takes_only_ray_transports(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--transport", "local"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'local'" in capsys.readouterr().err
+
+
+def test_compact_ranges():
+    assert cli.compact_ranges([3, 0, 1, 2, 7, 9, 10]) == "0-3,7,9-10"
+    assert cli.compact_ranges(range(16)) == "0-15"
+    assert cli.compact_ranges([5]) == "5"
+    assert cli.compact_ranges([]) == "-"
+
+
+CLUSTER_STATE = {  # the shape GET /v1/cluster answers (JSON: integer keys arrive as strings)
+    "model_type": "deepseek_v3",
+    "transport": "ray",
+    "dtype": "float32",
+    "placement_version": 3,
+    "num_workers": 2,
+    "moe_layers": [1, 2, 3],
+    "workers": [
+        {
+            "worker_id": 0,
+            "device": "cpu",
+            "kernel": "onednn",
+            "experts": {"1": list(range(16)), "2": list(range(16)), "3": list(range(16))},
+            "param_bytes": 20054016,
+            "node_ip": "10.0.0.1",
+        },
+        {
+            "worker_id": 1,
+            "device": "cuda:0",
+            "kernel": "grouped_mm",
+            "experts": {"1": list(range(16, 32)), "2": [*range(16, 31), 5], "3": list(range(16, 32))},
+            "param_bytes": 20054016,
+            "node_ip": None,
+        },
+    ],
+    "expert_load": {
+        "window_batches": 256,
+        "batches_seen": {"1": 5, "2": 5},
+        "tokens": {"1": [0] * 28 + [16, 0, 0, 5], "2": [1] * 32},
+    },
+    "generation": {
+        "running": 1,
+        "waiting": 2,
+        "steps_by_batch_size": {"1": 4, "10": 2, "2": 7},
+        "prefills_by_batch_size": {"1": 1},
+        "limits": {"max_batch_size": 32, "max_batch_tokens": 16384, "max_waiting": 512},
+    },
+}
+
+
+def test_cluster_tables():
+    lines = cli.format_cluster(CLUSTER_STATE).splitlines()
+    assert " ".join(lines[0].split()) == (
+        "model_type deepseek_v3 transport ray dtype float32 placement version 3 workers 2 MoE layers 1-3"
+    )
+    assert lines[2].split() == ["worker", "node", "ip", "device", "kernel", "experts", "per", "layer", "MB"]
+    assert lines[3].split() == ["0", "10.0.0.1", "cpu", "onednn", "0-15", "20.1"]
+    assert lines[4].split() == [
+        "1",
+        "-",
+        "cuda:0",
+        "grouped_mm",
+        "L1:",
+        "16-31",
+        "L2:",
+        "5,16-30",
+        "L3:",
+        "16-31",
+        "20.1",
+    ]
+    text = "\n".join(lines)
+    assert "e28:16 e31:5\n" in text + "\n", text  # only experts that saw tokens, hottest first
+    assert "   2        5      32  e0:1 e1:1 e2:1 e3:1 e4:1 e5:1 e6:1 e7:1" in text  # ties by expert id
+    assert "generation: running 1   waiting 2" in text
+    assert "decode steps by batch size: 1:4 2:7 10:2" in text  # numeric order
+
+
+def test_cluster_tables_without_load_or_generation():
+    state = {**CLUSTER_STATE, "expert_load": {"tokens": {}}, "generation": None}
+    text = cli.format_cluster(state)
+    assert "expert load" not in text and "generation" not in text
+    assert "worker" in text

@@ -4,13 +4,12 @@ the gRPC actor; used by `moe-serve serve`, the tests and the load benchmark."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import ray
 
 from router_service.config import BatchLimits
 from router_service.engine import Engine
@@ -53,6 +52,7 @@ class Server:
         self.http_url, self.grpc_target, self.model_name = http_url, grpc_target, model_name
 
     def shutdown(self) -> None:
+        import ray
         from ray import serve
 
         if self.engine is None:
@@ -88,6 +88,7 @@ def start_server(
     **engine_kwargs,
 ) -> Server:
     """Load the model on Ray and serve it over HTTP and gRPC; returns once both answer health checks."""
+    import ray
     from ray import serve
 
     from router_service.serving.grpc_ingress import GrpcIngress
@@ -97,6 +98,17 @@ def start_server(
         raise ValueError("serving needs a Ray transport: 'ray' or 'compiled'")
     model_dir = str(model_dir)
     settings = settings or ServingSettings(model_name=Path(model_dir).name)
+    batch_limits = batch_limits or BatchLimits()
+    if settings.max_request_tokens > batch_limits.max_batch_tokens:
+        # The router's batch must be able to hold any request the ingress accepts.
+        log.info(
+            "max_request_tokens %d lowered to the router's max_batch_tokens %d",
+            settings.max_request_tokens,
+            batch_limits.max_batch_tokens,
+        )
+        settings = dataclasses.replace(settings, max_request_tokens=batch_limits.max_batch_tokens)
+    # Serve's driver-side logger announces every (re)start at INFO; the addresses are printed by us.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     http_port = _check_port_free(options.host, options.http_port, "HTTP")
     grpc_port = _check_port_free(options.host, options.grpc_port, "gRPC")
     t0 = time.perf_counter()
@@ -116,7 +128,9 @@ def start_server(
             http_options={"host": options.host, "port": http_port}, logging_config={"log_level": "WARNING"}
         )
         app = MoEIngress.options(name=DEPLOYMENT_NAME).bind(engine.actor, model_dir, settings)
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(
+            app, name=APP_NAME, route_prefix="/", blocking=False, logging_config={"log_level": "WARNING"}
+        )
         grpc_actor = (
             ray.remote(GrpcIngress)
             .options(num_cpus=0, name=GRPC_ACTOR_NAME)
