@@ -28,6 +28,29 @@ from router_service.transport import WorkerSetup, make_transport
 log = logging.getLogger(__name__)
 
 
+class ModelTurn:
+    """A reusable context manager around every model call: one call at a time, each on the
+    configured number of torch threads.
+
+    torch's intra-op thread count is per calling thread (OpenMP's), and a threaded Router actor
+    and the generation loop call the model from threads that never ran `torch.set_num_threads`;
+    they would compute with another count and round differently from the other transports.
+    """
+
+    def __init__(self, num_threads: int):
+        self.num_threads = num_threads
+        self._lock = threading.RLock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
 class Router:
     """Holds the non-expert weights and runs the model layer by layer over the expert workers."""
 
@@ -35,7 +58,7 @@ class Router:
         t0 = time.perf_counter()
         self.config = config
         # One model, many callers (actor threads, the generation loop): model calls take turns.
-        self.lock = threading.RLock()
+        self.lock = ModelTurn(config.num_threads)
         self._scheduler: GenerationScheduler | None = None
         torch.set_num_threads(config.num_threads)  # a no-op in-process unless asked for
         self.dtype = config.torch_dtype

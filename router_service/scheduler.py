@@ -32,10 +32,11 @@ _DONE = object()
 
 
 class GenerationScheduler:
-    """One decode loop over a `DecodeBatch`, fed by a queue. `lock` serialises model use with the
-    router's other calls (forward, moe_forward), which run between steps."""
+    """One decode loop over a `DecodeBatch`, fed by a queue. `lock` (a reusable context manager,
+    the Router's `ModelTurn`) serialises model use with the router's other calls (forward,
+    moe_forward), which run between steps."""
 
-    def __init__(self, model, eos_token_ids: set[int], device, lock: threading.RLock, limits: BatchLimits):
+    def __init__(self, model, eos_token_ids: set[int], device, lock, limits: BatchLimits):
         self.batch = DecodeBatch(model, eos_token_ids, device)
         self.lock = lock
         self.limits = limits
