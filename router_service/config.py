@@ -6,6 +6,7 @@ was asked; `from_pretrained` builds it and nothing reads loose keyword arguments
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -106,9 +107,12 @@ class EngineConfig:
     worker_resources: WorkerResources = field(default_factory=WorkerResources)
     # Expert-load statistics: token counts per (layer, expert) over the last `load_window` batches.
     load_window: int = 256
-    # Intra-op threads of the router and of every worker, the same in every transport: CPU GEMM
-    # results depend on the thread count in the last bits, and transports must agree bit for bit.
-    # None: the calling process's torch.get_num_threads().
+    # Intra-op threads of the router and of every worker: CPU GEMM results depend on the thread
+    # count in the last bits, so transports agree bit for bit at equal counts. None: for "local"
+    # (workers run one after another in this process) this process's torch.get_num_threads(); for
+    # the Ray transports that divided by the workers, which compute at the same time on the same
+    # cores: 2 workers x 2 threads on 2 cores made decode steps 8-20x slower than 1 thread each
+    # (OpenMP threads spin while waiting and take the cores from the other processes).
     num_threads: int | None = None
     # Worker load progress: "bar", "log" (a line per layer) or "off"; "auto": a bar when the
     # caller's stderr is a terminal, else log lines.
@@ -125,7 +129,10 @@ class EngineConfig:
             raise ValueError(f"num_workers must be a positive int, got {self.num_workers!r}")
         check_kernel_name(self.expert_kernel)  # before any actor starts
         if self.num_threads is None:
-            object.__setattr__(self, "num_threads", torch.get_num_threads())
+            threads = torch.get_num_threads()
+            if self.transport != "local":
+                threads = max(1, min(threads, (os.cpu_count() or 1) // self.num_workers))
+            object.__setattr__(self, "num_threads", threads)
         if not isinstance(self.num_threads, int) or self.num_threads < 1:
             raise ValueError(f"num_threads must be a positive int, got {self.num_threads!r}")
         if self.progress == "auto":

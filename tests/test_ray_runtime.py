@@ -11,6 +11,10 @@ from moe_models.spec import spec_from_pretrained
 from router_service import Engine
 from router_service.transport import WorkerError
 
+# Transports agree bit for bit at equal torch thread counts; their defaults differ (Ray
+# transports divide the cores among the workers), so the comparisons fix it.
+THREADS = 1
+
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
@@ -32,12 +36,12 @@ def test_ray_transport_equals_local_and_transformers(family, num_workers, tiny_m
     d = tiny_model_dir(family)
     ids, mask = padded_batch()
     h = torch.randn(7, 32)
-    with Engine.from_pretrained(d, num_workers=num_workers) as local:
+    with Engine.from_pretrained(d, num_workers=num_workers, num_threads=THREADS) as local:
         exp_logits = local.forward(ids, attention_mask=mask)
         layer = local.spec.moe_layers[-1]
         exp_moe = local.moe_forward(layer, h)
         exp_gen = local.generate(ids, max_new_tokens=4, attention_mask=mask)
-    with Engine.from_pretrained(d, num_workers=num_workers, transport="ray") as engine:
+    with Engine.from_pretrained(d, num_workers=num_workers, transport="ray", num_threads=THREADS) as engine:
         logits = engine.forward(ids, attention_mask=mask)
         assert torch.equal(logits, exp_logits), "ray transport is not bit-identical to local"
         assert torch.equal(engine.moe_forward(layer, h), exp_moe)
