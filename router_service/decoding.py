@@ -119,9 +119,9 @@ class DecodeBatch:
         return sum(len(s.prompt) + s.params.max_new_tokens for s in self.seqs)
 
     @torch.inference_mode()
-    def add(self, new: list[Sequence]) -> list[tuple[Sequence, int]]:
+    def add(self, new: list[Sequence]) -> list[tuple[Sequence, int, str | None]]:
         """Prefill `new` (left-padded among themselves), sample their first tokens, merge them in.
-        Returns (sequence, token) for each new sequence."""
+        Returns (sequence, token, finish_reason) for each new sequence."""
         if not new:
             return []
         if not self.can_join():
@@ -145,8 +145,8 @@ class DecodeBatch:
         return self._record(new, tokens)
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Sequence, int]]:
-        """One decode step for every live sequence. Returns (sequence, token) per row."""
+    def step(self) -> list[tuple[Sequence, int, str | None]]:
+        """One decode step for every live sequence. Returns (sequence, token, finish_reason) per row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], dim=1)
         out = self.model(
             input_ids=self.last[:, None],
@@ -160,14 +160,17 @@ class DecodeBatch:
         self.pos = self.pos + 1
         return self._record(self.seqs, tokens)
 
-    def _record(self, seqs: list[Sequence], tokens: list[int]) -> list[tuple[Sequence, int]]:
+    def _record(self, seqs: list[Sequence], tokens: list[int]) -> list[tuple[Sequence, int, str | None]]:
+        """(sequence, token, finish_reason as of this token) per row."""
+        out = []
         for s, t in zip(seqs, tokens, strict=True):
             s.generated.append(t)
             if t in self.eos:
                 s.finish_reason = "stop"
             elif len(s.generated) >= s.params.max_new_tokens:
                 s.finish_reason = "length"
-        return list(zip(seqs, tokens, strict=True))
+            out.append((s, t, s.finish_reason))
+        return out
 
     def _merge(self, new, cache, mask, pos, last) -> None:
         if not self.seqs:

@@ -52,7 +52,11 @@ class GenerationScheduler:
 
     # ---- the caller's side -----------------------------------------------------------------------
 
-    def submit(self, key, prompt: list[int], params: SamplingParams) -> None:
+    def submit(
+        self, key, prompt: list[int], params: SamplingParams, sink: queue.SimpleQueue | None = None
+    ) -> None:
+        """Queue a request. Its tokens go to its own queue, read with `stream(key)`, or, with `sink`,
+        as (key, item) pairs to a queue shared by many requests, read with `events(sink)`."""
         need = len(prompt) + params.max_new_tokens
         if need > self.limits.max_batch_tokens:
             raise RequestTooLarge(
@@ -67,7 +71,7 @@ class GenerationScheduler:
                     f"{len(self._waiting)} requests are already waiting (max_waiting="
                     f"{self.limits.max_waiting}); retry later"
                 )
-            self._outputs[key] = queue.SimpleQueue()
+            self._outputs[key] = (sink, True) if sink is not None else (queue.SimpleQueue(), False)
             self._live.add(key)
             self._waiting.append(Sequence(prompt, params, key=key))
             self._ensure_thread()
@@ -76,7 +80,9 @@ class GenerationScheduler:
     def stream(self, key, timeout: float | None = None):
         """Yield (token_ids, finish_reason) chunks for `key`: every token ready since the last chunk;
         the last chunk has a finish_reason. Raises the loop's error if the batch failed."""
-        out = self._outputs[key]
+        out, shared = self._outputs[key]
+        if shared:
+            raise ValueError(f"request {key!r} reports to a shared sink; read it with events()")
         finished = False
         try:
             while True:
@@ -104,6 +110,33 @@ class GenerationScheduler:
             with self._cv:
                 self._outputs.pop(key, None)
 
+    def events(self, sink: queue.SimpleQueue, heartbeat_s: float = 1.0):
+        """Yield, for every batch of news on `sink`, a list of (key, token_ids, finish_reason, error)
+        covering all its requests: one message per step for many requests instead of one per
+        request (what a serving front end multiplexes its streams over). An empty list every
+        `heartbeat_s` of silence lets the reader notice a dead writer and vice versa."""
+        while True:
+            try:
+                items = [sink.get(timeout=heartbeat_s)]
+            except queue.Empty:
+                yield []
+                continue
+            while True:
+                try:
+                    items.append(sink.get_nowait())
+                except queue.Empty:
+                    break
+            merged: dict = {}
+            for key, item in items:
+                entry = merged.setdefault(key, [key, [], None, None])
+                if isinstance(item, BaseException):
+                    entry[3] = item
+                else:
+                    token, finish = item
+                    entry[1].append(token)
+                    entry[2] = finish
+            yield [tuple(e) for e in merged.values()]
+
     def cancel(self, key) -> None:
         """Stop generating for `key` (its reader left); a no-op for unknown or finished requests."""
         with self._cv:
@@ -114,6 +147,8 @@ class GenerationScheduler:
                 self._live.discard(key)
             else:
                 self._cancelled.add(key)
+            if self._outputs.get(key, (None, False))[1]:
+                del self._outputs[key]  # nobody reads a shared request's news once it is cancelled
             self._cv.notify()
 
     def stats(self) -> dict:
@@ -198,9 +233,9 @@ class GenerationScheduler:
                         self._cancelled.discard(s.key)
                 continue
             with self._cv:
-                for s, token in events:
-                    self._push(s.key, (token, s.finish_reason))
-                    if s.finish_reason is not None:
+                for s, token, finish in events:
+                    self._push(s.key, (token, finish))
+                    if finish is not None:
                         self._live.discard(s.key)
                         self._cancelled.discard(s.key)
 
@@ -208,9 +243,17 @@ class GenerationScheduler:
         return {id(s) for s in self.batch.seqs if s.finish_reason is not None}
 
     def _push(self, key, item) -> None:
-        out = self._outputs.get(key)
-        if out is not None and key not in self._cancelled:
+        """Hand one token (or the batch's error) to the request's reader. Holds self._cv."""
+        entry = self._outputs.get(key)
+        if entry is None or key in self._cancelled:
+            return
+        out, shared = entry
+        if not shared:
             out.put(item)
+            return
+        out.put((key, item))
+        if isinstance(item, BaseException) or item[1] is not None:
+            del self._outputs[key]  # its last news: the shared sink has no reader to clean up
 
     def _fail_all(self, err: BaseException) -> None:
         for s in list(self._waiting) + self.batch.seqs:

@@ -107,3 +107,25 @@ def test_limits_and_cancellation(engine):
         threading.Event().wait(0.05)
     assert state["running"] == 0 and state["waiting"] == 0
     assert len([t for c in engine.generate_stream([4, 5], 3) for t in c["token_ids"]]) == 3
+
+
+def test_multiplexed_events_carry_every_token_and_one_finish(engine):
+    """The serving front end's path: many requests reported over one event stream."""
+    router = engine.router
+    lengths = {"b": 2, "c": 5}  # max_waiting is 2; n=2 finishes in its first loop turn (prefill + step)
+    for key, n in lengths.items():
+        router.submit_generation(key, [3, 4, 5], n, 0.0, 1.0, None, "front-end-1")
+    tokens = {key: [] for key in lengths}
+    finishes = {key: [] for key in lengths}
+    for events in router.generation_events("front-end-1"):
+        for key, ids, finish, error in events:
+            assert error is None
+            assert not finishes[key], f"{key} got news after it finished"
+            tokens[key] += ids
+            if finish:
+                finishes[key].append(finish)
+        if all(finishes.values()):
+            break
+    assert {k: len(v) for k, v in tokens.items()} == lengths
+    assert tokens["c"] == engine.generate(torch.tensor([[3, 4, 5]]), 5)[0, 3:].tolist()
+    assert finishes == {k: ["length"] for k in lengths}

@@ -7,7 +7,10 @@ the Router actor are mapped to `ServingError`s in `router_errors`, the one place
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -21,6 +24,8 @@ from router_service.scheduler import QueueFull, RequestTooLarge
 from router_service.serving.detokenize import TextStream
 from router_service.serving.settings import ServingSettings
 from router_service.transport import WorkerError
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -169,6 +174,9 @@ class IngressCore:
         self.spec = spec
         self.tokenizer = tokenizer
         self.settings = settings
+        self._subscriber = uuid.uuid4().hex  # this replica's name for its generation stream
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pump_task: asyncio.Task | None = None
 
     async def forward_many(self, requests: list[tuple[torch.Tensor, torch.Tensor | None]]):
         """One router call per token-limited group of already validated requests."""
@@ -224,32 +232,77 @@ class IngressCore:
         return ids
 
     async def generate(self, p: GenerateParams) -> AsyncIterator[GenerateChunk]:
-        """Stream one completion; leaving early (client gone) cancels it in the router."""
+        """Stream one completion; leaving early (client gone) cancels it in the router.
+
+        Tokens arrive through the replica's one multiplexed `generation_events` stream (see
+        `_pump`), not one Ray stream per request.
+        """
         ids = self.prompt_ids(p)
         request_id = uuid.uuid4().hex
+        news: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = news
         text = TextStream(self.tokenizer) if self.tokenizer is not None else None
         made = 0
         finished = False
-        refs = self.router.generate_stream.options(num_returns="streaming").remote(
-            ids, p.max_tokens, float(p.temperature), float(p.top_p), p.seed, request_id
-        )
         try:
+            self._ensure_pump()
             with router_errors():
-                async for ref in refs:
-                    chunk = await ref
-                    made += len(chunk["token_ids"])
-                    finished = chunk["finish_reason"] is not None
-                    delta = text.push(chunk["token_ids"], final=finished) if text else ""
-                    yield GenerateChunk(
-                        token_ids=chunk["token_ids"],
-                        text=delta,
-                        finish_reason=chunk["finish_reason"],
-                        prompt_tokens=len(ids),
-                        completion_tokens=made,
-                    )
+                await self.router.submit_generation.remote(
+                    request_id,
+                    ids,
+                    p.max_tokens,
+                    float(p.temperature),
+                    float(p.top_p),
+                    p.seed,
+                    self._subscriber,
+                )
+            while not finished:
+                tokens, finish, error = await news.get()
+                if error is not None:
+                    raise _as_serving_error(error)
+                made += len(tokens)
+                finished = finish is not None
+                delta = text.push(tokens, final=finished) if text else ""
+                yield GenerateChunk(
+                    token_ids=tokens,
+                    text=delta,
+                    finish_reason=finish,
+                    prompt_tokens=len(ids),
+                    completion_tokens=made,
+                )
         finally:
+            self._streams.pop(request_id, None)
             if not finished:
                 self.router.cancel_generation.remote(request_id)
+
+    def _ensure_pump(self) -> None:
+        if self._pump_task is None or self._pump_task.done():
+            # Started in an empty context, not the current request's: Serve cancels the Ray calls a
+            # request made when that request is cancelled, and the pump serves every request.
+            loop = asyncio.get_running_loop()
+            self._pump_task = contextvars.Context().run(loop.create_task, self._pump())
+
+    async def _pump(self) -> None:
+        """Read the router's event stream for this replica and hand each request its news."""
+        try:
+            refs = self.router.generation_events.options(num_returns="streaming").remote(self._subscriber)
+            with router_errors():
+                async for ref in refs:
+                    for request_id, tokens, finish, error in await ref:
+                        news = self._streams.get(request_id)
+                        if news is not None:
+                            news.put_nowait((tokens, finish, error))
+        except Exception as e:  # the router went away: every open stream learns it
+            log.warning(
+                "generation event stream ended (%s: %s); restarting on the next request", type(e).__name__, e
+            )
+            err = (
+                e
+                if isinstance(e, ServingError)
+                else ServingError("unavailable", f"generation stream lost: {e}")
+            )
+            for news in list(self._streams.values()):
+                news.put_nowait(([], None, err))
 
     async def cluster_state(self) -> dict:
         with router_errors():
