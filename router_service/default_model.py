@@ -37,38 +37,66 @@ VOCAB_SIZE = NUM_BYTES + len(SPECIAL_TOKENS)
 PRINTABLE = range(0x20, 0x7F)  # the bytes the random model is made to emit, " " .. "~"
 
 
-def default_config():
-    """The DeepSeek-V3 config of the default model: V3's routing rules at a toy size."""
+# The default model: V3's routing rules (groups, bias, normalised top-k, scaling) at a toy size.
+TINY_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=512,  # the dense first layer's MLP
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    n_routed_experts=32,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    # MLA at a toy size (V3: 128 heads, q_lora 1536, kv_lora 512, rope 64, nope 128, v 128).
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=64,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    pad_token_id=NUM_BYTES + SPECIAL_TOKENS.index(PAD),
+    bos_token_id=NUM_BYTES + SPECIAL_TOKENS.index(BOS),
+    eos_token_id=NUM_BYTES + SPECIAL_TOKENS.index(EOS),
+)
+
+# Bigger shapes of the same architecture, for benchmarks where expert compute should dominate
+# ("medium": DeepSeek-V2-Lite's expert shape, hidden 2048, 64 experts of 1408, top-6, at 4 layers).
+PRESETS = {
+    "tiny": {},
+    "medium": {
+        "hidden_size": 2048,
+        "intermediate_size": 4096,
+        "moe_intermediate_size": 1408,
+        "n_routed_experts": 64,
+        "num_experts_per_tok": 6,
+        "n_group": 8,
+        "topk_group": 3,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": 512,
+        "kv_lora_rank": 256,
+        "qk_rope_head_dim": 32,
+        "qk_nope_head_dim": 64,
+        "v_head_dim": 64,
+    },
+}
+
+
+def default_config(preset: str = "tiny"):
+    """The DeepSeek-V3 config of the default model: V3's routing rules at a toy size (or a preset)."""
     from transformers import DeepseekV3Config
 
-    return DeepseekV3Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=512,  # the dense first layer's MLP
-        moe_intermediate_size=128,
-        num_hidden_layers=4,
-        first_k_dense_replace=1,
-        n_routed_experts=32,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        n_shared_experts=1,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        # MLA at a toy size (V3: 128 heads, q_lora 1536, kv_lora 512, rope 64, nope 128, v 128).
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=64,
-        kv_lora_rank=32,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=32,
-        v_head_dim=32,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        pad_token_id=NUM_BYTES + SPECIAL_TOKENS.index(PAD),
-        bos_token_id=NUM_BYTES + SPECIAL_TOKENS.index(BOS),
-        eos_token_id=NUM_BYTES + SPECIAL_TOKENS.index(EOS),
-    )
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return DeepseekV3Config(**{**TINY_CONFIG, **PRESETS[preset]})
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -109,7 +137,7 @@ def make_tokenizer():
     )
 
 
-def make_default_model(outdir: str | Path, seed: int = SEED) -> Path:
+def make_default_model(outdir: str | Path, seed: int = SEED, preset: str = "tiny") -> Path:
     """Write the default model into `outdir` (created if missing); the same bytes on every call.
 
     Returns `outdir`. The global torch RNG is left as it was.
@@ -117,7 +145,7 @@ def make_default_model(outdir: str | Path, seed: int = SEED) -> Path:
     from transformers import AutoModelForCausalLM
 
     outdir = Path(outdir)
-    cfg = default_config()
+    cfg = default_config(preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -146,26 +174,29 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moe-serving")
 
 
-def default_model_path() -> Path:
-    """Where the cached default model lives (it may not be built yet)."""
-    return cache_root() / DEFAULT_MODEL_NAME
+def default_model_path(preset: str = "tiny") -> Path:
+    """Where the cached default model (or a preset of its architecture) lives; maybe not built yet."""
+    name = DEFAULT_MODEL_NAME if preset == "tiny" else DEFAULT_MODEL_NAME.replace("tiny", preset)
+    return cache_root() / name
 
 
-def default_model_dir() -> Path:
-    """The cached default model, built on first use (a few seconds).
+def default_model_dir(preset: str = "tiny") -> Path:
+    """The cached default model, built on first use (a few seconds; "medium": a minute, 6.6 GB).
 
     The model is built in a temporary directory next to the cache entry and renamed into place, so a
     crash never leaves a half-written model and two processes racing to build it both end up using
     one complete copy.
     """
-    path = default_model_path()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    path = default_model_path(preset)
     if path.is_dir():
         return path
     root = path.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=root))
     try:
-        make_default_model(tmp)
+        make_default_model(tmp, preset=preset)
         try:
             tmp.rename(path)
         except OSError:
