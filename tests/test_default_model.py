@@ -104,8 +104,8 @@ def test_engine_greedy_generate_equals_transformers(model_dir, tokenizer, num_wo
 
 
 def _fake_build(calls: list):
-    def build(outdir):
-        calls.append(Path(outdir))
+    def build(outdir, preset="tiny"):
+        calls.append((Path(outdir), preset))
         (Path(outdir) / "config.json").write_text("{}")
         return Path(outdir)
 
@@ -122,10 +122,30 @@ def test_default_model_dir_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert dm.default_model_dir() == first
     assert len(calls) == 1, "a built model is reused, not rebuilt"
     assert [p.name for p in tmp_path.iterdir()] == [first.name], "no temporary directory left behind"
+    medium = dm.default_model_dir("medium")
+    assert medium.name == dm.DEFAULT_MODEL_NAME.replace("tiny", "medium") and calls[-1][1] == "medium"
+    with pytest.raises(ValueError, match="preset"):
+        dm.default_model_dir("huge")
+
+
+def test_medium_preset_is_the_same_architecture_with_lite_sized_experts():
+    cfg = dm.default_config("medium")
+    tiny = dm.default_config()
+    assert (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok) == (
+        2048,
+        64,
+        1408,
+        6,
+    )
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.first_k_dense_replace) == (
+        tiny.model_type,
+        tiny.num_hidden_layers,
+        tiny.first_k_dense_replace,
+    )
 
 
 def test_a_crashed_build_leaves_no_half_model(tmp_path, monkeypatch):
-    def crash(outdir):
+    def crash(outdir, preset="tiny"):
         (Path(outdir) / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
