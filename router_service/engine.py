@@ -109,6 +109,11 @@ class Engine:
         return self._router
 
     @property
+    def owns_ray(self) -> bool:
+        """True when this Engine started the Ray instance it runs on (and stops it on shutdown)."""
+        return self._owns_ray
+
+    @property
     def actor(self):
         """The Router actor's handle (transports "ray" / "compiled"), e.g. for a serving front end."""
         if self.is_local or self._router is None:

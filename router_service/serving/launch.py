@@ -62,8 +62,12 @@ class Server:
                 ray.get(self._grpc.stop.remote(), timeout=10)
             with contextlib.suppress(Exception):
                 ray.kill(self._grpc)
-        with contextlib.suppress(Exception):
-            serve.shutdown()
+        if not self.engine.owns_ray:
+            # On a cluster we joined, remove our Serve instance; a Ray instance we started goes
+            # away whole with the engine (Serve's own shutdown there only adds a noisy retry of
+            # its controller's last task).
+            with contextlib.suppress(Exception):
+                serve.shutdown()
         self.engine.shutdown()
         self.engine = None
 
