@@ -97,8 +97,10 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-# Concurrent calls a Router actor takes: every open generation stream holds one thread.
-ROUTER_MAX_CONCURRENCY = 1024
+# Concurrent calls a Router actor takes (Ray starts this many threads up front). A serving front
+# end needs a few: its streams share one `generation_events` call. Each `Engine.generate_stream`
+# in flight from Python holds one; beyond this many, further calls wait for a free thread.
+ROUTER_MAX_CONCURRENCY = 64
 
 
 class RouterActor(Router):
