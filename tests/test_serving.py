@@ -35,7 +35,11 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    settings = ServingSettings(model_name="tiny-moe", max_request_tokens=MAX_REQUEST_TOKENS)
+    # A generous batch window, so that the merging test does not depend on how fast this machine
+    # delivers 8 concurrent requests to the replica.
+    settings = ServingSettings(
+        model_name="tiny-moe", max_request_tokens=MAX_REQUEST_TOKENS, batch_wait_s=0.05
+    )
     with start_server(
         model_dir,
         num_workers=2,
