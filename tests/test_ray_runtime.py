@@ -1,5 +1,7 @@
 """The "ray" transport: Router and ExpertWorker actors give exactly the local engine's outputs."""
 
+import time
+
 import pytest
 import ray
 import torch
@@ -75,26 +77,59 @@ def test_cluster_state_reports_slices_bytes_and_load(tiny_model_dir):
         assert state["expert_load"]["batches_seen"][layer] == 1
 
 
+def worker_hooks():
+    """(on_worker, stash, restore), defined in a function so that Ray pickles them by value (the
+    actors cannot import this test module)."""
+
+    def on_worker(router, worker, fn):
+        return ray.get(router.dispatcher.transport.actors[worker].__ray_call__.remote(fn))
+
+    def stash(w):  # the worker now raises inside forward for layer 2
+        w.stash = w.layers.pop(2)
+
+    def restore(w):
+        w.layers[2] = w.stash
+
+    return on_worker, stash, restore
+
+
 def test_worker_error_names_worker_and_layer_and_engine_recovers(tiny_model_dir):
     d = tiny_model_dir("deepseek_v3")
     with Engine.from_pretrained(d, num_workers=2, transport="ray") as engine:
         ids = torch.randint(3, VOCAB, (2, 16))
         expected = engine.forward(ids)
-
-        def on_worker(router, worker, fn):
-            return ray.get(router.dispatcher.transport.actors[worker].__ray_call__.remote(fn))
-
-        def stash(w):  # the worker now raises inside forward for layer 2
-            w.stash = w.layers.pop(2)
-
-        def restore(w):
-            w.layers[2] = w.stash
-
+        on_worker, stash, restore = worker_hooks()
         ray.get(engine._router.__ray_call__.remote(on_worker, 1, stash))
         with pytest.raises(WorkerError, match="expert worker 1 failed in MoE layer 2"):
             engine.forward(ids)
         ray.get(engine._router.__ray_call__.remote(on_worker, 1, restore))
         assert torch.equal(engine.forward(ids), expected)
+
+
+def test_generate_stream_over_ray_streams_cancels_and_reports_worker_errors(tiny_model_dir):
+    with Engine.from_pretrained(tiny_model_dir("deepseek_v3"), num_workers=2, transport="ray") as engine:
+        prompt = [3, 4, 5, 6]
+        want = engine.generate(torch.tensor([prompt]), 6)[0, 4:].tolist()
+        chunks = list(engine.generate_stream(prompt, 6))
+        assert [t for c in chunks for t in c["token_ids"]] == want
+        assert chunks[-1]["finish_reason"] == "length"
+        assert all(c["finish_reason"] is None for c in chunks[:-1])
+
+        stream = engine.generate_stream(prompt, 300)
+        next(stream)
+        stream.close()  # the caller leaves: the router drops the sequence
+        for _ in range(100):
+            if engine.cluster_state()["generation"]["running"] == 0:
+                break
+            time.sleep(0.1)
+        assert engine.cluster_state()["generation"]["running"] == 0
+
+        on_worker, stash, restore = worker_hooks()
+        ray.get(engine._router.__ray_call__.remote(on_worker, 1, stash))
+        with pytest.raises(WorkerError, match="expert worker 1 failed in MoE layer 2"):
+            list(engine.generate_stream(prompt, 4))
+        ray.get(engine._router.__ray_call__.remote(on_worker, 1, restore))
+        assert [t for c in engine.generate_stream(prompt, 6) for t in c["token_ids"]] == want
 
 
 def test_bad_input_over_ray_is_a_plain_value_error(tiny_model_dir):
