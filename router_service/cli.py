@@ -345,9 +345,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
         raise ValueError(e.strerror or str(e)) from e
     except (KeyboardInterrupt, SystemExit) as e:
-        # Ctrl-C while loading; start_server has stopped what it started. (SIGTERM in that window:
-        # ray.init sets a Python handler raising SystemExit(15), but Ray's core worker then installs
-        # its C++ failure handler, which aborts the process; Ray's own processes die with it.)
+        # Ctrl-C or SIGTERM while loading; start_server has stopped what it started. (ensure_ray
+        # gives our SIGTERM handler back after ray.init; during ray.init itself Ray's own handler
+        # raises SystemExit(15).)
         if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
             raise
         print(f"{PROG}: stopped before the server was ready", flush=True)

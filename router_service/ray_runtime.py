@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -71,6 +73,25 @@ def ensure_ray(address: str | None, min_cpus: int) -> bool:
     """Connect to Ray; True when this call started a local instance (which the Engine then owns)."""
     if ray.is_initialized():
         return False
+    with _keeping_sigterm_handler():
+        return _init_ray(address, min_cpus)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """ray.init replaces the process's SIGTERM handler (in the end with its core worker's failure
+    handler, which dumps a stack and aborts); a caller that installed its own, like `moe-serve
+    serve` to shut down cleanly on SIGTERM, gets it back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init_ray(address: str | None, min_cpus: int) -> bool:
     if address is None:
         # A local instance: enough logical CPUs for every actor even on a small machine (the
         # actors mostly wait on each other, so oversubscribing cores is harmless).

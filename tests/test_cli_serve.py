@@ -226,3 +226,31 @@ def test_serve_on_a_port_in_use_names_it():
         run = moe_serve("serve", "--http-port", str(port), "--grpc-port", str(free_port()))
     line = _one_error_line(run)
     assert f"port {port}" in line and "HTTP" in line, line
+
+
+def test_sigterm_while_loading_stops_cleanly(tmp_path):
+    """SIGTERM after Ray has started but before the server is ready: the same clean stop (Ray's
+    core worker would otherwise have replaced the handler with one that aborts)."""
+    srv = ServerProcess(
+        "--http-port", str(free_port()), "--grpc-port", str(free_port()), log=tmp_path / "err.log"
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        started: dict[int, str] = {}
+        # Loading: the Router actor exists (ray.init has long returned and Ray's core worker has
+        # installed its handlers).
+        while not any("RouterActor" in cmd or "RayExpertWorker" in cmd for cmd in started.values()):
+            assert time.monotonic() < deadline, f"the model never started loading: {started}"
+            assert srv.proc.poll() is None, srv.log.read_text()[-3000:]
+            time.sleep(0.2)
+            started = descendants(srv.proc.pid)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=STOP_TIMEOUT_S) == 0, srv.log.read_text()[-3000:]
+        out = srv.rest_of_stdout()
+        assert out and out[-1].startswith("moe-serve: stopped"), out
+        deadline = time.monotonic() + 15
+        while (left := alive(started)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, {p: started[p][:120] for p in left}
+    finally:
+        srv.kill()
