@@ -21,6 +21,7 @@ from moe_models.spec import load_hf_config, spec_from_hf_config
 from router_service.config import EngineConfig, resolve_device
 from router_service.decoding import SamplingParams
 from router_service.dense_model import build_router_model
+from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
 from router_service.moe_layer import ExpertDispatcher
 from router_service.placement import contiguous_placement
 from router_service.scheduler import GenerationScheduler, eos_ids
@@ -96,47 +97,13 @@ class Router:
         """Results stay on the device in-process; a Router actor returns CPU tensors to its caller."""
         return t if self.config.transport == "local" else t.cpu()
 
-    # ---- input checks ----------------------------------------------------------------------------
-
-    def _check_ids(self, input_ids, name: str = "input_ids") -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor):
-            try:
-                input_ids = torch.as_tensor(input_ids)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise ValueError(f"{name} must be a [batch, seq] tensor of token ids: {e}") from e
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(input_ids.shape)}); send at least one token")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.spec.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"{name} holds token id {bad}, outside the vocabulary [0, {self.spec.vocab_size})"
-            )
-        return input_ids.to(self.device, torch.long)
-
-    def _check_mask(self, attention_mask, input_ids: torch.Tensor) -> torch.Tensor | None:
-        if attention_mask is None:
-            return None
-        mask = torch.as_tensor(attention_mask)
-        if tuple(mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask shape {tuple(mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
-            )
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-        return mask.to(self.device, torch.long)
-
     # ---- the API ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Logits [B, S, V] (float32) for token ids [B, S], like transformers' model(...).logits."""
-        ids = self._check_ids(input_ids)
-        mask = self._check_mask(attention_mask, ids)
+        ids = check_token_ids(input_ids, self.spec.vocab_size).to(self.device)
+        mask = check_attention_mask(attention_mask, ids)
         with self.lock:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return self._out(logits.float())
@@ -144,15 +111,7 @@ class Router:
     @torch.inference_mode()
     def moe_forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """One MoE block (routed + shared experts) on hidden states [T, H] or [B, S, H]."""
-        self.spec.check_moe_layer(layer)
-        hidden = torch.as_tensor(hidden)
-        h = self.spec.hidden_size
-        if hidden.dim() not in (2, 3) or hidden.shape[-1] != h:
-            raise ValueError(f"hidden must be [T, {h}] or [B, S, {h}], got shape {tuple(hidden.shape)}")
-        if not hidden.dtype.is_floating_point:
-            raise ValueError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
-        if hidden.numel() == 0:
-            raise ValueError(f"hidden is empty (shape {tuple(hidden.shape)})")
+        hidden = check_moe_input(layer, hidden, self.spec)
         x = hidden.to(self.device, self.dtype)
         with self.lock:
             out = self.model.model.layers[layer].mlp(x)
@@ -172,8 +131,8 @@ class Router:
 
         temperature 0 is greedy; otherwise sampling with `top_p`, reproducible when `seed` is given.
         """
-        ids = self._check_ids(input_ids)
-        mask = self._check_mask(attention_mask, ids)
+        ids = check_token_ids(input_ids, self.spec.vocab_size).to(self.device)
+        mask = check_attention_mask(attention_mask, ids)
         if mask is None:
             mask = torch.ones_like(ids)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -233,7 +192,7 @@ class Router:
             prompt_ids = prompt_ids.reshape(1, -1)
         elif isinstance(prompt_ids, list | tuple):
             prompt_ids = [list(prompt_ids)]
-        ids = self._check_ids(prompt_ids, "prompt_ids")
+        ids = check_token_ids(prompt_ids, self.spec.vocab_size, "prompt_ids")
         params = SamplingParams(max_new_tokens, float(temperature), float(top_p), seed)
         self.scheduler.submit(key, ids[0].tolist(), params, sink)
 

@@ -20,6 +20,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from moe_models.spec import ModelSpec
 from moe_serving.errors import ServingError, invalid, too_large
 from moe_serving.types import GenerateChunk, GenerateParams
+from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
 from router_service.scheduler import QueueFull, RequestTooLarge
 from router_service.serving.detokenize import TextStream
 from router_service.serving.settings import ServingSettings
@@ -56,41 +57,28 @@ def _as_serving_error(e: BaseException) -> ServingError:
 # ---- validation ----------------------------------------------------------------------------------
 
 
-def check_token_ids(ids: torch.Tensor, spec: ModelSpec, name: str = "input_ids") -> torch.Tensor:
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise invalid(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.dim() != 2:
-        raise invalid(f"{name} must be 2-D [batch, seq], got shape {list(ids.shape)}")
-    if ids.numel() == 0:
-        raise invalid(f"{name} is empty (shape {list(ids.shape)}); send at least one token")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= spec.vocab_size:
-        bad = lo if lo < 0 else hi
-        raise invalid(f"{name} holds token id {bad}, outside the vocabulary [0, {spec.vocab_size})")
-    return ids.long()
+@contextlib.contextmanager
+def invalid_on_value_error():
+    """The shared input checks (router_service.inputs) raise ValueError; here that is a 400."""
+    try:
+        yield
+    except ValueError as e:
+        raise invalid(str(e)) from None
 
 
-def check_mask(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if tuple(mask.shape) != tuple(ids.shape):
-        raise invalid(f"attention_mask shape {list(mask.shape)} must equal input_ids shape {list(ids.shape)}")
-    if mask.dtype.is_floating_point or not ((mask == 0) | (mask == 1)).all():
+def check_forward_request(ids: torch.Tensor, mask: torch.Tensor | None, spec: ModelSpec):
+    """(ids, mask) as int64, checked as the Router would, and a float mask refused outright."""
+    if mask is not None and mask.dtype.is_floating_point:
         raise invalid("attention_mask must hold only integer 0 (padding) and 1 (token)")
-    return mask.long()
+    with invalid_on_value_error():
+        ids = check_token_ids(ids, spec.vocab_size)
+        return ids, check_attention_mask(mask, ids)
 
 
 def check_moe_request(layer: int, hidden: torch.Tensor, spec: ModelSpec) -> None:
-    if layer not in spec.moe_layers:
-        kind = "a dense layer" if 0 <= layer < spec.num_hidden_layers else "not a layer of this model"
-        raise invalid(f"layer {layer} is {kind}; the MoE layers are {list(spec.moe_layers)}")
-    h = spec.hidden_size
-    if hidden.dim() not in (2, 3) or hidden.shape[-1] != h:
-        raise invalid(f"hidden_states must be [T, {h}] or [B, S, {h}], got shape {list(hidden.shape)}")
-    if not hidden.dtype.is_floating_point:
-        raise invalid(f"hidden_states must be floating point, got {hidden.dtype}")
-    if hidden.numel() == 0:
-        raise invalid(f"hidden_states is empty (shape {list(hidden.shape)})")
+    """The Router's MoE-layer checks, and finite values (one NaN row would poison a merged batch)."""
+    with invalid_on_value_error():
+        check_moe_input(layer, hidden, spec, "hidden_states")
     if not torch.isfinite(hidden).all():
         raise invalid("hidden_states holds NaN or infinite values")
 
@@ -223,11 +211,8 @@ class IngressCore:
             ):
                 raise invalid("prompt token ids must be a list of integers")
             ids = list(ids)
-        if not ids:
-            raise invalid("the prompt is empty; send at least one token")
-        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise invalid(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})")
+        with invalid_on_value_error():
+            check_token_ids([ids], self.spec.vocab_size, "prompt token ids")
         check_size(len(ids) + p.max_tokens, self.settings.max_request_tokens, "prompt + max_tokens")
         return ids
 

@@ -32,10 +32,9 @@ from moe_serving.errors import ServingError, invalid
 from moe_serving.types import GenerateChunk, GenerateParams
 from router_service.serving.core import (
     IngressCore,
-    check_mask,
+    check_forward_request,
     check_moe_request,
     check_size,
-    check_token_ids,
 )
 from router_service.serving.metrics import CONTENT_TYPE, Metrics
 from router_service.serving.settings import ServingSettings
@@ -158,8 +157,7 @@ class MoEIngress:
 
     async def forward(self, input_ids: torch.Tensor, attention_mask=None, protocol: str = "grpc"):
         async with self._observe("forward", protocol):
-            ids = check_token_ids(input_ids, self.spec)
-            mask = check_mask(attention_mask, ids)
+            ids, mask = check_forward_request(input_ids, attention_mask, self.spec)
             check_size(ids.numel(), self.settings.max_request_tokens, "input_ids")
             self.metrics.forward_tokens.labels("forward").inc(ids.numel())
             return await self._forward_batch((ids, mask))
