@@ -41,7 +41,7 @@ from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoEService"].full_name  # "moe_serving.v1.MoEService"
-DEFAULT_MAX_TOKENS = 16
+DEFAULT_MAX_TOKENS = GenerateParams.max_tokens  # what max_tokens = 0 (unset) means
 
 __all__ = [
     "SERVICE_NAME",
@@ -68,14 +68,13 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         raise invalid(
             f"max_tokens must be >= 0 (0: the default, {DEFAULT_MAX_TOKENS}), got {request.max_tokens}"
         )
-    return GenerateParams(
-        prompt=prompt,
-        prompt_token_ids=ids,
-        max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=request.temperature if request.HasField("temperature") else 1.0,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
-        seed=request.seed if request.HasField("seed") else None,
-    )
+    # Unset fields keep GenerateParams' defaults, the same ones the HTTP API applies.
+    given = {
+        name: getattr(request, name) for name in ("temperature", "top_p", "seed") if request.HasField(name)
+    }
+    if request.max_tokens:
+        given["max_tokens"] = request.max_tokens
+    return GenerateParams(prompt=prompt, prompt_token_ids=ids, **given)
 
 
 def _generate_response(chunk: GenerateChunk) -> pb.GenerateResponse:

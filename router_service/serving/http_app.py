@@ -14,6 +14,7 @@ batches and metrics for both protocols. Concurrent forward and MoE-layer request
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -247,10 +248,12 @@ class MoEIngress:
     @app.post("/v1/completions")
     async def http_completions(self, request: Request):
         body, _ = await _read_body(request)
-        prompts, params, stream, usage_in_stream = self._completion_request(body)
+        params, stream, usage_in_stream = self._completion_request(body)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        for p in params:
-            self.core.prompt_ids(p)  # bad input answers 4xx before any stream starts
+        # Tokenised and checked once, here, so that bad input answers 4xx before a stream starts.
+        params = [
+            dataclasses.replace(p, prompt=None, prompt_token_ids=self.core.prompt_ids(p)) for p in params
+        ]
         if stream:
             gen = self.generate(params[0], "http")
             return StreamingResponse(
@@ -307,18 +310,15 @@ class MoEIngress:
             prompts = prompt
         else:
             raise invalid("prompt must be a string, a list of token ids, or a list of either")
-        max_tokens = body.get("max_tokens")
-        max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
-        temperature = body.get("temperature")
-        top_p = body.get("top_p")
+        # Absent (or null) fields keep GenerateParams' defaults, the same ones gRPC applies.
+        given = {
+            k: body[k] for k in ("max_tokens", "temperature", "top_p", "seed") if body.get(k) is not None
+        }
         params = [
             GenerateParams(
                 prompt=p if isinstance(p, str) else None,
                 prompt_token_ids=None if isinstance(p, str) else p,
-                max_tokens=max_tokens,
-                temperature=1.0 if temperature is None else temperature,
-                top_p=1.0 if top_p is None else top_p,
-                seed=body.get("seed"),
+                **given,
             )
             for p in prompts
         ]
@@ -330,7 +330,7 @@ class MoEIngress:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise invalid("stream_options must be an object")
-        return prompts, params, stream, bool(options.get("include_usage"))
+        return params, stream, bool(options.get("include_usage"))
 
     async def _collect(self, p: GenerateParams):
         text, ids, finish, usage = [], [], None, (0, 0)

@@ -24,10 +24,9 @@ class ServingSettings:
     max_batch_tokens: int = 8192
     max_batch_requests: int = 32
     batch_wait_s: float = 0.002
-    default_max_tokens: int = 16
 
     def __post_init__(self):
-        for name in ("max_request_tokens", "max_batch_tokens", "max_batch_requests", "default_max_tokens"):
+        for name in ("max_request_tokens", "max_batch_tokens", "max_batch_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_s < 0:
