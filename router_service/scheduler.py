@@ -86,12 +86,7 @@ class GenerationScheduler:
         finished = False
         try:
             while True:
-                items = [out.get(timeout=timeout)]
-                while True:
-                    try:
-                        items.append(out.get_nowait())
-                    except queue.Empty:
-                        break
+                items = _drain(out, timeout)
                 tokens, finish = [], None
                 for item in items:
                     if isinstance(item, BaseException):
@@ -117,15 +112,10 @@ class GenerationScheduler:
         `heartbeat_s` of silence lets the reader notice a dead writer and vice versa."""
         while True:
             try:
-                items = [sink.get(timeout=heartbeat_s)]
+                items = _drain(sink, heartbeat_s)
             except queue.Empty:
                 yield []
                 continue
-            while True:
-                try:
-                    items.append(sink.get_nowait())
-                except queue.Empty:
-                    break
             merged: dict = {}
             for key, item in items:
                 entry = merged.setdefault(key, [key, [], None, None])
@@ -259,6 +249,17 @@ class GenerationScheduler:
         for s in list(self._waiting) + self.batch.seqs:
             self._push(s.key, err)
         self._waiting.clear()
+
+
+def _drain(q: queue.SimpleQueue, timeout: float | None) -> list:
+    """Everything on `q`: waits up to `timeout` for the first item (queue.Empty if none comes),
+    then takes what else is there, so a slow reader gets one batch rather than item by item."""
+    items = [q.get(timeout=timeout)]
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
 
 
 def eos_ids(generation_config, config) -> set[int]:
