@@ -68,8 +68,8 @@ def _router_spans(router, layer, x, reps, with_workers=True):
     import torch as _torch
     import torch.nn.functional as _F
 
-    from router_service.gating import route
-    from router_service.plan import combine, plan
+    from router_service.stages.gating import route
+    from router_service.stages.plan import combine, plan
 
     d = router.dispatcher
     block = router.model.model.layers[layer].mlp

@@ -109,8 +109,9 @@ class ExpertStackBuilder:
     packed ones in the malloc heap: 25% more RSS than the weights themselves (measured: 258 MB
     resident for 204 MB of experts), never given back.
 
-    Usage: for i in order, write into `slot(i)` (views `(gate, up, down)`), then call `done(i)`;
-    `finish()` returns `(w13, w2)`.
+    Usage: for i in order, either write into `slot(i)` (views `(gate, up, down)`) and call `done(i)`,
+    or hand over weights already in this layout with `put(i, w13, w2)`; `finish()` returns
+    `(w13, w2)`.
     """
 
     def __init__(self, kernel: str, n: int, inter: int, h: int, dtype, device):
@@ -140,6 +141,22 @@ class ExpertStackBuilder:
         if self.packed:
             self._w13.append(_pack(self._stage13))
             self._w2.append(_pack(self._stage2))
+
+    def put(self, i: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Expert i's weights, already in this kernel's layout (another layout of the same worker
+        holds them): packed weights are shared, not copied; stacked ones are copied into row i."""
+        if self.packed:
+            if i != len(self._w13):
+                raise RuntimeError(f"experts must be loaded in order: got {i}, expected {len(self._w13)}")
+            self._w13.append(w13)
+            self._w2.append(w2)
+        else:
+            self._w13[i].copy_(w13)
+            self._w2[i].copy_(w2)
+
+    def weights(self, i: int):
+        """Expert i's finished (w13, w2) in this kernel's layout (views of the stack, or packed)."""
+        return self._w13[i], self._w2[i]
 
     def finish(self):
         if self.packed and len(self._w13) != self.n:

@@ -1,8 +1,9 @@
 """ExpertWorker: owns a slice of the routed experts (plus the shared experts) and computes them.
 
 It knows nothing of the router, routing or transports: it is given a checkpoint directory and, per
-MoE layer, the global ids of the experts it hosts, and it answers `forward(layer, batch)` with one
-reduced partial output per token row. A later issue wraps this very class as a Ray actor.
+MoE layer, the global ids of the experts it hosts (a *layout*; it may hold several while a new
+placement is being prepared), and it answers `forward(layer, batch, layout)` with one reduced
+partial output per token row. The Ray runtime wraps this very class as an actor.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from expert_workers.kernels import (
     select_kernel,
     swiglu_dense,
     swiglu_experts,
-    weight_nbytes,
 )
 from moe_models.checkpoint import Checkpoint
 from moe_models.spec import ModelSpec, spec_from_pretrained
@@ -63,145 +63,242 @@ class ExpertBatch:
 
 @dataclass
 class LayerExperts:
-    """A layer's local weights: stacked routed experts and the (replicated) fused shared experts.
+    """One layout's routed experts of a layer, stacked in slot order.
 
     With the "onednn" kernel w13 / w2 are lists of per-expert oneDNN-packed weights (same shapes)
-    that replace the stacked tensors, and the shared weights are packed too.
+    that replace the stacked tensors. An expert id may appear twice (two slots of one placement).
     """
 
     expert_ids: list[int]
     w13: torch.Tensor | list[torch.Tensor]  # [E_local, 2I, H]
     w2: torch.Tensor | list[torch.Tensor]  # [E_local, H, I]
-    shared_w13: torch.Tensor | None = None  # [2 * I_shared, H]
-    shared_w2: torch.Tensor | None = None  # [H, I_shared]
 
-    @property
-    def nbytes(self) -> int:
-        ts = [self.w13, self.w2, self.shared_w13, self.shared_w2]
-        return sum(weight_nbytes(t) for t in ts)
+    def weights(self, i: int):
+        """Slot i's (w13 [2I, H], w2 [H, I]) in the kernel's layout (views of the stack, or the
+        packed tensors themselves)."""
+        return self.w13[i], self.w2[i]
+
+
+def _tensors(w) -> list[torch.Tensor]:
+    if w is None:
+        return []
+    return [w] if isinstance(w, torch.Tensor) else list(w)
+
+
+def _identity(t: torch.Tensor) -> int:
+    """Where a tensor's memory is, to count shared weights once (oneDNN-packed weights have no
+    storage pointer; they are shared as the same object)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return id(t)
 
 
 class ExpertWorker:
-    """Holds, per MoE layer, its routed experts and a replica of the shared experts."""
+    """Holds routed experts in one or more *layouts* plus a replica of the shared experts.
+
+    A layout is an opaque key (the router uses a placement version) naming, per MoE layer, the
+    expert of each local slot. A worker serves every layout it holds at once, so a router can load
+    the next placement's layout in the background while passes still run on the current one, switch,
+    then drop the old one; weights an expert already has in another layout are reused (shared
+    outright with the "onednn" kernel's per-expert weights, copied from memory for stacked kernels)
+    rather than read again.
+    """
 
     def __init__(
         self,
         worker_id: int,
         model_dir: str,
-        experts_per_layer: dict[int, list[int]],
+        experts_per_layer: dict[int, list[int]] | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         kernel: str | None = None,
         spec: ModelSpec | None = None,
         num_threads: int | None = None,
+        layout: int = 0,
     ):
-        if num_threads is not None:  # process-wide; results depend on it in the last bits
-            torch.set_num_threads(num_threads)
+        self.num_threads = num_threads
+        self._use_threads()
         self.worker_id = worker_id
         self.spec = spec or spec_from_pretrained(model_dir)
         self.dtype = dtype
         self.device = resolve_device(device)
         self.kernel = select_kernel(self.device, dtype, kernel)
         self.checkpoint = Checkpoint(model_dir)
-        self.layers: dict[int, LayerExperts] = {}
-        t0 = time.perf_counter()
-        for done, (layer, ids) in enumerate(experts_per_layer.items(), start=1):
-            self.layers[layer] = self._load_layer(layer, list(ids))
-            self.on_layer_loaded(layer, done, len(experts_per_layer))
-        log.info(
-            "worker %d loaded %d layers (%.1f MB) in %.2fs, kernel=%s",
-            worker_id,
-            len(self.layers),
-            self.nbytes / 1e6,
-            time.perf_counter() - t0,
-            self.kernel,
-        )
+        self.layouts: dict[int, dict[int, LayerExperts]] = {}
+        self.shared: dict[int, tuple] = {}  # layer -> (w13 [2*I_s, H], w2 [H, I_s]) or (None, None)
+        self._latest: int | None = None
+        if experts_per_layer is not None:
+            self.load_layout(layout, experts_per_layer)
 
-    # ---- loading -------------------------------------------------------------------------------
+    def _use_threads(self) -> None:
+        """torch's thread count is per OS thread, and a threaded actor calls us from several: set it
+        where we compute (results depend on it in the last bits)."""
+        if self.num_threads is not None and torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+
+    # ---- layouts -------------------------------------------------------------------------------
 
     def on_layer_loaded(self, layer: int, done: int, total: int) -> None:
-        """Progress hook, called after each layer is loaded; a Ray wrapper shows it as a bar."""
+        """Progress hook, called after each layer of a layout is loaded; a Ray wrapper shows a bar."""
         log.debug("worker %d: layer %d loaded (%d/%d)", self.worker_id, layer, done, total)
 
-    def _load_layer(self, layer: int, expert_ids: list[int]) -> LayerExperts:
-        """Stack this worker's experts of one layer, reading only their tensors.
+    def load_layout(self, key: int, experts_per_layer: dict[int, list[int]]) -> dict:
+        """Build layout `key` (MoE layer -> expert id of each local slot) and start serving it.
 
-        Each tensor is copied into the preallocated stack and dropped at once, so peak memory stays
-        near the final size (one expert's tensor above it).
+        Reads from the checkpoint only experts no other layout of this worker holds. Returns what it
+        did: {"layout", "experts_read", "experts_reused", "bytes", "seconds"}.
         """
-        spec, names, ck = self.spec, self.spec.names, self.checkpoint
+        self._use_threads()
+        t0 = time.perf_counter()
+        layers = {int(layer): [int(e) for e in ids] for layer, ids in experts_per_layer.items()}
+        unknown = sorted(set(layers) - set(self.spec.moe_layers))
+        if unknown:
+            raise ValueError(f"worker {self.worker_id}: {unknown} are not MoE layers of this model")
+        built: dict[int, LayerExperts] = {}
+        stats = {"experts_read": 0, "experts_reused": 0}
+        for done, (layer, ids) in enumerate(layers.items(), start=1):
+            built[layer] = self._load_layer(layer, ids, stats)
+            if layer not in self.shared:
+                self.shared[layer] = self._load_shared(layer)
+            self.on_layer_loaded(layer, done, len(layers))
+        self.layouts[key] = built  # one assignment: a concurrent forward sees all of it or nothing
+        self._latest = key
+        took = time.perf_counter() - t0
+        log.info(
+            "worker %d: layout %d ready (%d experts read, %d reused, %.1f MB in all) in %.2fs, kernel=%s",
+            self.worker_id,
+            key,
+            stats["experts_read"],
+            stats["experts_reused"],
+            self.nbytes / 1e6,
+            took,
+            self.kernel,
+        )
+        return {"layout": key, **stats, "bytes": self.nbytes, "seconds": took}
+
+    def drop_layout(self, key: int) -> None:
+        """Stop serving layout `key` and free the weights no other layout uses (unknown keys: no-op)."""
+        self.layouts.pop(key, None)
+        if self._latest == key:
+            self._latest = max(self.layouts) if self.layouts else None
+
+    def _held(self, layer: int) -> dict[int, tuple]:
+        """Expert id -> its weights in some layout of this worker, for `layer`."""
+        out: dict[int, tuple] = {}
+        for layout in self.layouts.values():
+            lx = layout.get(layer)
+            if lx is None:
+                continue
+            for i, e in enumerate(lx.expert_ids):
+                out.setdefault(e, lx.weights(i))
+        return out
+
+    def _load_layer(self, layer: int, expert_ids: list[int], stats: dict) -> LayerExperts:
+        """Stack one layer's experts in slot order: reuse what another layout holds, read the rest.
+
+        Each tensor read is copied into the preallocated stack and dropped at once, so peak memory
+        stays near the final size (one expert's tensor above it).
+        """
+        spec = self.spec
         h, inter = spec.hidden_size, spec.moe_intermediate_size
         bad = [e for e in expert_ids if not 0 <= e < spec.num_experts]
         if bad:
             raise ValueError(
                 f"worker {self.worker_id}: expert ids {bad} out of range [0, {spec.num_experts})"
             )
+        held = self._held(layer)
+        to_read = list(dict.fromkeys(e for e in expert_ids if e not in held))  # unique, in slot order
+        reader = self._read_experts(layer, to_read)
         stack = ExpertStackBuilder(self.kernel, len(expert_ids), inter, h, self.dtype, self.device)
+        for i, e in enumerate(expert_ids):
+            if e in held:
+                stack.put(i, *held[e])
+                stats["experts_reused"] += 1
+                continue
+            gate, up, down = stack.slot(i)
+            for dst, t in zip((gate, up, down), next(reader), strict=True):
+                dst.copy_(t)
+            stack.done(i)
+            held[e] = stack.weights(i)  # a second slot of the same expert reuses it
+            stats["experts_read"] += 1
+        w13, w2 = stack.finish()
+        return LayerExperts(expert_ids, w13, w2)
+
+    def _read_experts(self, layer: int, expert_ids: list[int]):
+        """Yield (gate [I, H], up [I, H], down [H, I]) of each expert, in order, reading only them."""
+        spec, names, ck = self.spec, self.spec.names, self.checkpoint
+        h, inter = spec.hidden_size, spec.moe_intermediate_size
+        if not expert_ids:
+            return
         per_expert = [names.expert_keys(layer, e) for e in expert_ids]
         fused_gate_up, fused_down = names.fused_expert_keys(layer)
-        if expert_ids and per_expert[0][0] not in ck and fused_gate_up in ck:
+        if per_expert[0][0] not in ck and fused_gate_up in ck:
             rows = zip(
                 ck.read_rows(fused_gate_up, expert_ids), ck.read_rows(fused_down, expert_ids), strict=True
             )
-            for i, (gate_up, down) in enumerate(rows):
-                gate, up, dst_down = stack.slot(i)
-                if gate_up.shape != (2 * inter, h) or down.shape != dst_down.shape:
+            for gate_up, down in rows:
+                if gate_up.shape != (2 * inter, h) or down.shape != (h, inter):
                     raise ValueError(
                         f"{fused_gate_up} / {fused_down} rows have shapes {tuple(gate_up.shape)} / "
-                        f"{tuple(down.shape)}, expected {(2 * inter, h)} / {tuple(dst_down.shape)}"
+                        f"{tuple(down.shape)}, expected {(2 * inter, h)} / {(h, inter)}"
                     )
-                gate.copy_(gate_up[:inter])
-                up.copy_(gate_up[inter:])
-                dst_down.copy_(down)
-                stack.done(i)
-        else:
-            keys = [k for trio in per_expert for k in trio]
-            for j, (_, t) in enumerate(ck.iter_tensors(keys)):
-                i, which = divmod(j, 3)
-                dst = stack.slot(i)[which]
-                if t.shape != dst.shape:
-                    raise ValueError(f"{keys[j]} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
-                dst.copy_(t)
-                if which == 2:
-                    stack.done(i)
-        w13, w2 = stack.finish()
-        shared_w13 = shared_w2 = None
-        if spec.shared_intermediate_size:
-            si = spec.shared_intermediate_size
-            shared_w13 = torch.empty(2 * si, h, dtype=self.dtype, device=self.device)
-            shared_w2 = torch.empty(h, si, dtype=self.dtype, device=self.device)
-            dsts = (shared_w13[:si], shared_w13[si:], shared_w2)
-            keys = names.shared_keys(layer)
-            for (key, t), dst in zip(ck.iter_tensors(keys), dsts, strict=True):
-                if t.shape != dst.shape:
-                    raise ValueError(f"{key} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
-                dst.copy_(t)
-        shared_w13, shared_w2 = prepack_dense(self.kernel, shared_w13), prepack_dense(self.kernel, shared_w2)
-        return LayerExperts(expert_ids, w13, w2, shared_w13, shared_w2)
+                yield gate_up[:inter], gate_up[inter:], down
+            return
+        keys = [k for trio in per_expert for k in trio]
+        shapes = ((inter, h), (inter, h), (h, inter))
+        trio: list[torch.Tensor] = []
+        for j, (_, t) in enumerate(ck.iter_tensors(keys)):
+            if tuple(t.shape) != shapes[j % 3]:
+                raise ValueError(f"{keys[j]} has shape {tuple(t.shape)}, expected {shapes[j % 3]}")
+            trio.append(t)
+            if len(trio) == 3:
+                yield tuple(trio)
+                trio = []
+
+    def _load_shared(self, layer: int) -> tuple:
+        """The layer's fused shared experts (every worker holds a replica), or (None, None)."""
+        spec = self.spec
+        if not spec.shared_intermediate_size:
+            return None, None
+        h, si = spec.hidden_size, spec.shared_intermediate_size
+        shared_w13 = torch.empty(2 * si, h, dtype=self.dtype, device=self.device)
+        shared_w2 = torch.empty(h, si, dtype=self.dtype, device=self.device)
+        dsts = (shared_w13[:si], shared_w13[si:], shared_w2)
+        keys = spec.names.shared_keys(layer)
+        for (key, t), dst in zip(self.checkpoint.iter_tensors(keys), dsts, strict=True):
+            if t.shape != dst.shape:
+                raise ValueError(f"{key} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(t)
+        return prepack_dense(self.kernel, shared_w13), prepack_dense(self.kernel, shared_w2)
 
     # ---- serving -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, layer: int, batch: ExpertBatch) -> torch.Tensor:
+    def forward(self, layer: int, batch: ExpertBatch, layout: int | None = None) -> torch.Tensor:
         """Weighted sum of this worker's experts (and the shared experts where asked) per row.
 
         # N = rows, P = pairs, H = hidden
+        `batch.expert_counts` counts pairs per slot of `layout` (None: the latest loaded).
         Returns [N, H] in the serving dtype; accumulation is in fp32.
         """
-        lx = self.layers[layer]
+        self._use_threads()
+        key = self._latest if layout is None else layout
+        if key not in self.layouts:
+            raise KeyError(f"worker {self.worker_id} holds no layout {key} (it holds {sorted(self.layouts)})")
+        lx = self.layouts[key][layer]
+        shared_w13, shared_w2 = self.shared[layer]
         x = batch.x.to(self.device, self.dtype, non_blocking=True)  # [N, H]
         pair_rows = batch.pair_rows.to(self.device)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=self.device)  # [N, H]
         if pair_rows.numel():
-            xs = x.index_select(0, pair_rows)  # [P, H], sorted by local expert
+            xs = x.index_select(0, pair_rows)  # [P, H], sorted by local slot
             ys = swiglu_experts(self.kernel, xs, batch.expert_counts.tolist(), lx.w13, lx.w2)  # [P, H]
             weights = batch.pair_weights.to(self.device, torch.float32)
             out.index_add_(0, pair_rows, ys.float() * weights[:, None])
-        if batch.shared_rows is not None and batch.shared_rows.numel() and lx.shared_w13 is not None:
+        if batch.shared_rows is not None and batch.shared_rows.numel() and shared_w13 is not None:
             rows = batch.shared_rows.to(self.device)
-            ys = swiglu_dense(
-                x.index_select(0, rows), lx.shared_w13, lx.shared_w2, self.kernel
-            ).float()  # [NS, H]
+            ys = swiglu_dense(x.index_select(0, rows), shared_w13, shared_w2, self.kernel).float()  # [NS, H]
             if batch.shared_weights is not None:
                 ys = ys * batch.shared_weights.to(self.device, torch.float32)[:, None]
             out.index_add_(0, rows, ys)
@@ -210,8 +307,23 @@ class ExpertWorker:
     # ---- introspection ---------------------------------------------------------------------------
 
     @property
+    def layers(self) -> dict[int, LayerExperts]:
+        """The latest layout's layers (what a single-layout worker serves)."""
+        return self.layouts.get(self._latest, {}) if self._latest is not None else {}
+
+    @property
     def nbytes(self) -> int:
-        return sum(lx.nbytes for lx in self.layers.values())
+        """Bytes of expert weights held, each tensor counted once however many layouts share it."""
+        seen: dict[int, int] = {}
+        for layout in self.layouts.values():
+            for lx in layout.values():
+                for t in _tensors(lx.w13) + _tensors(lx.w2):
+                    seen[_identity(t)] = t.numel() * t.element_size()
+        for pair in self.shared.values():
+            for t in pair:
+                if t is not None:
+                    seen[_identity(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
 
     def describe(self) -> dict:
         return {
@@ -219,6 +331,8 @@ class ExpertWorker:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "kernel": self.kernel,
+            "layout": self._latest,
+            "layouts": sorted(self.layouts),
             "experts": {layer: list(lx.expert_ids) for layer, lx in self.layers.items()},
             "param_bytes": self.nbytes,
         }

@@ -9,6 +9,8 @@ little-endian, C order (so `len(data) == prod(shape) * itemsize`), on every host
 - JSON (HTTP, small requests): `to_json_lists` gives nested lists; `from_json` takes nested lists
   (with the dtype to build) or a `{dtype, shape, data}` map whose `data` is base64
   (`tensor_to_json_map` writes one).
+- raw (between the router and the expert workers, through Ray's object store): `to_raw` /
+  `from_raw`, the bytes as a uint8 numpy array, which Ray moves without pickling or copying.
 
 Anything malformed raises `ServingError("invalid_argument", ...)` with a message naming the problem.
 """
@@ -19,6 +21,7 @@ import base64
 import binascii
 import math
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -60,6 +63,7 @@ __all__ = [
     "DTYPES",
     "dtype_name",
     "from_json",
+    "from_raw",
     "parse_dtype",
     "tensor_from_map",
     "tensor_from_proto",
@@ -67,6 +71,7 @@ __all__ = [
     "tensor_to_map",
     "tensor_to_proto",
     "to_json_lists",
+    "to_raw",
 ]
 
 
@@ -94,20 +99,31 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ---- bytes ---------------------------------------------------------------------------------------
 
 
-def _to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+def to_raw(t: torch.Tensor) -> tuple[str, list[int], np.ndarray]:
+    """(dtype name, shape, the elements' bytes as a uint8 numpy array), little-endian, C order.
+
+    No copy for a contiguous CPU tensor on a little-endian host: Ray ships the array zero-copy
+    through shared memory (the expert workers' transport), and `tensor_to_map` / `tensor_to_proto`
+    take its bytes.
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
     name = dtype_name(t.dtype)
     t = t.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    arr = t.numpy()
-    if _BIG_ENDIAN_HOST:
-        arr = arr.byteswap()
-    return name, list(t.shape), arr.tobytes(order="C")
+    shape = list(t.shape)
+    flat = t.reshape(-1)
+    if _BIG_ENDIAN_HOST and t.element_size() > 1:
+        typed = (flat.view(torch.int16) if t.dtype == torch.bfloat16 else flat).numpy()
+        return name, shape, typed.byteswap().view(np.uint8)
+    return name, shape, flat.view(torch.uint8).numpy()
 
 
-def _from_bytes(dtype: Any, shape: Any, data: Any, name: str) -> torch.Tensor:
+def from_raw(dtype: Any, shape: Any, data: Any, name: str = "tensor", copy: bool = True) -> torch.Tensor:
+    """The tensor of (dtype, shape, bytes), checked. `data`: bytes or any buffer (a numpy array).
+
+    copy=False views the buffer where the host order allows (read-only memory then: never write to
+    the result); copy=True gives a writable tensor that owns its memory.
+    """
     dt = parse_dtype(dtype, name)
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
         raise _invalid(f"{name}: shape must be a list of ints, got {type(shape).__name__}")
@@ -118,21 +134,30 @@ def _from_bytes(dtype: Any, shape: Any, data: Any, name: str) -> torch.Tensor:
         if d < 0:
             raise _invalid(f"{name}: negative dimension in shape {dims}")
     dims = [int(d) for d in dims]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    if not isinstance(data, (bytes, bytearray, memoryview, np.ndarray)):
         raise _invalid(f"{name}: data must be bytes, got {type(data).__name__}")
     np_dtype = _NUMPY[dt]
+    size = data.nbytes if isinstance(data, np.ndarray) else len(data)
     expected = math.prod(dims) * np_dtype.itemsize
-    if len(data) != expected:
+    if size != expected:
         raise _invalid(
-            f"{name}: data has {len(data)} bytes, but shape {dims} of {_NAMES[dt]} needs {expected} "
+            f"{name}: data has {size} bytes, but shape {dims} of {_NAMES[dt]} needs {expected} "
             f"({math.prod(dims)} elements x {np_dtype.itemsize} bytes)"
         )
     arr = np.frombuffer(data, dtype=np_dtype.newbyteorder("<"))
-    arr = arr.astype(np_dtype, copy=True)  # native byte order, writable, owns its memory
-    out = torch.from_numpy(arr)
+    if copy or _BIG_ENDIAN_HOST:
+        arr = arr.astype(np_dtype, copy=True)  # native byte order, writable, owns its memory
+    with warnings.catch_warnings():  # torch warns about read-only arrays; the caller was told
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.from_numpy(arr)
     if dt == torch.bfloat16:
         out = out.view(torch.bfloat16)
     return out.reshape(dims)
+
+
+def _to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+    dtype, shape, arr = to_raw(t)
+    return dtype, shape, arr.tobytes()
 
 
 # ---- msgpack map ---------------------------------------------------------------------------------
@@ -151,7 +176,7 @@ def tensor_from_map(m: Any, name: str = "tensor") -> torch.Tensor:
     missing = [k for k in ("dtype", "shape", "data") if k not in m]
     if missing:
         raise _invalid(f"{name}: missing {', '.join(missing)} (a tensor is a map of dtype, shape and data)")
-    return _from_bytes(m["dtype"], m["shape"], m["data"], name)
+    return from_raw(m["dtype"], m["shape"], m["data"], name)
 
 
 # ---- protobuf ------------------------------------------------------------------------------------
@@ -173,7 +198,7 @@ def tensor_to_proto(t: torch.Tensor, msg=None):
 
 def tensor_from_proto(msg, name: str = "tensor") -> torch.Tensor:
     """The tensor of a `moe_serving.v1.Tensor` message."""
-    return _from_bytes(msg.dtype, list(msg.shape), msg.data, name)
+    return from_raw(msg.dtype, list(msg.shape), msg.data, name)
 
 
 # ---- JSON ----------------------------------------------------------------------------------------

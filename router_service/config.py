@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,14 @@ import torch
 from expert_workers.kernels import check_kernel_name
 from expert_workers.worker import resolve_device
 
-__all__ = ["BatchLimits", "EngineConfig", "WorkerResources", "resolve_device"]
+__all__ = [
+    "AutoscalingConfig",
+    "BatchLimits",
+    "ElasticConfig",
+    "EngineConfig",
+    "WorkerResources",
+    "resolve_device",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRANSPORTS = ("local", "ray", "compiled")
@@ -95,6 +103,94 @@ class BatchLimits:
 
 
 @dataclass(frozen=True)
+class AutoscalingConfig:
+    """When to add or remove expert workers by themselves (field names after Ray Serve's
+    `autoscaling_config`). Off unless given.
+
+    The load is what a decode step has to process: the sequences running in the router's batch plus
+    those waiting for a place, averaged over `look_back_period_s` (sampled every
+    `metrics_interval_s`). The wanted worker count is ceil(load / target_tokens_per_worker), within
+    [min_workers, max_workers]; the autoscaler scales up once it has wanted more workers for
+    `upscale_delay_s`, and down once it has wanted fewer for `downscale_delay_s`.
+    """
+
+    min_workers: int = 1
+    max_workers: int = 4
+    target_tokens_per_worker: float = 16.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    metrics_interval_s: float = 0.5
+    look_back_period_s: float = 2.0
+
+    def __post_init__(self):
+        if not isinstance(self.min_workers, int) or not isinstance(self.max_workers, int):
+            raise ValueError(
+                f"min_workers and max_workers must be ints, got {self.min_workers!r}, {self.max_workers!r}"
+            )
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(
+                f"autoscaling needs 1 <= min_workers <= max_workers, got {self.min_workers} and {self.max_workers}"
+            )
+        if not self.target_tokens_per_worker > 0:
+            raise ValueError(f"target_tokens_per_worker must be > 0, got {self.target_tokens_per_worker}")
+        for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.metrics_interval_s > 0:
+            raise ValueError(f"metrics_interval_s must be > 0, got {self.metrics_interval_s}")
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """How the expert-worker set changes at run time (docs/elasticity.md).
+
+    redundant_experts: extra expert slots beyond one per expert; EPLB fills them with replicas of
+      the busiest experts (0: no replicas; rebalancing still moves experts between workers).
+    worker_timeout_s: a worker that leaves a health check unanswered this long while the router
+      waits on it is declared lost (a dead process is reported by Ray at once).
+    rebalance_every_steps / rebalance_threshold: every N decode steps (0: never by itself), rebalance
+      when some layer's balancedness (mean / max worker load) is below the threshold.
+    recovery_attempts: how many times one MoE layer tries to re-place the rows of lost workers before
+      the pass fails as unavailable.
+    restore_interval_s: how often the controller retries bringing the worker count back to its target
+      when it could not (no resources), and checks idle workers' health.
+    router_max_restarts: how often Ray restarts a Router actor whose process died (Ray transports).
+    autoscaling: an AutoscalingConfig, or None (off).
+    """
+
+    redundant_experts: int = 0
+    worker_timeout_s: float = 10.0
+    rebalance_every_steps: int = 0
+    rebalance_threshold: float = 0.8
+    recovery_attempts: int = 3
+    restore_interval_s: float = 2.0
+    router_max_restarts: int = 5
+    autoscaling: AutoscalingConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.autoscaling, dict):
+            object.__setattr__(self, "autoscaling", AutoscalingConfig(**self.autoscaling))
+        if isinstance(self.redundant_experts, bool) or not isinstance(self.redundant_experts, int):
+            raise ValueError(f"redundant_experts must be an int, got {self.redundant_experts!r}")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
+        if not self.worker_timeout_s > 0:
+            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        if self.rebalance_every_steps < 0:
+            raise ValueError(f"rebalance_every_steps must be >= 0, got {self.rebalance_every_steps}")
+        if not 0.0 < self.rebalance_threshold <= 1.0:
+            raise ValueError(f"rebalance_threshold must be in (0, 1], got {self.rebalance_threshold}")
+        if self.recovery_attempts < 1:
+            raise ValueError(f"recovery_attempts must be >= 1, got {self.recovery_attempts}")
+        if not self.restore_interval_s > 0:
+            raise ValueError(f"restore_interval_s must be > 0, got {self.restore_interval_s}")
+        if self.router_max_restarts < -1:
+            raise ValueError(
+                f"router_max_restarts must be >= -1 (-1: always), got {self.router_max_restarts}"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """The resolved settings an Engine runs with."""
 
@@ -117,8 +213,13 @@ class EngineConfig:
     # Worker load progress: "bar", "log" (a line per layer) or "off"; "auto": a bar when the
     # caller's stderr is a terminal, else log lines.
     progress: str = "auto"
-    # Generation batching (continuous batching in the router, see router_service/scheduler.py).
+    # Generation batching (continuous batching in the router, see router_service/generation/scheduler.py).
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
+    # Scaling, rebalancing, fault handling and autoscaling of the expert workers.
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    # The name of this deployment's Ray actors ("{cluster_name}:router", "{cluster_name}:worker-N");
+    # None: a fresh one. A restarted router finds its workers by it.
+    cluster_name: str | None = None
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -141,6 +242,12 @@ class EngineConfig:
             raise ValueError(f"progress must be 'auto', 'bar', 'log' or 'off', got {self.progress!r}")
         if self.load_window < 1:
             raise ValueError(f"load_window must be >= 1, got {self.load_window}")
+        if isinstance(self.elastic, dict):
+            object.__setattr__(self, "elastic", ElasticConfig(**self.elastic))
+        if self.cluster_name is None:
+            object.__setattr__(self, "cluster_name", f"moe-{uuid.uuid4().hex[:8]}")
+        elif not self.cluster_name or ":" in self.cluster_name:
+            raise ValueError(f"cluster_name must be a non-empty name without ':', got {self.cluster_name!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

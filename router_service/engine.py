@@ -9,6 +9,7 @@ any weight is read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Iterator
@@ -17,12 +18,12 @@ from pathlib import Path
 import torch
 
 from moe_models.spec import ModelSpec, spec_from_pretrained
-from router_service.config import DTYPES, BatchLimits, EngineConfig, WorkerResources
+from router_service.config import DTYPES, BatchLimits, ElasticConfig, EngineConfig, WorkerResources
 from router_service.router import Router
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "Engine", "EngineConfig", "WorkerResources"]
+__all__ = ["DTYPES", "ElasticConfig", "Engine", "EngineConfig", "WorkerResources"]
 
 
 class Engine:
@@ -50,6 +51,9 @@ class Engine:
         num_threads: int | None = None,
         progress: str = "auto",
         batch_limits: BatchLimits | dict | None = None,
+        redundant_experts: int = 0,
+        elastic: ElasticConfig | dict | None = None,
+        cluster_name: str | None = None,
     ) -> Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
 
@@ -66,11 +70,20 @@ class Engine:
         progress: worker load progress with Ray transports: "bar", "log", "off" or "auto" (a bar on a
         terminal, else a log line per worker and layer).
         batch_limits: the continuous-batching limits of `generate_stream` (`BatchLimits` or a dict).
+        redundant_experts: extra expert slots, filled with replicas of the busiest experts (EPLB).
+        elastic: scaling, fault-handling and autoscaling settings (`ElasticConfig` or a dict;
+        `redundant_experts` above wins over its field of the same name).
+        cluster_name: the name of the Ray actors (Ray transports; default: a fresh one).
         """
         if isinstance(worker_resources, dict):
             worker_resources = WorkerResources(**worker_resources)
         if isinstance(batch_limits, dict):
             batch_limits = BatchLimits(**batch_limits)
+        if isinstance(elastic, dict):
+            elastic = ElasticConfig(**elastic)
+        elastic = elastic or ElasticConfig()
+        if redundant_experts:
+            elastic = dataclasses.replace(elastic, redundant_experts=redundant_experts)
         config = EngineConfig(
             model_dir=str(model_dir),
             num_workers=num_workers,
@@ -82,15 +95,19 @@ class Engine:
             num_threads=num_threads,
             progress=progress,
             batch_limits=batch_limits or BatchLimits(),
+            elastic=elastic,
+            cluster_name=cluster_name,
         )
         spec = spec_from_pretrained(config.model_dir)  # raises before any weight is read
-        if not 1 <= num_workers <= spec.num_experts:
+        slots = spec.num_experts + elastic.redundant_experts
+        if not 1 <= num_workers <= slots:
             raise ValueError(
-                f"num_workers must be between 1 and the number of experts ({spec.num_experts}), got {num_workers}"
+                f"num_workers must be between 1 and the number of expert slots ({slots} = "
+                f"{spec.num_experts} experts + {elastic.redundant_experts} redundant), got {num_workers}"
             )
         if config.transport == "local":
             return cls(config, spec, Router(config))
-        from router_service.ray_runtime import start_router_actor
+        from router_service.runtime.router_actor import start_router_actor
 
         router, owns_ray = start_router_actor(config, ray_address)
         return cls(config, spec, router, owns_ray)
@@ -125,7 +142,7 @@ class Engine:
             raise RuntimeError("this Engine has been shut down")
         if self.is_local:
             return getattr(self._router, method)(*args, **kwargs)
-        from router_service.ray_runtime import call_actor
+        from router_service.runtime.router_actor import call_actor
 
         return call_actor(self._router, method, *args, **kwargs)
 
@@ -170,7 +187,7 @@ class Engine:
         return self._remote_stream(prompt_ids, max_new_tokens, temperature, top_p, seed)
 
     def _remote_stream(self, *args) -> Iterator[dict]:
-        from router_service.ray_runtime import stream_actor
+        from router_service.runtime.router_actor import stream_actor
 
         request_id = uuid.uuid4().hex
         done = False
@@ -183,8 +200,24 @@ class Engine:
                 self._router.cancel_generation.remote(request_id)
 
     def cluster_state(self) -> dict:
-        """Workers (node, device, experts per layer, bytes), placement version and expert load."""
+        """Workers (node, device, experts per layer, bytes), placement, expert load and balance,
+        membership events and generation statistics."""
         return self._call("cluster_state")
+
+    def scale(self, num_workers: int) -> dict:
+        """Run on `num_workers` expert workers; returns the cluster state once the new placement
+        serves. Requests keep being served throughout. ValueError for a bad count; MembershipBusy
+        while another change runs; ScaleError (the old placement still serves) when it cannot finish."""
+        return self._call("scale", num_workers)
+
+    def rebalance(self) -> dict:
+        """Re-place experts and their replicas by EPLB over the recent expert load (at a pass
+        boundary, like a scale); returns the per-layer balance before and after."""
+        return self._call("rebalance")
+
+    def health(self) -> dict:
+        """{"serving": bool, "reason": str, "workers": n, "target_workers": n, ...}."""
+        return self._call("health")
 
     def shutdown(self) -> None:
         if self._router is None:
@@ -192,9 +225,9 @@ class Engine:
         if self.is_local:
             self._router.shutdown()
         else:
-            from router_service.ray_runtime import stop_router_actor
+            from router_service.runtime.router_actor import stop_router_actor
 
-            stop_router_actor(self._router, self._owns_ray)
+            stop_router_actor(self._router, self._owns_ray, self.config.cluster_name)
         self._router = None
 
     def __enter__(self) -> Engine:

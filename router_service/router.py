@@ -19,13 +19,13 @@ import torch
 
 from moe_models.spec import load_hf_config, spec_from_hf_config
 from router_service.config import EngineConfig, resolve_device
-from router_service.decoding import SamplingParams
-from router_service.dense_model import build_router_model
+from router_service.generation.decoding import SamplingParams
+from router_service.generation.scheduler import GenerationScheduler, eos_ids
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
-from router_service.moe_layer import ExpertDispatcher
-from router_service.placement import contiguous_placement
-from router_service.scheduler import GenerationScheduler, eos_ids
-from router_service.transport import WorkerSetup, make_transport
+from router_service.runtime.membership import Membership
+from router_service.runtime.transport import LocalTransport, Transport, WorkerSetup
+from router_service.stages.dense_model import build_router_model
+from router_service.stages.moe_layer import ExpertDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,36 @@ class ModelTurn:
         self._lock.release()
 
 
-class Router:
-    """Holds the non-expert weights and runs the model layer by layer over the expert workers."""
+def make_transport(config: EngineConfig, setup: WorkerSetup) -> Transport:
+    """The one place a transport is chosen."""
+    if config.transport == "local":
+        return LocalTransport(setup)
+    from router_service.runtime.compiled_transport import CompiledTransport
+    from router_service.runtime.ray_transport import RayTransport
 
-    def __init__(self, config: EngineConfig):
+    cls = RayTransport if config.transport == "ray" else CompiledTransport
+    return cls(
+        setup,
+        config.worker_resources,
+        config.progress,
+        cluster=config.cluster_name,
+        worker_timeout_s=config.elastic.worker_timeout_s,
+        expected_workers=config.num_workers,
+    )
+
+
+class Router:
+    """Holds the non-expert weights and runs the model layer by layer over the expert workers.
+
+    reattach: a restarted Router actor adopts the expert workers still running instead of starting
+    new ones.
+    """
+
+    def __init__(self, config: EngineConfig, reattach: bool = False):
         t0 = time.perf_counter()
         self.config = config
         # One model, many callers (actor threads, the generation loop): model calls take turns.
+        # Holding it is also what makes a moment a pass boundary for the membership controller.
         self.lock = ModelTurn(config.num_threads)
         self._scheduler: GenerationScheduler | None = None
         self._sinks: dict[str, queue.SimpleQueue] = {}
@@ -69,7 +92,6 @@ class Router:
         self.device = resolve_device(config.device)
         hf_config = load_hf_config(config.model_dir)
         self.spec = spec_from_hf_config(hf_config)
-        placement = contiguous_placement(self.spec.moe_layers, self.spec.num_experts, config.num_workers)
         setup = WorkerSetup(
             config.model_dir,
             self.spec,
@@ -78,17 +100,28 @@ class Router:
             config.expert_kernel,
             config.num_threads,
         )
-        transport = make_transport(config, setup, placement)
-        self.dispatcher = ExpertDispatcher(self.spec, placement, transport, config.load_window)
-        self.model = build_router_model(
-            config.model_dir, hf_config, self.spec, self.dtype, self.device, self.dispatcher
+        transport = make_transport(config, setup)
+        self.dispatcher = ExpertDispatcher(self.spec, transport, config.load_window)
+        self.membership = Membership(
+            self.spec, transport, self.dispatcher, self.lock, config, self._generation_load
         )
+        self.dispatcher.recover = self.membership.recover
+        self.dispatcher.max_attempts = config.elastic.recovery_attempts
+        try:
+            self.membership.start(reattach=reattach)
+            self.model = build_router_model(
+                config.model_dir, hf_config, self.spec, self.dtype, self.device, self.dispatcher
+            )
+        except BaseException:
+            transport.close()
+            raise
+        self.membership.start_controller()
         log.info(
             "loaded %s (%d MoE layers x %d experts) on %d %s worker(s) in %.1fs",
             self.spec.model_type,
             len(self.spec.moe_layers),
             self.spec.num_experts,
-            config.num_workers,
+            self.dispatcher.placement.num_workers,
             config.transport,
             time.perf_counter() - t0,
         )
@@ -184,16 +217,16 @@ class Router:
         the request's place in the batch.
         """
         key = request_id or uuid.uuid4().hex
-        self._submit(key, prompt_ids, max_new_tokens, temperature, top_p, seed, None)
+        self._submit(key, prompt_ids, max_new_tokens, temperature, top_p, seed, None, 0)
         return self._stream(key)
 
-    def _submit(self, key, prompt_ids, max_new_tokens, temperature, top_p, seed, sink) -> None:
+    def _submit(self, key, prompt_ids, max_new_tokens, temperature, top_p, seed, sink, resume_at) -> None:
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.reshape(1, -1)
         elif isinstance(prompt_ids, list | tuple):
             prompt_ids = [list(prompt_ids)]
         ids = check_token_ids(prompt_ids, self.spec.vocab_size, "prompt_ids")
-        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), seed)
+        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), seed, resume_at)
         self.scheduler.submit(key, ids[0].tolist(), params, sink)
 
     # A serving front end multiplexes all its streams over one `generation_events` call (one Ray
@@ -209,9 +242,16 @@ class Router:
         top_p: float = 1.0,
         seed: int | None = None,
         subscriber: str = "default",
+        resume_at: int = 0,
     ) -> None:
-        """Queue a request whose tokens are reported by `generation_events(subscriber)`."""
-        self._submit(request_id, prompt_ids, max_new_tokens, temperature, top_p, seed, self._sink(subscriber))
+        """Queue a request whose tokens are reported by `generation_events(subscriber)`.
+
+        resume_at: how many tokens of this completion an earlier router already produced (they end
+        `prompt_ids`); sampling goes on from there, so a seeded stream resumed after a router
+        restart gives the tokens the uninterrupted one would have.
+        """
+        sink = self._sink(subscriber)
+        self._submit(request_id, prompt_ids, max_new_tokens, temperature, top_p, seed, sink, resume_at)
 
     def generation_events(self, subscriber: str = "default") -> Iterator[list]:
         """Lists of (request_id, token_ids, finish_reason, error) for the subscriber's requests, one
@@ -235,9 +275,41 @@ class Router:
         if self._scheduler is not None:
             self._scheduler.cancel(request_id)
 
+    # ---- membership -------------------------------------------------------------------------------
+
+    def _generation_load(self) -> float:
+        """Sequences running plus waiting: the tokens the next decode step has to process."""
+        if self._scheduler is None:
+            return 0.0
+        st = self._scheduler.stats()
+        return float(st["running"] + st["waiting"])
+
+    def scale(self, num_workers: int) -> dict:
+        """Run on `num_workers` expert workers; returns the cluster state once the new placement serves.
+
+        New workers start and load in the background while requests keep being served; the switch
+        happens between two forward passes. Raises ValueError for a bad count, MembershipBusy while
+        another change runs, ScaleError when the change could not finish (it was rolled back).
+        """
+        self.membership.scale(num_workers)
+        return self.cluster_state()
+
+    def rebalance(self) -> dict:
+        """Re-place experts and replicas by EPLB over the recent load; the balance before and after."""
+        return self.membership.rebalance()
+
+    def health(self) -> dict:
+        """{"serving": bool, "reason": str, "workers", "target_workers", ...}: serving is False
+        whenever a request cannot be served now (all workers lost and none could be started)."""
+        return self.membership.health()
+
     def cluster_state(self) -> dict:
-        """Workers, placement version, the experts and bytes each worker holds, and expert load."""
+        """Workers, placement (version, slots), the experts and bytes each worker holds, expert
+        load, balance, membership events and generation statistics."""
         p = self.dispatcher.placement
+        workers = self.dispatcher.transport.describe_workers(p.worker_ids)
+        for info in workers:
+            info["tokens"] = self.dispatcher.worker_tokens.get(info["worker_id"], 0)
         return {
             "model_type": self.spec.model_type,
             "transport": self.config.transport,
@@ -245,12 +317,16 @@ class Router:
             "placement_version": p.version,
             "num_workers": p.num_workers,
             "moe_layers": list(self.spec.moe_layers),
-            "workers": self.dispatcher.transport.describe_workers(),
+            "workers": workers,
+            "placement": p.to_dict(),
             "expert_load": self.dispatcher.load.snapshot(),
+            "balance": self.membership.balance(),
+            "elastic": {**self.membership.stats(), "health": self.membership.health()},
             "generation": self._scheduler.stats() if self._scheduler else None,
         }
 
     def shutdown(self) -> None:
+        self.membership.stop()
         if self._scheduler is not None:
             self._scheduler.close()
         self.dispatcher.transport.close()

@@ -1,4 +1,5 @@
-"""The "compiled" transport (Ray Compiled Graphs) against "local": bit-identical, errors, big batches."""
+"""The "compiled" transport (Ray Compiled Graphs) against "local": bit-identical, errors, big batches,
+a lost worker."""
 
 import time
 
@@ -9,7 +10,7 @@ from tiny_models import FAMILIES, VOCAB
 
 from expert_workers.worker import ExpertBatch
 from router_service import Engine
-from router_service.transport import WorkerError
+from router_service.runtime.transport import WorkerError
 
 # Transports agree bit for bit at equal torch thread counts; their defaults differ (Ray
 # transports divide the cores among the workers), so the comparisons fix it.
@@ -40,9 +41,28 @@ def test_identical_to_local(family, num_workers, tiny_model_dir):
     with Engine.from_pretrained(
         d, num_workers=num_workers, transport="compiled", num_threads=THREADS
     ) as engine:
+        assert in_router(engine, wait_graph), "the graph was not compiled"
+        before = in_router(engine, graph_layers)
         got = run(engine)
+        assert in_router(engine, graph_layers) > before, "layers did not run on the compiled graph"
     for g, e in zip(got, exp, strict=True):
         assert torch.equal(g, e)
+
+
+def _graph_probes():
+    """Functions run inside the Router actor; nested, so that Ray ships them by value (the actor
+    cannot import this test module)."""
+
+    def wait_graph(router):  # True once layers run on a compiled graph over the current workers
+        return router.dispatcher.transport.wait_compiled(120)
+
+    def graph_layers(router):  # layers run on a compiled graph so far
+        return router.dispatcher.transport.graph_layers
+
+    return wait_graph, graph_layers
+
+
+wait_graph, graph_layers = _graph_probes()
 
 
 def _batch(n: int, e_local: int, h: int, seed: int) -> ExpertBatch:
@@ -87,17 +107,18 @@ def test_worker_error_names_worker_and_layer(engines):
         def pop(w):
             w.stash = w.layers.pop(layer)
 
-        ray.get(router.dispatcher.transport.actors[worker].__ray_call__.remote(pop))
+        ray.get(router.dispatcher.transport._actors[worker].__ray_call__.remote(pop))
 
     def _restore(router, worker, layer):
         def put(w):
             w.layers[layer] = w.stash
 
-        ray.get(router.dispatcher.transport.actors[worker].__ray_call__.remote(put))
+        ray.get(router.dispatcher.transport._actors[worker].__ray_call__.remote(put))
 
     ids = torch.randint(3, VOCAB, (2, 16))
     expected = local.forward(ids)
     for worker in (1, 0):
+        assert in_router(compiled, wait_graph)
         in_router(compiled, _stash, worker, 2)  # the worker now raises inside forward for layer 2
         with pytest.raises(WorkerError, match=f"expert worker {worker} failed in MoE layer 2"):
             compiled.forward(ids)
@@ -112,11 +133,13 @@ def test_large_payload_and_idle_worker(engines):
     for n in (40000, 3):
         h = torch.randn(n, 32)
         assert torch.equal(compiled.moe_forward(layer, h), local.moe_forward(layer, h))
-    counts = len(local.router.dispatcher.placement.worker_experts(1, layer))
-    only_one = {1: _batch(7, counts, 32, seed=3)}  # worker 0 gets no rows this layer
-    got = in_router(compiled, lambda r, b: r.dispatcher.transport.run_layer(layer, b), only_one)
+    placement = local.router.dispatcher.placement
+    counts = len(placement.worker_experts(1, layer))
+    only_one = {1: (placement.layout_of(1), _batch(7, counts, 32, seed=3))}  # worker 0 gets no rows
+    assert in_router(compiled, wait_graph)
+    got = in_router(compiled, lambda r, b: r.dispatcher.transport.run_layer(layer, b).partials, only_one)
     assert list(got) == [1] and torch.equal(
-        got[1], local.router.dispatcher.transport.run_layer(layer, only_one)[1]
+        got[1], local.router.dispatcher.transport.run_layer(layer, only_one).partials[1]
     )
 
 
@@ -126,28 +149,40 @@ def test_still_serves_after_errors_and_resizes(engines):
     assert torch.equal(compiled.forward(ids), local.forward(ids))
 
 
-def test_dead_worker_is_a_clear_error(engines):
-    """Last in this module: it kills a worker of the shared compiled engine."""
-    _, compiled = engines
+def test_killed_worker_changes_no_output_and_is_replaced(engines):
+    """Last in this module: it kills a worker of the shared compiled engine in the middle of a pass
+    (the graph breaks; the layer finishes on actor calls, the lost worker's rows on the survivor)."""
+    local, compiled = engines
     ids = torch.randint(3, VOCAB, (2, 5))
-    compiled.forward(ids)
+    expected = local.forward(ids)
+    assert in_router(compiled, wait_graph)
 
-    def kill(router):
-        actor = router.dispatcher.transport.actors[1]
-        ray.kill(actor)
-        try:  # ray.kill is asynchronous: wait until the actor is gone
-            for _ in range(100):
-                ray.get(actor.node_id.remote(), timeout=10)
-                time.sleep(0.1)
-        except ray.exceptions.RayActorError:
-            return True
-        return False
+    def kill_during_layer_2(router):
+        transport = router.dispatcher.transport
+        run = transport.run_layer
 
-    assert in_router(compiled, kill)
-    # The graph is dropped and rebuilt on the next call; naming the dead worker is best effort (a
-    # channel may time out before Ray reports the death), so either clear message is accepted.
-    for _ in range(2):
-        with pytest.raises(
-            WorkerError, match=r"(expert worker\(s\) \[1\] died|the compiled graph broke) during MoE layer 1"
-        ):
-            compiled.forward(ids)
+        def run_layer(layer, work):
+            if layer == 2 and 1 in transport._actors:
+                actor = transport._actors[1]
+                ray.kill(actor)
+                for _ in range(100):  # ray.kill is asynchronous: wait until the actor is gone
+                    try:
+                        ray.get(actor.ping.remote(), timeout=10)
+                    except ray.exceptions.RayActorError:
+                        break
+                    time.sleep(0.05)
+            return run(layer, work)
+
+        transport.run_layer = run_layer
+
+    in_router(compiled, kill_during_layer_2)
+    torch.testing.assert_close(compiled.forward(ids), expected, rtol=1e-5, atol=1e-6)
+    state = compiled.cluster_state()
+    assert state["elastic"]["events"]["workers_lost"] == 1
+    assert state["elastic"]["events"]["failover"] == 1
+    deadline = time.monotonic() + 60
+    while compiled.cluster_state()["num_workers"] < 2:
+        assert time.monotonic() < deadline, "the lost worker was not replaced"
+        time.sleep(0.2)
+    assert 1 not in {w["worker_id"] for w in compiled.cluster_state()["workers"]}
+    torch.testing.assert_close(compiled.forward(ids), expected, rtol=1e-5, atol=1e-6)

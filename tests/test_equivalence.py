@@ -7,7 +7,7 @@ from tiny_models import FAMILIES, VOCAB
 from transformers import AutoModelForCausalLM
 
 from router_service import Engine
-from router_service.gating import route
+from router_service.stages.gating import route
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2

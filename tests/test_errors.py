@@ -9,7 +9,7 @@ from tiny_models import VOCAB
 
 from moe_models.spec import ConfigError
 from router_service import Engine
-from router_service.transport import WorkerError
+from router_service.runtime.transport import WorkerError
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from tiny_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from moe_models.spec import spec_from_pretrained
-from router_service.gating import route
+from router_service.stages.gating import route
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,9 +5,15 @@ import torch
 from conftest import rel_err
 
 from expert_workers.kernels import swiglu_dense
-from router_service.gating import Routing
-from router_service.placement import Placement, contiguous_placement
-from router_service.plan import combine, plan
+from router_service.stages.gating import Routing
+from router_service.stages.placement import (
+    Placement,
+    contiguous_placement,
+    placement_from_assignments,
+    reassign_lost_slots,
+    without_workers,
+)
+from router_service.stages.plan import combine, pairs_on, plan, shared_choice
 
 
 @pytest.mark.parametrize("num_workers", [1, 2, 3, 5, 7, 16])
@@ -51,17 +57,25 @@ def reference_moe(x, routing, w13, w2, shared=None, shared_weights=None):
 
 def run_plan(x, routing, placement, w13, w2, shared, shared_weights):
     """Plan, then compute each worker's batch the way an ExpertWorker does, then Combine."""
-    from expert_workers.worker import ExpertWorker, LayerExperts
-
     work = plan(routing, placement, 0, x, shared is not None, shared_weights)
     partials = []
     for w, (rows, batch) in sorted(work.items()):
         ids = placement.worker_experts(w, 0)
-        worker = ExpertWorker.__new__(ExpertWorker)  # weights set directly, no checkpoint needed
-        worker.device, worker.dtype, worker.kernel = torch.device("cpu"), x.dtype, "loop"
-        worker.layers = {0: LayerExperts(ids, w13[ids], w2[ids], *(shared or (None, None)))}
-        partials.append((rows, worker.forward(0, batch)))
+        partials.append((rows, bare_worker(ids, w13, w2, shared, x.dtype).forward(0, batch)))
     return work, combine(x, partials)
+
+
+def bare_worker(ids, w13, w2, shared, dtype):
+    """An ExpertWorker holding experts `ids` of layer 0 as layout 0, weights set directly (no checkpoint)."""
+    from expert_workers.worker import ExpertWorker, LayerExperts
+
+    worker = ExpertWorker.__new__(ExpertWorker)
+    worker.device, worker.dtype, worker.kernel, worker.num_threads = torch.device("cpu"), dtype, "loop", None
+    worker.worker_id = 0
+    worker.layouts = {0: {0: LayerExperts(ids, w13[ids], w2[ids])}}
+    worker.shared = {0: shared or (None, None)}
+    worker._latest = 0
+    return worker
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 33])
@@ -113,3 +127,85 @@ def test_replicated_expert_splits_tokens_across_replicas():
     assert sorted(work) == [0, 1]
     assert work[0][0].numel() == 5 and work[1][0].numel() == 5
     assert rel_err(out, reference_moe(x, routing, w13, w2)) < 1e-5
+
+
+def test_placement_names_workers_by_stable_ids():
+    p = contiguous_placement((1, 3), 8, 3, version=5, worker_ids=(7, 2, 11))
+    assert p.worker_ids == (7, 2, 11) and p.layouts == (5, 5, 5)
+    assert p.worker_experts(2, 3) == [2, 3, 4]
+    assert p.worker_assignment(11) == {1: [5, 6, 7], 3: [5, 6, 7]}
+    with pytest.raises(ValueError, match="distinct ids"):
+        Placement(0, (0,), 2, (0, 1, 2), torch.tensor([[0, 1]]), worker_ids=(4, 4))
+    with pytest.raises(ValueError, match="different slot counts"):
+        placement_from_assignments(0, (0, 1), 2, (0,), [{0: [0, 1], 1: [0, 1, 1]}])
+
+
+def test_lost_worker_with_replicas_everywhere_just_drops_its_slots():
+    # experts 0..3; worker 9 holds replicas of 0 and 1 only
+    p = placement_from_assignments(
+        1, (0,), 4, (3, 9, 4), [{0: [0, 1]}, {0: [0, 1]}, {0: [2, 3]}], layouts=(1, 1, 1)
+    )
+    q = without_workers(p, {9}, version=2)
+    assert q.worker_ids == (3, 4) and q.layouts == (1, 1), "survivors keep their layouts: nothing to load"
+    assert q.version == 2 and q.logcnt[0].tolist() == [1, 1, 1, 1]
+    assert without_workers(p, {4}, version=2) is None, "experts 2 and 3 would have no slot"
+
+
+@pytest.mark.parametrize("lost", [{0}, {1}, {0, 2}])
+def test_survivors_take_over_every_slot_of_lost_workers(lost):
+    p = contiguous_placement((0, 1), 10, 4, version=3)
+    q, changed = reassign_lost_slots(p, lost, version=4)
+    survivors = [w for w in range(4) if w not in lost]
+    assert q.worker_ids == tuple(survivors) and q.num_slots == p.num_slots
+    gained = {w: len(q.worker_experts(w, 0)) - len(p.worker_experts(w, 0)) for w in survivors}
+    assert changed == {w for w, n in gained.items() if n > 0}
+    assert sum(gained.values()) == sum(len(p.worker_experts(w, 0)) for w in lost)
+    assert max(gained.values()) - min(gained.values()) <= 1, "the lost slots are shared out evenly"
+    for layer in (0, 1):
+        held = sorted(e for w in survivors for e in q.worker_experts(w, layer))
+        assert held == list(range(10)), "every expert has a slot again"
+        for w in survivors:  # old slots first and unchanged: a survivor only adds experts
+            assert q.worker_experts(w, layer)[: len(p.worker_experts(w, layer))] == p.worker_experts(w, layer)
+    sizes = [len(q.worker_experts(w, 0)) for w in survivors]
+    assert max(sizes) - min(sizes) <= 2
+    with pytest.raises(ValueError, match="no expert worker survives"):
+        reassign_lost_slots(p, {0, 1, 2, 3}, version=5)
+
+
+def test_lost_slot_goes_to_a_survivor_that_already_holds_its_expert():
+    # worker 1 holds expert 0 (replicated on worker 0) and expert 3 (only copy)
+    p = placement_from_assignments(0, (0,), 4, (0, 1, 2), [{0: [0, 1]}, {0: [0, 3]}, {0: [2, 0]}])
+    q, changed = reassign_lost_slots(p, {1}, version=1)
+    assert q.worker_experts(0, 0)[2:] + q.worker_experts(2, 0)[2:] in ([0, 3], [3, 0])
+    assert sorted(set(q.worker_experts(0, 0)) | set(q.worker_experts(2, 0))) == [0, 1, 2, 3]
+    assert changed == {0, 2}
+
+
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_replanning_only_the_lost_pairs_gives_the_same_output(with_shared):
+    """What the dispatcher does when a worker is lost mid-layer: the survivors' partials stand, the
+    lost worker's pairs (and the shared rows it was to run) are planned again over the recovery
+    placement, and the sum is the undisturbed layer's."""
+    gen = torch.Generator().manual_seed(7)
+    t, e, k, h, i = 13, 8, 3, 16, 8
+    x = torch.randn(t, h, generator=gen)
+    w13, w2 = torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen)
+    shared = (torch.randn(2 * i, h, generator=gen), torch.randn(h, i, generator=gen)) if with_shared else None
+    routing = random_routing(t, k, e, gen)
+    p = contiguous_placement((0,), e, 3)
+    _, expected = run_plan(x, routing, p, w13, w2, shared, None)
+
+    first = plan(routing, p, 0, x, with_shared)
+    parts = [
+        (rows, bare_worker(p.worker_experts(w, 0), w13, w2, shared, x.dtype).forward(0, b))
+        for w, (rows, b) in sorted(first.items())
+        if w != 1
+    ]
+    pair_mask = pairs_on(routing, p, 0, {1})
+    shared_mask = pair_mask[torch.arange(t), shared_choice(routing)]
+    q, _ = reassign_lost_slots(p, {1}, version=1)
+    redo = plan(routing, q, 0, x, with_shared, None, pair_mask, shared_mask)
+    assert sum(int(b.expert_counts.sum()) for _, b in redo.values()) == int(pair_mask.sum())
+    for w, (rows, b) in sorted(redo.items()):
+        parts.append((rows, bare_worker(q.worker_experts(w, 0), w13, w2, shared, x.dtype).forward(0, b)))
+    assert rel_err(combine(x, parts), expected) < 1e-5

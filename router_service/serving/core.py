@@ -20,11 +20,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from moe_models.spec import ModelSpec
 from moe_serving.errors import ServingError, invalid, too_large
 from moe_serving.types import GenerateChunk, GenerateParams
+from router_service.generation.scheduler import QueueFull, RequestTooLarge
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
-from router_service.scheduler import QueueFull, RequestTooLarge
+from router_service.runtime.transport import WorkerError
 from router_service.serving.detokenize import TextStream
 from router_service.serving.settings import ServingSettings
-from router_service.transport import WorkerError
 
 log = logging.getLogger(__name__)
 

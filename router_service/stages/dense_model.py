@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from moe_models.checkpoint import Checkpoint, CheckpointError
 from moe_models.spec import ModelSpec
-from router_service.moe_layer import DistributedMoE, ExpertDispatcher
+from router_service.stages.moe_layer import DistributedMoE, ExpertDispatcher
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,21 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-sequence decoding settings. temperature 0 is greedy."""
+    """Per-sequence decoding settings. temperature 0 is greedy.
+
+    resume_at: the index, within the completion, of the first token this request makes (non-zero
+    when a request resumes after a router restart, its earlier tokens appended to the prompt).
+    """
 
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    resume_at: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.resume_at, int) or self.resume_at < 0:
+            raise ValueError(f"resume_at must be a non-negative int, got {self.resume_at!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if not self.temperature >= 0.0:
@@ -39,9 +46,22 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def _mix(seed: int, index: int) -> int:
+    """A well-spread 63-bit seed for token `index` of a stream seeded with `seed` (splitmix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
 @dataclass(eq=False)
 class Sequence:
-    """One request's state inside a batch."""
+    """One request's state inside a batch.
+
+    Sampling is counter-based: the random draw of the completion's token i depends only on (seed, i),
+    not on how many draws came before in this process, so a stream resumed on a restarted router
+    (its earlier tokens re-sent as prompt, `resume_at` set) draws what the uninterrupted one would.
+    """
 
     prompt: list[int]
     params: SamplingParams
@@ -49,14 +69,16 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "length" | "stop" | "cancelled"
     generator: torch.Generator | None = None
+    seed: int = 0
 
     def __post_init__(self):
         if self.params.temperature > 0:
             self.generator = torch.Generator()
-            if self.params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(self.params.seed)
+            self.seed = self.params.seed if self.params.seed is not None else int(self.generator.seed())
+
+    def next_generator(self) -> torch.Generator:
+        """The generator for the next token's draw."""
+        return self.generator.manual_seed(_mix(self.seed, self.params.resume_at + len(self.generated)))
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -73,7 +95,7 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        out[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        out[i] = int(torch.multinomial(probs, 1, generator=seq.next_generator()))
     return out
 
 

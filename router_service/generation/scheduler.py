@@ -15,7 +15,7 @@ import queue
 import threading
 
 from router_service.config import BatchLimits
-from router_service.decoding import DecodeBatch, SamplingParams, Sequence
+from router_service.generation.decoding import DecodeBatch, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""Generation in the router: continuously batched decoding (`decoding`) and the queue and loop
+that feed it (`scheduler`)."""

@@ -1,0 +1,179 @@
+"""The Router as a Ray actor, and the driver-side calls that start, use and stop it.
+
+The Engine starts (or joins) a Ray cluster and one Router actor, named `{cluster}:router` in the
+`moe-serving` namespace; the Router actor creates the expert-worker actors through its transport.
+The actor restarts when its process dies (`ElasticConfig.router_max_restarts`): Ray re-runs the
+constructor, which then rebuilds the router and reattaches to the running workers instead of
+waiting for `start()`; callers' handles stay valid across the restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from router_service.config import EngineConfig
+from router_service.router import Router
+from router_service.runtime.ray_transport import NAMESPACE
+from router_service.runtime.transport import WorkerError
+
+log = logging.getLogger(__name__)
+
+# Concurrent calls a Router actor takes (Ray starts this many threads up front). A serving front
+# end needs a few: its streams share one `generation_events` call. Each `Engine.generate_stream`
+# in flight from Python holds one; beyond this many, further calls wait for a free thread.
+ROUTER_MAX_CONCURRENCY = 64
+
+
+def ensure_ray(address: str | None, min_cpus: int) -> bool:
+    """Connect to Ray; True when this call started a local instance (which the Engine then owns)."""
+    if ray.is_initialized():
+        return False
+    with _keeping_sigterm_handler():
+        return _init_ray(address, min_cpus)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """ray.init replaces the process's SIGTERM handler (in the end with its core worker's failure
+    handler, which dumps a stack and aborts); a caller that installed its own, like `moe-serve
+    serve` to shut down cleanly on SIGTERM, gets it back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init_ray(address: str | None, min_cpus: int) -> bool:
+    if address is None:
+        # A local instance: enough logical CPUs for every actor even on a small machine (the
+        # actors mostly wait on each other, so oversubscribing cores is harmless).
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, min_cpus),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+        return True
+    ray.init(address=address, logging_level=logging.WARNING)
+    return False
+
+
+class RouterActor(Router):
+    """The Router as a Ray actor. It is built in `start()`, not in the actor's constructor, so that a
+    load error (a bad checkpoint, an unplaceable worker) reaches the caller as itself: an exception in
+    an actor's constructor only comes back as "the actor died" with the cause flattened to text.
+    After a crash, Ray re-runs the constructor, and then it builds the router itself, reattaching to
+    the live workers (calls wait until it is done)."""
+
+    def __init__(self, config: EngineConfig):  # Router.__init__ runs in start()
+        self._config = config
+        self._started = False
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            log.warning(
+                "router actor restarted: reattaching to the expert workers of %s", config.cluster_name
+            )
+            self.start(reattach=True)
+
+    def start(self, reattach: bool = False) -> bool:
+        super().__init__(self._config, reattach=reattach)
+        self._started = True
+        return True
+
+    def generate_stream(self, *args, **kwargs):
+        # A generator function, as Ray's streaming calls need (Router's version returns one so
+        # that bad arguments raise at the call, in-process).
+        yield from super().generate_stream(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        if self._started:
+            super().shutdown()
+
+
+def start_router_actor(config: EngineConfig, address: str | None):
+    """Start the Router actor (which starts the workers) and wait until the model is loaded."""
+    from router_service.runtime.ray_transport import cluster_gpus
+
+    owns = ensure_ray(
+        address, min_cpus=config.num_workers * int(max(1, config.worker_resources.num_cpus)) + 1
+    )
+    wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and cluster_gpus() > 0)
+    # Threaded: generation streams wait in their own threads while the decode loop runs; model calls
+    # take turns on the Router's lock.
+    actor = (
+        ray.remote(RouterActor)
+        .options(
+            name=f"{config.cluster_name}:router",
+            namespace=NAMESPACE,
+            num_cpus=0,
+            num_gpus=1 if wants_gpu else 0,
+            max_concurrency=ROUTER_MAX_CONCURRENCY,
+            max_restarts=config.elastic.router_max_restarts,
+        )
+        .remote(config)
+    )
+    try:
+        call_actor(actor, "start")
+    except BaseException:
+        stop_router_actor(actor, owns, config.cluster_name)
+        raise
+    return actor, owns
+
+
+@contextlib.contextmanager
+def actor_errors():
+    """Errors the caller can act on come back from the Router actor as themselves, not wrapped."""
+    try:
+        yield
+    except RayTaskError as e:
+        if isinstance(e.cause, ValueError | WorkerError | NotImplementedError | RuntimeError):
+            raise e.cause from None
+        raise
+    except RayActorError as e:
+        raise RuntimeError(f"the router actor died: {e}") from None
+
+
+def call_actor(actor, method: str, *args):
+    """One Router call, waited for."""
+    with actor_errors():
+        return ray.get(getattr(actor, method).remote(*args))
+
+
+def stream_actor(actor, method: str, *args) -> Iterator:
+    """A Router generator method, item by item as the actor yields them (a Ray streaming call)."""
+    refs = getattr(actor, method).options(num_returns="streaming").remote(*args)
+    with actor_errors():
+        for ref in refs:
+            yield ray.get(ref)
+
+
+def stop_router_actor(actor, owns_ray: bool, cluster: str) -> None:
+    try:
+        ray.get(actor.shutdown.remote(), timeout=30)
+    except (RayActorError, RayTaskError, GetTimeoutError) as e:
+        log.warning("router shutdown did not finish cleanly: %s", e)
+    ray.kill(actor, no_restart=True)
+    kill_cluster_actors(cluster)  # workers a dead router could not stop
+    if owns_ray:
+        ray.shutdown()
+
+
+def kill_cluster_actors(cluster: str) -> None:
+    """Kill every named actor of `cluster` still alive (detached workers outlive their router)."""
+    try:
+        names = ray.util.list_named_actors(all_namespaces=True)
+    except Exception:  # Ray gone
+        return
+    for entry in names:
+        if entry.get("namespace") == NAMESPACE and entry.get("name", "").startswith(f"{cluster}:"):
+            with contextlib.suppress(Exception):
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)

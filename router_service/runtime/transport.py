@@ -1,0 +1,184 @@
+"""Stage 3, Dispatch, and worker membership: the interface every transport implements.
+
+The hot path is deliberately small (vLLM's prepare/finalize vs experts split): the router hands a
+transport one dict {worker id: (layout, batch)} per layer and gets a `LayerResult` back, with the
+partials of the workers that answered and, separately, the workers that did not (died, or stopped
+answering health checks): a lost worker no longer fails the layer, the dispatcher re-runs only its
+rows elsewhere. An exception raised by worker code (bad input, a bug) is different: it is not a
+lost worker, and it still fails the call as a `WorkerError`.
+
+Membership calls are blocking and made from the membership controller's own thread, never from a
+pass: start workers and load a layout into each, load another layout into running workers, drop a
+layout, retire workers. Worker ids are stable names chosen by the caller. "local" keeps the workers
+as objects in this process; "ray" and "compiled" (`ray_transport.py`, `compiled_transport.py`) run
+them as Ray actors. All three give bit-identical results for the same placement.
+
+This module imports no transport: the factory that picks one is `router.make_transport`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from expert_workers.worker import ExpertBatch, ExpertWorker
+from moe_models.spec import ModelSpec
+
+Assignment = dict[int, list[int]]  # MoE layer -> expert id of each slot
+LayoutSpec = tuple[int, Assignment]  # (layout key, assignment)
+
+
+class WorkerError(RuntimeError):
+    """Expert-worker code raised; the message names the worker and the layer."""
+
+
+class WorkerStartError(RuntimeError):
+    """A worker could not be started or could not load its experts; the message says why."""
+
+
+def worker_error(worker: int, layer: int, cause: BaseException) -> WorkerError:
+    """The error every transport raises when worker `worker`'s code fails in MoE layer `layer`."""
+    return WorkerError(f"expert worker {worker} failed in MoE layer {layer}: {type(cause).__name__}: {cause}")
+
+
+@dataclass
+class LayerResult:
+    """What one layer's dispatch gave: partials [N_w, H] by worker id, and the workers lost on the
+    way (id -> why), whose rows the dispatcher sends elsewhere."""
+
+    partials: dict[int, torch.Tensor] = field(default_factory=dict)
+    lost: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every worker is built from (the transport decides where it runs)."""
+
+    model_dir: str
+    spec: ModelSpec
+    dtype: torch.dtype
+    device: str  # "auto" resolves in the worker's own process
+    kernel: str | None = None
+    num_threads: int | None = None
+
+    def build(self, worker_id: int, cls=ExpertWorker, **extra):
+        """cls(...) with this setup and no layout yet: the class itself, or any callable taking its
+        arguments (a Ray actor class's `.remote`)."""
+        return cls(
+            worker_id,
+            self.model_dir,
+            None,
+            dtype=self.dtype,
+            device=self.device,
+            kernel=self.kernel,
+            spec=self.spec,
+            num_threads=self.num_threads,
+            **extra,
+        )
+
+
+class Transport(Protocol):
+    # ---- the hot path (a pass, under the router's model lock) ----
+    def run_layer(self, layer: int, work: dict[int, tuple[int, ExpertBatch]]) -> LayerResult: ...
+
+    # ---- membership (the controller's thread; blocking) ----
+    def start_workers(self, specs: dict[int, LayoutSpec]) -> dict[int, BaseException]:
+        """Start a worker per id and load its layout; the workers that failed (and were stopped),
+        with why. Workers that did start keep running: the caller retires them on a rollback."""
+        ...
+
+    def load_layouts(self, specs: dict[int, LayoutSpec]) -> dict[int, BaseException]:
+        """Load another layout into running workers (they keep serving their others meanwhile)."""
+        ...
+
+    def drop_layouts(self, keys: dict[int, int]) -> None:
+        """Free layout keys[w] in worker w (best effort, not waited for)."""
+        ...
+
+    def retire(self, workers: set[int]) -> None:
+        """Stop these workers (unknown or dead ones are ignored)."""
+        ...
+
+    def check(self, workers: tuple[int, ...], timeout_s: float) -> dict[int, str]:
+        """Health check of idle workers: the ones dead or not answering within timeout_s, with why."""
+        ...
+
+    def use_workers(self, workers: tuple[int, ...]) -> None:
+        """The next passes use exactly these workers (called at a pass boundary, under the model
+        lock, when a placement is published): the compiled transport rebuilds its graph."""
+        ...
+
+    def discover(self) -> dict[int, dict]:
+        """Workers of this cluster that are already running (a restarted router reattaches to
+        them): id -> describe()."""
+        ...
+
+    def describe_workers(self, workers: tuple[int, ...]) -> list[dict]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalTransport:
+    """Workers as plain objects in the router's process (tests, one-machine use).
+
+    They never die, so `lost` stays empty; loads run in the calling thread.
+    """
+
+    def __init__(self, setup: WorkerSetup):
+        self.setup = setup
+        self.workers: dict[int, ExpertWorker] = {}
+
+    def run_layer(self, layer: int, work: dict[int, tuple[int, ExpertBatch]]) -> LayerResult:
+        result = LayerResult()
+        for w, (layout, batch) in work.items():
+            try:
+                result.partials[w] = self.workers[w].forward(layer, batch, layout)
+            except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed
+                raise worker_error(w, layer, e) from e
+        return result
+
+    def start_workers(self, specs: dict[int, LayoutSpec]) -> dict[int, BaseException]:
+        errors: dict[int, BaseException] = {}
+        for w, (key, assignment) in specs.items():
+            try:
+                worker = self.setup.build(w)
+                worker.load_layout(key, assignment)
+                self.workers[w] = worker
+            except Exception as e:
+                errors[w] = e
+        return errors
+
+    def load_layouts(self, specs: dict[int, LayoutSpec]) -> dict[int, BaseException]:
+        errors: dict[int, BaseException] = {}
+        for w, (key, assignment) in specs.items():
+            try:
+                self.workers[w].load_layout(key, assignment)
+            except Exception as e:
+                errors[w] = e
+        return errors
+
+    def drop_layouts(self, keys: dict[int, int]) -> None:
+        for w, key in keys.items():
+            if w in self.workers:
+                self.workers[w].drop_layout(key)
+
+    def retire(self, workers: set[int]) -> None:
+        for w in workers:
+            self.workers.pop(w, None)
+
+    def check(self, workers: tuple[int, ...], timeout_s: float) -> dict[int, str]:
+        return {w: "not running" for w in workers if w not in self.workers}
+
+    def use_workers(self, workers: tuple[int, ...]) -> None:
+        pass
+
+    def discover(self) -> dict[int, dict]:
+        return {}
+
+    def describe_workers(self, workers: tuple[int, ...]) -> list[dict]:
+        return [self.workers[w].describe() for w in workers if w in self.workers]
+
+    def close(self) -> None:
+        self.workers = {}
