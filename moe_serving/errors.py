@@ -10,6 +10,7 @@ from __future__ import annotations
 HTTP_STATUS = {
     "invalid_argument": 400,
     "not_found": 404,
+    "failed_precondition": 409,  # the cluster is busy with another change (scale, rebalance)
     "resource_exhausted": 413,  # a request over a size limit; a full queue is "unavailable" (503)
     "unimplemented": 501,
     "unavailable": 503,

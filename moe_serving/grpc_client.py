@@ -38,7 +38,6 @@ _NEAREST = {
     "deadline_exceeded": "unavailable",
     "aborted": "unavailable",
     "out_of_range": "invalid_argument",
-    "failed_precondition": "invalid_argument",
     "already_exists": "invalid_argument",
     "permission_denied": "invalid_argument",
     "unauthenticated": "invalid_argument",
@@ -206,8 +205,13 @@ class GrpcClient:
         return cluster_state_dict(self._call(self._stub.GetClusterState, pb.GetClusterStateRequest()))
 
     def scale(self, num_workers: int) -> dict:
-        """Change the number of expert workers; returns the cluster state after."""
+        """Change the number of expert workers; returns the cluster state once the new placement
+        serves."""
         return cluster_state_dict(self._call(self._stub.Scale, pb.ScaleRequest(num_workers=int(num_workers))))
+
+    def rebalance(self) -> dict:
+        """Re-place experts by EPLB over the recent load; the balance before and after."""
+        return json.loads(self._call(self._stub.Rebalance, pb.RebalanceRequest()).json)
 
     def health(self, service: str = SERVICE_NAME) -> bool:
         """True when the server's health service reports SERVING for `service`."""
@@ -283,6 +287,9 @@ class AsyncGrpcClient:
     async def scale(self, num_workers: int) -> dict:
         resp = await self._call(self._stub.Scale, pb.ScaleRequest(num_workers=int(num_workers)))
         return cluster_state_dict(resp)
+
+    async def rebalance(self) -> dict:
+        return json.loads((await self._call(self._stub.Rebalance, pb.RebalanceRequest())).json)
 
     async def health(self, service: str = SERVICE_NAME) -> bool:
         try:

@@ -284,8 +284,19 @@ class HTTPClient:
             raise _unreachable(self.base_url, e) from e
 
     def cluster_state(self) -> dict:
-        """Workers, experts per worker and layer, expert load (GET /v1/cluster)."""
+        """Workers, placement, expert load and balance, membership events (GET /v1/cluster)."""
         return _json_answer(self._send("GET", "/v1/cluster"))
+
+    def scale(self, num_workers: int) -> dict:
+        """Run on `num_workers` expert workers; the cluster state once the new placement serves
+        (POST /v1/cluster/scale). ServingError "failed_precondition" (409) while another change runs,
+        "unavailable" (503) when the change was rolled back."""
+        return _json_answer(self._send("POST", "/v1/cluster/scale", json={"num_workers": num_workers}))
+
+    def rebalance(self) -> dict:
+        """Re-place experts by EPLB over the recent load; the balance before and after
+        (POST /v1/cluster/rebalance)."""
+        return _json_answer(self._send("POST", "/v1/cluster/rebalance"))
 
     def models(self) -> dict:
         """OpenAI's model list (GET /v1/models)."""
@@ -381,6 +392,12 @@ class AsyncHTTPClient:
 
     async def cluster_state(self) -> dict:
         return _json_answer(await self._send("GET", "/v1/cluster"))
+
+    async def scale(self, num_workers: int) -> dict:
+        return _json_answer(await self._send("POST", "/v1/cluster/scale", json={"num_workers": num_workers}))
+
+    async def rebalance(self) -> dict:
+        return _json_answer(await self._send("POST", "/v1/cluster/rebalance"))
 
     async def models(self) -> dict:
         return _json_answer(await self._send("GET", "/v1/models"))

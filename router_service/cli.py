@@ -12,6 +12,7 @@ with exit status 2, never as a traceback.
     moe-serve serve --workers 2                       # HTTP :8000, gRPC :50051 until Ctrl-C / SIGTERM
     moe-serve generate --url http://127.0.0.1:8000 --prompt Hello
     moe-serve cluster --url http://127.0.0.1:8000     # workers, experts, expert load
+    moe-serve scale 4 --url http://127.0.0.1:8000     # or --grpc 127.0.0.1:50051
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from expert_workers.kernels import KERNELS
 from moe_serving.errors import ServingError
-from router_service.config import TRANSPORTS, BatchLimits
+from router_service.config import TRANSPORTS, AutoscalingConfig, BatchLimits, ElasticConfig
 from router_service.engine import DTYPES, Engine
 from router_service.serving.launch import ServerOptions, start_server
 from router_service.serving.settings import ServingSettings
@@ -56,6 +57,7 @@ SERVER_DEFAULTS = _defaults(start_server)
 SERVER_OPTIONS = _field_defaults(ServerOptions)
 SERVING_SETTINGS = _field_defaults(ServingSettings)
 BATCH_LIMITS = _field_defaults(BatchLimits)
+ELASTIC = _field_defaults(ElasticConfig)
 MAX_NEW_TOKENS = 32  # the API has no default for it; this is the command line's
 SERVED_TRANSPORTS = [t for t in TRANSPORTS if t != "local"]  # serving needs Ray
 DEFAULT_URL = f"http://{SERVER_OPTIONS['host']}:{SERVER_OPTIONS['http_port']}"
@@ -300,6 +302,65 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=BATCH_LIMITS["max_batch_size"],
         help="sequences decoded together per step (default: %(default)s)",
     )
+    g = p.add_argument_group("elasticity (docs/elasticity.md)")
+    g.add_argument(
+        "--redundant-experts",
+        metavar="R",
+        type=int,
+        default=ELASTIC["redundant_experts"],
+        help="extra expert slots, filled with replicas of the busiest experts (default: %(default)s)",
+    )
+    g.add_argument(
+        "--worker-timeout",
+        dest="worker_timeout_s",
+        metavar="SECONDS",
+        type=float,
+        default=ELASTIC["worker_timeout_s"],
+        help="a worker that answers no health check this long is replaced (default: %(default)s)",
+    )
+    g.add_argument(
+        "--rebalance-every",
+        dest="rebalance_every_steps",
+        metavar="STEPS",
+        type=int,
+        default=ELASTIC["rebalance_every_steps"],
+        help="check the expert balance every STEPS decode steps and rebalance below "
+        "--rebalance-threshold (default: %(default)s, never)",
+    )
+    g.add_argument(
+        "--rebalance-threshold",
+        metavar="X",
+        type=float,
+        default=ELASTIC["rebalance_threshold"],
+        help="balancedness (mean / max worker load) below which to rebalance (default: %(default)s)",
+    )
+    g.add_argument(
+        "--autoscaling-config",
+        metavar="JSON",
+        type=json_object,
+        help='autoscale the workers, e.g. \'{"min_workers": 1, "max_workers": 4, '
+        '"target_tokens_per_worker": 16}\' (fields: AutoscalingConfig; default: off)',
+    )
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def elastic_from_args(args: argparse.Namespace) -> ElasticConfig:
+    return ElasticConfig(
+        redundant_experts=args.redundant_experts,
+        worker_timeout_s=args.worker_timeout_s,
+        rebalance_every_steps=args.rebalance_every_steps,
+        rebalance_threshold=args.rebalance_threshold,
+        autoscaling=AutoscalingConfig(**args.autoscaling_config) if args.autoscaling_config else None,
+    )
 
 
 def _stop_on_sigterm() -> None:
@@ -341,6 +402,7 @@ def run_serve(args: argparse.Namespace) -> int:
             progress=progress_mode(args),
             device=args.device,
             expert_kernel=args.expert_kernel,
+            elastic=elastic_from_args(args),
         )
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
         raise ValueError(e.strerror or str(e)) from e
@@ -372,17 +434,83 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_server_address(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", metavar="URL", help=f"the server's HTTP address (default: {DEFAULT_URL})")
+    where.add_argument("--grpc", metavar="HOST:PORT", help="the server's gRPC address, instead of --url")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer instead of tables")
+
+
+def client_of(args: argparse.Namespace):
+    """An HTTP or gRPC client of the server the flags name (both have the same cluster methods)."""
+    if args.grpc:
+        from moe_serving.grpc_client import GrpcClient
+
+        return GrpcClient(args.grpc)
+    from moe_serving.http_client import HTTPClient
+
+    return HTTPClient(args.url or DEFAULT_URL, timeout=None)
+
+
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", metavar="URL", default=DEFAULT_URL, help="the server (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the raw JSON state instead of tables")
+    add_server_address(p)
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        type=Path,
+        help="also write an expert-load heatmap (layers x experts, and x worker slots) to FILE (.png, .svg)",
+    )
 
 
 def run_cluster(args: argparse.Namespace) -> None:
-    from moe_serving.http_client import HTTPClient
-
-    with HTTPClient(args.url) as client:
+    with client_of(args) as client:
         state = client.cluster_state()
     print(json.dumps(state, indent=2) if args.json else format_cluster(state))
+    if args.plot is not None:
+        from moe_serving.plot import plot_expert_load
+
+        plot_expert_load(state, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("num_workers", metavar="N", type=int, help="the number of expert workers to run on")
+    add_server_address(p)
+
+
+def run_scale(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    with client_of(args) as client:
+        before = client.cluster_state()["num_workers"]
+        state = client.scale(args.num_workers)
+    took = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return
+    print(
+        f"{before} -> {state['num_workers']} expert workers, placement version "
+        f"{state['placement_version']} serving ({took:.1f}s)\n"
+    )
+    print(format_cluster(state))
+
+
+def add_rebalance_args(p: argparse.ArgumentParser) -> None:
+    add_server_address(p)
+
+
+def run_rebalance(args: argparse.Namespace) -> None:
+    with client_of(args) as client:
+        result = client.rebalance()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    before, after = result["before"], result["after"]
+    rows = [
+        [layer, f"{value:.3f}", f"{after['balancedness'].get(layer, float('nan')):.3f}"]
+        for layer, value in before["balancedness"].items()
+    ]
+    print(f"placement version {result['placement_version']} serving")
+    print("\n".join(_table(["layer", "balancedness before", "after"], rows, right={0, 1, 2})))
 
 
 # ---- cluster state as text ------------------------------------------------------------------------
@@ -441,6 +569,18 @@ def format_cluster(state: dict) -> str:
         f"workers {state.get('num_workers', len(workers))}   MoE layers {compact_ranges(layers)}",
         "",
     ]
+    elastic = state.get("elastic") or {}
+    health = elastic.get("health") or {}
+    if elastic:
+        status = "serving" if health.get("serving") else f"NOT SERVING ({health.get('reason', '?')})"
+        if health.get("degraded"):
+            status += " (degraded)"
+        lines[-1:] = [
+            f"{status}   target workers {elastic.get('target_workers', '?')}   expert slots "
+            f"{elastic.get('num_slots', '?')} ({elastic.get('redundant_experts', 0)} redundant)"
+            + (f"   changing: {elastic['changing']}" if elastic.get("changing") else ""),
+            "",
+        ]
     rows = [
         [
             w.get("worker_id"),
@@ -449,10 +589,35 @@ def format_cluster(state: dict) -> str:
             w.get("kernel"),
             _experts_per_layer(w.get("experts")),
             f"{w['param_bytes'] / 1e6:.1f}" if w.get("param_bytes") is not None else None,
+            w.get("tokens"),
         ]
         for w in workers
     ]
-    lines += _table(["worker", "node ip", "device", "kernel", "experts per layer", "MB"], rows, right={0, 5})
+    lines += _table(
+        ["worker", "node ip", "device", "kernel", "experts per layer", "MB", "tokens"], rows, right={0, 5, 6}
+    )
+    balance = (state.get("balance") or {}).get("balancedness") or {}
+    if balance:
+        worst = min(balance.items(), key=lambda kv: kv[1])
+        lines += [
+            "",
+            "balancedness (mean / max worker load) per layer: "
+            + " ".join(f"L{layer}:{b:.2f}" for layer, b in balance.items())
+            + f"   worst L{worst[0]}",
+        ]
+    if elastic.get("history"):
+        lines += ["", "membership events (latest last)"]
+        rows = [
+            [
+                time.strftime("%H:%M:%S", time.localtime(e["time"])),
+                e["kind"],
+                f"{e['from_workers']} -> {e['to_workers']}",
+                f"{e['seconds']:.2f}",
+                e["placement_version"],
+            ]
+            for e in elastic["history"][-8:]
+        ]
+        lines += _table(["time", "event", "workers", "seconds", "version"], rows, right={3, 4})
 
     load = state.get("expert_load") or {}
     tokens = load.get("tokens") or {}
@@ -503,6 +668,12 @@ COMMANDS = {
     ),
     "cluster": Command(
         "show a server's workers, expert placement and expert load", add_cluster_args, run_cluster
+    ),
+    "scale": Command(
+        "change a running server's number of expert workers (no request fails)", add_scale_args, run_scale
+    ),
+    "rebalance": Command(
+        "re-place a running server's experts by their recent load (EPLB)", add_rebalance_args, run_rebalance
     ),
 }
 

@@ -189,6 +189,7 @@ CLUSTER_STATE = {  # the shape GET /v1/cluster answers (JSON: integer keys arriv
             "experts": {"1": list(range(16)), "2": list(range(16)), "3": list(range(16))},
             "param_bytes": 20054016,
             "node_ip": "10.0.0.1",
+            "tokens": 40,
         },
         {
             "worker_id": 1,
@@ -197,12 +198,38 @@ CLUSTER_STATE = {  # the shape GET /v1/cluster answers (JSON: integer keys arriv
             "experts": {"1": list(range(16, 32)), "2": [*range(16, 31), 5], "3": list(range(16, 32))},
             "param_bytes": 20054016,
             "node_ip": None,
+            "tokens": 12,
         },
     ],
     "expert_load": {
         "window_batches": 256,
         "batches_seen": {"1": 5, "2": 5},
         "tokens": {"1": [0] * 28 + [16, 0, 0, 5], "2": [1] * 32},
+    },
+    "balance": {"balancedness": {"1": 0.25, "2": 1.0, "3": 0.5}},
+    "elastic": {
+        "target_workers": 2,
+        "num_slots": 32,
+        "redundant_experts": 0,
+        "health": {"serving": True, "degraded": False},
+        "history": [
+            {
+                "time": 0,
+                "kind": "start",
+                "from_workers": 0,
+                "to_workers": 1,
+                "seconds": 0.0,
+                "placement_version": 0,
+            },
+            {
+                "time": 9,
+                "kind": "scale",
+                "from_workers": 1,
+                "to_workers": 2,
+                "seconds": 1.234,
+                "placement_version": 3,
+            },
+        ],
     },
     "generation": {
         "running": 1,
@@ -219,9 +246,21 @@ def test_cluster_tables():
     assert " ".join(lines[0].split()) == (
         "model_type deepseek_v3 transport ray dtype float32 placement version 3 workers 2 MoE layers 1-3"
     )
-    assert lines[2].split() == ["worker", "node", "ip", "device", "kernel", "experts", "per", "layer", "MB"]
-    assert lines[3].split() == ["0", "10.0.0.1", "cpu", "onednn", "0-15", "20.1"]
-    assert lines[4].split() == [
+    assert " ".join(lines[1].split()) == "serving target workers 2 expert slots 32 (0 redundant)"
+    assert lines[3].split() == [
+        "worker",
+        "node",
+        "ip",
+        "device",
+        "kernel",
+        "experts",
+        "per",
+        "layer",
+        "MB",
+        "tokens",
+    ]
+    assert lines[4].split() == ["0", "10.0.0.1", "cpu", "onednn", "0-15", "20.1", "40"]
+    assert lines[5].split() == [
         "1",
         "-",
         "cuda:0",
@@ -233,8 +272,11 @@ def test_cluster_tables():
         "L3:",
         "16-31",
         "20.1",
+        "12",
     ]
     text = "\n".join(lines)
+    assert "per layer: L1:0.25 L2:1.00 L3:0.50   worst L1" in text
+    assert "scale  1 -> 2      1.23        3" in text
     assert "e28:16 e31:5\n" in text + "\n", text  # only experts that saw tokens, hottest first
     assert "   2        5      32  e0:1 e1:1 e2:1 e3:1 e4:1 e5:1 e6:1 e7:1" in text  # ties by expert id
     assert "generation: running 1   waiting 2" in text

@@ -175,11 +175,34 @@ def test_cluster_prints_the_worker_table(server):
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert "model_type deepseek_v3" in out and "transport ray" in out and "workers 2" in out
-    assert re.search(r"^worker\s+node ip\s+device\s+kernel\s+experts per layer\s+MB$", out, re.M), out
-    assert re.search(r"^\s+0\s+\S+\s+cpu\s+\S+\s+0-15\s+[\d.]+$", out, re.M), out
-    assert re.search(r"^\s+1\s+\S+\s+cpu\s+\S+\s+16-31\s+[\d.]+$", out, re.M), out
+    assert re.search(r"^worker\s+node ip\s+device\s+kernel\s+experts per layer\s+MB\s+tokens$", out, re.M), (
+        out
+    )
+    assert re.search(r"^\s+0\s+\S+\s+cpu\s+\S+\s+0-15\s+[\d.]+\s+\d+$", out, re.M), out
+    assert re.search(r"^\s+1\s+\S+\s+cpu\s+\S+\s+16-31\s+[\d.]+\s+\d+$", out, re.M), out
     assert "expert load" in out and re.search(r"e\d+:\d+", out), out  # the generate tests made load
     assert "generation: running 0" in out
+
+
+def test_scale_over_http_and_grpc_and_plot_the_load(server, tmp_path):
+    run = moe_serve("scale", "3", "--url", server.http_url)
+    assert run.returncode == 0, run.stderr
+    assert re.match(r"2 -> 3 expert workers, placement version \d+ serving \([\d.]+s\)", run.stdout), (
+        run.stdout
+    )
+    run = moe_serve("scale", "2", "--grpc", server.grpc_target)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("3 -> 2 expert workers"), run.stdout
+    run = moe_serve("scale", "99", "--url", server.http_url)
+    assert (
+        run.returncode == 2 and "num_workers must be between 1 and the number of expert slots" in run.stderr
+    )
+    assert "Traceback" not in run.stderr
+    png = tmp_path / "load.png"
+    run = moe_serve("cluster", "--url", server.http_url, "--plot", str(png))
+    assert run.returncode == 0, run.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "scale  3 -> 2" in run.stdout  # the event history
 
 
 def test_sigterm_stops_the_server_and_its_ray(server):

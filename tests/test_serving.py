@@ -261,7 +261,11 @@ def test_cluster_metrics_and_models(server, http):
     assert all("node_ip" in w for w in state["workers"])
     text = httpx.get(f"{server.http_url}/metrics").text
     assert 'moe_requests_total{endpoint="forward",protocol="http",status="ok"}' in text
-    assert "moe_request_latency_seconds_bucket" in text and "moe_expert_tokens{" in text
+    assert "moe_request_latency_seconds_bucket" in text and 'moe_layer_balancedness{layer="1"}' in text
+    assert "moe_expert_workers 2.0" in text and "moe_serving 1.0" in text
+    assert "moe_expert_tokens" not in text, (
+        "no series per expert: the layer x expert matrix is in /v1/cluster"
+    )
     assert http.models()["data"][0]["id"] == "tiny-moe"
 
 
@@ -359,9 +363,10 @@ def test_bad_grpc_input_gets_a_status_and_the_server_keeps_serving(server, grpc_
     with pytest.raises(ServingError) as e:
         list(grpc_client.generate(prompt_token_ids=[1, 2], max_tokens=MAX_REQUEST_TOKENS))
     assert e.value.code == "resource_exhausted"
-    with pytest.raises(ServingError) as e:
-        grpc_client.scale(3)
-    assert e.value.code == "unimplemented"
+    for n in (0, spec.num_experts + 1):  # more workers than expert slots
+        with pytest.raises(ServingError) as e:
+            grpc_client.scale(n)
+        assert e.value.code == "invalid_argument" and "num_workers" in e.value.message
     assert grpc_client.forward(ids_batch(spec, b=1, s=2)).shape == (1, 2, spec.vocab_size)
 
 

@@ -92,6 +92,32 @@ class ScaleRequest(_message.Message):
     num_workers: int
     def __init__(self, num_workers: _Optional[int] = ...) -> None: ...
 
+class RebalanceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LayerBalance(_message.Message):
+    __slots__ = ("layer", "balancedness", "imbalance")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    balancedness: float
+    imbalance: float
+    def __init__(self, layer: _Optional[int] = ..., balancedness: _Optional[float] = ..., imbalance: _Optional[float] = ...) -> None: ...
+
+class RebalanceResponse(_message.Message):
+    __slots__ = ("placement_version", "before", "after", "json")
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    placement_version: int
+    before: _containers.RepeatedCompositeFieldContainer[LayerBalance]
+    after: _containers.RepeatedCompositeFieldContainer[LayerBalance]
+    json: str
+    def __init__(self, placement_version: _Optional[int] = ..., before: _Optional[_Iterable[_Union[LayerBalance, _Mapping]]] = ..., after: _Optional[_Iterable[_Union[LayerBalance, _Mapping]]] = ..., json: _Optional[str] = ...) -> None: ...
+
 class ExpertIds(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class MoEServiceStub:
                 request_serializer=moe__serving_dot_v1_dot_moe__service__pb2.ScaleRequest.SerializeToString,
                 response_deserializer=moe__serving_dot_v1_dot_moe__service__pb2.ClusterState.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/moe_serving.v1.MoEService/Rebalance',
+                request_serializer=moe__serving_dot_v1_dot_moe__service__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=moe__serving_dot_v1_dot_moe__service__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class MoEServiceServicer:
@@ -98,8 +103,20 @@ class MoEServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Scale(self, request, context):
-        """Change the number of expert workers (experts are re-placed; in-flight requests finish first).
-        Returns the cluster state after scaling.
+        """Change the number of expert workers. New workers load their experts in the background while
+        requests keep being served; the router switches placement between two forward passes. Returns
+        the cluster state once the new placement serves. INVALID_ARGUMENT for a count outside 1 to the
+        number of expert slots; FAILED_PRECONDITION while another scale or rebalance runs (or when
+        autoscaling manages the count); UNAVAILABLE when the change could not finish (it was rolled
+        back, the old placement still serves; the details say why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Re-place experts and their replicas (redundant slots) by expert-parallel load balancing over
+        the router's recent expert load, on the same workers; the per-layer balance before and after.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +149,11 @@ def add_MoEServiceServicer_to_server(servicer, server):
                     servicer.Scale,
                     request_deserializer=moe__serving_dot_v1_dot_moe__service__pb2.ScaleRequest.FromString,
                     response_serializer=moe__serving_dot_v1_dot_moe__service__pb2.ClusterState.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=moe__serving_dot_v1_dot_moe__service__pb2.RebalanceRequest.FromString,
+                    response_serializer=moe__serving_dot_v1_dot_moe__service__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +292,33 @@ class MoEService:
             '/moe_serving.v1.MoEService/Scale',
             moe__serving_dot_v1_dot_moe__service__pb2.ScaleRequest.SerializeToString,
             moe__serving_dot_v1_dot_moe__service__pb2.ClusterState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serving.v1.MoEService/Rebalance',
+            moe__serving_dot_v1_dot_moe__service__pb2.RebalanceRequest.SerializeToString,
+            moe__serving_dot_v1_dot_moe__service__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -106,6 +106,7 @@ class Membership:
         self._lost_at: float | None = None  # first loss since the count was last at its target
         self.events: collections.Counter[str] = collections.Counter()
         self.recovery_seconds: collections.deque[float] = collections.deque(maxlen=HISTORY)
+        self._recovery_total = [0, 0.0]  # count, seconds: cumulative, for metrics
         self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY)
         self._rebalanced_at_pass = 0
         self._next_check = 0.0
@@ -434,6 +435,7 @@ class Membership:
             "num_slots": self.num_slots,
             "events": dict(self.events),
             "recovery_seconds": list(self.recovery_seconds),
+            "recovery": {"count": self._recovery_total[0], "sum": round(self._recovery_total[1], 4)},
             "history": list(self.history),
             "changing": self.changing,
             "unavailable": self.unavailable,
@@ -457,6 +459,8 @@ class Membership:
         if self._lost_at is not None and placement.num_workers >= self.target and not self.unavailable:
             took = time.monotonic() - self._lost_at
             self.recovery_seconds.append(round(took, 4))
+            self._recovery_total[0] += 1
+            self._recovery_total[1] += took
             self._lost_at = None
             log.warning("back to %d expert workers %.2fs after the first loss", placement.num_workers, took)
 

@@ -2,7 +2,7 @@
 
 Everything a client can get wrong is checked here, before the router sees it, and raised as a
 `ServingError` (HTTP 4xx / gRPC INVALID_ARGUMENT or RESOURCE_EXHAUSTED); errors coming back from
-the Router actor are mapped to `ServingError`s in `router_errors`, the one place that knows both.
+the Router actor are mapped to `ServingError`s in `_as_serving_error`, the one place that knows both.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextvars
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import torch
 from ray.exceptions import RayActorError, RayTaskError
@@ -22,6 +23,7 @@ from moe_serving.errors import ServingError, invalid, too_large
 from moe_serving.types import GenerateChunk, GenerateParams
 from router_service.generation.scheduler import QueueFull, RequestTooLarge
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
+from router_service.runtime.membership import MembershipBusy, NoCapacityError, ScaleError
 from router_service.runtime.transport import WorkerError
 from router_service.serving.detokenize import TextStream
 from router_service.serving.settings import ServingSettings
@@ -29,15 +31,8 @@ from router_service.serving.settings import ServingSettings
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def router_errors():
-    """Router-side failures as ServingErrors (the message is the router's own, one line)."""
-    try:
-        yield
-    except RayTaskError as e:
-        raise _as_serving_error(e.cause if e.cause is not None else e) from None
-    except RayActorError as e:
-        raise ServingError("unavailable", f"the router actor is not running: {e}") from None
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _as_serving_error(e: BaseException) -> ServingError:
@@ -45,13 +40,15 @@ def _as_serving_error(e: BaseException) -> ServingError:
         return e
     if isinstance(e, RequestTooLarge):
         return too_large(str(e))
-    if isinstance(e, QueueFull):
+    if isinstance(e, QueueFull | ScaleError | NoCapacityError):
         return ServingError("unavailable", str(e))
+    if isinstance(e, MembershipBusy):
+        return ServingError("failed_precondition", str(e))
     if isinstance(e, ValueError):
         return invalid(str(e))
     if isinstance(e, WorkerError):
         return ServingError("internal", str(e))
-    return ServingError("internal", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return ServingError("internal", f"{type(e).__name__}: {_first_line(e)}")
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -150,11 +147,27 @@ def token_groups(sizes: list[int], limit: int) -> list[list[int]]:
 # ---- the core --------------------------------------------------------------------------------------
 
 
+@dataclass
+class OpenGeneration:
+    """A generation the ingress is streaming: what it needs to re-submit it to a restarted router."""
+
+    prompt: list[int]
+    params: GenerateParams
+    news: asyncio.Queue
+    tokens: list[int] = field(default_factory=list)
+
+
 class IngressCore:
     """Validation and Router calls shared by the HTTP deployment (and through it, gRPC).
 
     `router` is the Router actor handle; `tokenizer` a transformers tokenizer or None (then only
     token-id prompts are accepted).
+
+    A Router actor that dies restarts (Ray re-creates it, and it reattaches to its workers); calls
+    that failed on the dead one are made again once it answers, and every open generation is
+    re-submitted with the tokens it already streamed appended to its prompt, so its client sees the
+    stream go on, neither losing nor repeating a token. Past `settings.router_restart_timeout_s`
+    without a router, requests fail as unavailable (HTTP 503 / gRPC UNAVAILABLE).
     """
 
     def __init__(self, router, spec: ModelSpec, tokenizer, settings: ServingSettings):
@@ -163,8 +176,56 @@ class IngressCore:
         self.tokenizer = tokenizer
         self.settings = settings
         self._subscriber = uuid.uuid4().hex  # this replica's name for its generation stream
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._open: dict[str, OpenGeneration] = {}
         self._pump_task: asyncio.Task | None = None
+        self._back: asyncio.Future | None = None  # set while waiting for a restarted router
+        self.router_restarts = 0  # restarts this replica saw (metrics)
+
+    # ---- calling the router, across its restarts --------------------------------------------------
+
+    async def call(self, method: str, *args):
+        """One router call; if the router actor died, wait for it to be back and call again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.router_restart_timeout_s
+        while True:
+            try:
+                with _raise_actor_errors():
+                    return await getattr(self.router, method).remote(*args)
+            except RayActorError as e:
+                if loop.time() > deadline:
+                    raise ServingError(
+                        "unavailable", f"the router is not running: {_first_line(e)}"
+                    ) from None
+                await self._router_back()
+
+    async def _router_back(self) -> None:
+        """Wait until the router answers again (one wait shared by every caller); raises
+        ServingError("unavailable") when it does not within the restart timeout."""
+        if self._back is None or self._back.done():
+            self._back = asyncio.ensure_future(self._wait_for_router())
+        ok = await asyncio.shield(self._back)
+        if not ok:
+            raise ServingError(
+                "unavailable",
+                f"the router actor died and was not back within {self.settings.router_restart_timeout_s:g}s",
+            )
+
+    async def _wait_for_router(self) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.router_restart_timeout_s
+        log.warning("the router actor died; waiting for it to restart")
+        while loop.time() < deadline:
+            try:
+                # Calls to a restarting actor wait for it; one to a dead one fails at once.
+                await asyncio.wait_for(self.router.health.remote(), timeout=max(1.0, deadline - loop.time()))
+                self.router_restarts += 1
+                log.warning("the router actor is back")
+                return True
+            except (RayActorError, asyncio.TimeoutError, RayTaskError):
+                await asyncio.sleep(0.5)
+        return False
+
+    # ---- forward and MoE-layer requests ----------------------------------------------------------
 
     async def forward_many(self, requests: list[tuple[torch.Tensor, torch.Tensor | None]]):
         """One router call per token-limited group of already validated requests."""
@@ -173,8 +234,7 @@ class IngressCore:
         for group in token_groups(sizes, self.settings.max_batch_tokens):
             reqs = [requests[i] for i in group]
             ids, mask = merge_forward(reqs)
-            with router_errors():
-                logits = await self.router.forward.remote(ids, mask)
+            logits = await self.call("forward", ids, mask)
             for i, out in zip(group, split_forward(logits, reqs), strict=True):
                 results[i] = out
         return results
@@ -190,11 +250,12 @@ class IngressCore:
             for group in token_groups(sizes, self.settings.max_batch_tokens):
                 members = [idx[g] for g in group]
                 flat = [requests[i][1].reshape(-1, self.spec.hidden_size) for i in members]
-                with router_errors():
-                    out = await self.router.moe_forward.remote(layer, torch.cat(flat))
+                out = await self.call("moe_forward", layer, torch.cat(flat))
                 for i, part in zip(members, out.split([f.shape[0] for f in flat]), strict=True):
                     results[i] = part.reshape(requests[i][1].shape).clone()
         return results
+
+    # ---- generation --------------------------------------------------------------------------------
 
     def prompt_ids(self, p: GenerateParams) -> list[int]:
         check_generate_params(p)
@@ -224,28 +285,19 @@ class IngressCore:
         """
         ids = self.prompt_ids(p)
         request_id = uuid.uuid4().hex
-        news: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = news
+        req = OpenGeneration(ids, p, asyncio.Queue())
+        self._open[request_id] = req
         text = TextStream(self.tokenizer) if self.tokenizer is not None else None
-        made = 0
         finished = False
         try:
             self._ensure_pump()
-            with router_errors():
-                await self.router.submit_generation.remote(
-                    request_id,
-                    ids,
-                    p.max_tokens,
-                    float(p.temperature),
-                    float(p.top_p),
-                    p.seed,
-                    self._subscriber,
-                )
+            with contextlib.suppress(RayActorError):  # the pump sees it die too, and re-submits
+                await self._submit(request_id, req)
             while not finished:
-                tokens, finish, error = await news.get()
+                tokens, finish, error = await req.news.get()
                 if error is not None:
                     raise _as_serving_error(error)
-                made += len(tokens)
+                req.tokens += tokens
                 finished = finish is not None
                 delta = text.push(tokens, final=finished) if text else ""
                 yield GenerateChunk(
@@ -253,12 +305,27 @@ class IngressCore:
                     text=delta,
                     finish_reason=finish,
                     prompt_tokens=len(ids),
-                    completion_tokens=made,
+                    completion_tokens=len(req.tokens),
                 )
         finally:
-            self._streams.pop(request_id, None)
+            self._open.pop(request_id, None)
             if not finished:
                 self.router.cancel_generation.remote(request_id)
+
+    async def _submit(self, request_id: str, req: OpenGeneration) -> None:
+        """Submit (or re-submit, after a router restart: prompt + the tokens already streamed)."""
+        p, done = req.params, len(req.tokens)
+        with _raise_actor_errors():
+            await self.router.submit_generation.remote(
+                request_id,
+                req.prompt + req.tokens,
+                p.max_tokens - done,
+                float(p.temperature),
+                float(p.top_p),
+                p.seed,
+                self._subscriber,
+                done,
+            )
 
     def _ensure_pump(self) -> None:
         if self._pump_task is None or self._pump_task.done():
@@ -268,27 +335,77 @@ class IngressCore:
             self._pump_task = contextvars.Context().run(loop.create_task, self._pump())
 
     async def _pump(self) -> None:
-        """Read the router's event stream for this replica and hand each request its news."""
-        try:
-            refs = self.router.generation_events.options(num_returns="streaming").remote(self._subscriber)
-            with router_errors():
-                async for ref in refs:
-                    for request_id, tokens, finish, error in await ref:
-                        news = self._streams.get(request_id)
-                        if news is not None:
-                            news.put_nowait((tokens, finish, error))
-        except Exception as e:  # the router went away: every open stream learns it
-            log.warning(
-                "generation event stream ended (%s: %s); restarting on the next request", type(e).__name__, e
-            )
-            err = (
-                e
-                if isinstance(e, ServingError)
-                else ServingError("unavailable", f"generation stream lost: {e}")
-            )
-            for news in list(self._streams.values()):
-                news.put_nowait(([], None, err))
+        """Read the router's event stream for this replica and hand each request its news; when the
+        router dies, wait for its restart and re-submit every open request."""
+        while True:
+            try:
+                refs = self.router.generation_events.options(num_returns="streaming").remote(self._subscriber)
+                with _raise_actor_errors():
+                    async for ref in refs:
+                        for request_id, tokens, finish, error in await ref:
+                            req = self._open.get(request_id)
+                            if req is not None:
+                                req.news.put_nowait((tokens, finish, error))
+            except RayActorError as e:
+                log.warning("generation event stream lost (%s)", _first_line(e))
+                try:
+                    await self._router_back()
+                    await self._resubmit_all()
+                except (ServingError, RayActorError) as err:
+                    self._fail_open(err)
+                    return
+                continue
+            except Exception as e:  # anything else: every open stream learns it
+                log.warning("generation event stream ended (%s: %s)", type(e).__name__, _first_line(e))
+                self._fail_open(e)
+                return
+
+    async def _resubmit_all(self) -> None:
+        requests = list(self._open.items())
+        log.warning("re-submitting %d open generations to the restarted router", len(requests))
+        for request_id, req in requests:
+            try:
+                await self._submit(request_id, req)
+            except ServingError as e:
+                if "already in use" in e.message:
+                    continue  # its first submission reached the restarted router
+                req.news.put_nowait(([], None, e))
+
+    def _fail_open(self, e: BaseException) -> None:
+        err = (
+            e if isinstance(e, ServingError) else ServingError("unavailable", f"generation stream lost: {e}")
+        )
+        for req in list(self._open.values()):
+            req.news.put_nowait(([], None, err))
+
+    # ---- cluster ------------------------------------------------------------------------------------
 
     async def cluster_state(self) -> dict:
-        with router_errors():
-            return await self.router.cluster_state.remote()
+        return await self.call("cluster_state")
+
+    async def scale(self, num_workers: int) -> dict:
+        return await self.call("scale", num_workers)
+
+    async def rebalance(self) -> dict:
+        return await self.call("rebalance")
+
+    async def health(self) -> dict:
+        """The router's health; not serving when it does not answer within a few seconds."""
+        try:
+            with _raise_actor_errors():
+                return await asyncio.wait_for(self.router.health.remote(), timeout=5.0)
+        except (RayActorError, asyncio.TimeoutError) as e:
+            why = "does not answer" if isinstance(e, asyncio.TimeoutError) else "is not running"
+            return {"serving": False, "reason": f"the router {why} ({type(e).__name__})"}
+        except ServingError as e:
+            return {"serving": False, "reason": e.message}
+
+
+@contextlib.contextmanager
+def _raise_actor_errors():
+    """Router task errors as ServingErrors; RayActorError (the router died) passes through, so the
+    caller can wait for the restart."""
+    try:
+        yield
+    except RayTaskError as e:
+        raise _as_serving_error(e.cause if e.cause is not None else e) from None

@@ -8,6 +8,8 @@ in the cluster, whatever process started them.
 
 from __future__ import annotations
 
+import asyncio
+
 from ray.exceptions import RayTaskError
 
 from moe_serving.types import GenerateParams
@@ -51,15 +53,29 @@ class HandleBackend:
         return await self._call("cluster_state")
 
     async def scale(self, num_workers: int) -> dict:
-        return await self._call("scale", num_workers)
+        return await self._call("scale", num_workers, "grpc")
+
+    async def rebalance(self) -> dict:
+        return await self._call("rebalance", "grpc")
+
+    async def health(self) -> dict:
+        return await self._call("health")
+
+
+HEALTH_POLL_S = 1.0  # how often the gRPC health status follows the router's
 
 
 class GrpcIngress:
-    """Ray actor hosting the grpc.aio server (started by `start`, stopped by `stop`)."""
+    """Ray actor hosting the grpc.aio server (started by `start`, stopped by `stop`).
+
+    Its health service follows the router's: SERVING while the router can serve, NOT_SERVING while
+    it cannot (no expert worker, the router down), checked every HEALTH_POLL_S.
+    """
 
     def __init__(self, app_name: str, deployment_name: str):
         self.app_name, self.deployment_name = app_name, deployment_name
         self.server = None
+        self._poll = None
 
     async def start(self, host: str, port: int) -> int:
         from ray import serve
@@ -67,10 +83,28 @@ class GrpcIngress:
         from router_service.serving.grpc_server import start_grpc_server
 
         handle = serve.get_deployment_handle(self.deployment_name, app_name=self.app_name)
-        self.server = await start_grpc_server(HandleBackend(handle), host, port)
+        backend = HandleBackend(handle)
+        self.server = await start_grpc_server(backend, host, port)
+        await self._follow(backend)  # the first status before anyone asks
+        self._poll = asyncio.get_running_loop().create_task(self._poll_health(backend))
         return self.server.port
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def _follow(self, backend: HandleBackend) -> None:
+        try:
+            serving = bool((await asyncio.wait_for(backend.health(), timeout=10)).get("serving"))
+        except Exception:  # the deployment or the router does not answer
+            serving = False
         if self.server is not None:
-            await self.server.stop(grace)
-            self.server = None
+            await self.server.set_serving(serving)
+
+    async def _poll_health(self, backend: HandleBackend) -> None:
+        while self.server is not None:
+            await asyncio.sleep(HEALTH_POLL_S)
+            await self._follow(backend)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+        if self.server is not None:
+            server, self.server = self.server, None
+            await server.stop(grace)

@@ -9,6 +9,7 @@ deployment handle adapter, in tests an Engine wrapper):
     def generate(self, params: GenerateParams) -> AsyncIterator[GenerateChunk]
     async def cluster_state(self) -> dict
     async def scale(self, num_workers: int) -> dict
+    async def rebalance(self) -> dict
 
 Errors: a `ServingError` (from validation here or from the backend) becomes the gRPC status of its
 code (`grpc.StatusCode[code.upper()]`) with its message; any other exception becomes INTERNAL with
@@ -49,6 +50,7 @@ __all__ = [
     "MoEServicer",
     "cluster_state_to_proto",
     "generate_params",
+    "rebalance_to_proto",
     "start_grpc_server",
 ]
 
@@ -126,6 +128,22 @@ def cluster_state_to_proto(state: dict) -> pb.ClusterState:
     seen = {int(k): int(v) for k, v in (load.get("batches_seen") or {}).items()}
     for layer, tokens in sorted((int(k), v) for k, v in (load.get("tokens") or {}).items()):
         msg.expert_load.add(layer=layer, tokens=[int(t) for t in tokens], batches_seen=seen.get(layer, 0))
+    return msg
+
+
+def rebalance_to_proto(result: dict) -> pb.RebalanceResponse:
+    """RebalanceResponse of a Router.rebalance() dict."""
+    msg = pb.RebalanceResponse(
+        placement_version=int(result.get("placement_version", 0)),
+        json=json.dumps(result, default=_json_default),
+    )
+    for name in ("before", "after"):
+        balance = result.get(name) or {}
+        imb = {int(k): v for k, v in (balance.get("imbalance") or {}).items()}
+        for layer, value in sorted((int(k), v) for k, v in (balance.get("balancedness") or {}).items()):
+            getattr(msg, name).add(
+                layer=layer, balancedness=float(value), imbalance=float(imb.get(layer, 0.0))
+            )
     return msg
 
 
@@ -207,6 +225,12 @@ class MoEServicer(pb_grpc.MoEServiceServicer):
             return cluster_state_to_proto(await self.backend.scale(request.num_workers))
         except Exception as e:
             await self._fail(context, "Scale", e)
+
+    async def Rebalance(self, request: pb.RebalanceRequest, context):
+        try:
+            return rebalance_to_proto(await self.backend.rebalance())
+        except Exception as e:
+            await self._fail(context, "Rebalance", e)
 
 
 # ---- server --------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 Routes: OpenAI-compatible `POST /v1/completions` (text or token-id prompts, SSE streaming) and
 `GET /v1/models`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
 lists, or msgpack `{dtype, shape, data}` maps when Content-Type or Accept is application/msgpack);
-`GET /v1/cluster`, `GET /healthz`, `GET /metrics`. Every error is a JSON `{"error": {...}}` body
-with a 4xx/5xx status, never a traceback.
+`GET /v1/cluster`, `POST /v1/cluster/scale`, `POST /v1/cluster/rebalance`, `GET /healthz`,
+`GET /metrics`. Every error is a JSON `{"error": {...}}` body with a 4xx/5xx status, never a
+traceback.
 
-The deployment's `forward` / `moe_layer` / `generate` / `cluster_state` methods are also the
-backend of the gRPC server, which calls them through a deployment handle: one replica, one set of
+The deployment's `forward` / `moe_layer` / `generate` / `cluster_state` / `scale` / `rebalance` /
+`health` methods are also the backend of the gRPC server, which calls them through a deployment handle: one replica, one set of
 batches and metrics for both protocols. Concurrent forward and MoE-layer requests are merged by
 `serve.batch` into one router call; generation requests are batched continuously by the router.
 """
@@ -119,6 +120,11 @@ def _tensor_out(key: str, t: torch.Tensor, binary: bool) -> Response:
     return JSONResponse({key: tensors.to_json_lists(t)})
 
 
+def _json(obj) -> JSONResponse:
+    """A JSON answer of a dict that may hold ints as keys or tensors (str() of what JSON lacks)."""
+    return JSONResponse(json.loads(json.dumps(obj, default=str)))
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -197,14 +203,28 @@ class MoEIngress:
     async def cluster_state(self) -> dict:
         return await self.core.cluster_state()
 
-    async def scale(self, num_workers: int) -> dict:
-        raise ServingError("unimplemented", "scaling expert workers at run time is not available yet")
+    async def scale(self, num_workers: int, protocol: str = "grpc") -> dict:
+        async with self._observe("scale", protocol):
+            if isinstance(num_workers, bool) or not isinstance(num_workers, int):
+                raise invalid(f"num_workers must be an integer, got {num_workers!r}")
+            return await self.core.scale(num_workers)
+
+    async def rebalance(self, protocol: str = "grpc") -> dict:
+        async with self._observe("rebalance", protocol):
+            return await self.core.rebalance()
+
+    async def health(self) -> dict:
+        return await self.core.health()
 
     # ---- HTTP routes --------------------------------------------------------------------------------
 
     @app.get("/healthz")
     async def healthz(self):
-        return {"status": "ok", "model": self.settings.model_name}
+        """200 while the server can serve (degraded included: fewer workers than its target); 503
+        with the reason while it cannot (no expert worker, the router down)."""
+        h = await self.core.health()
+        body = {"status": "ok" if h.get("serving") else "unavailable", "model": self.settings.model_name, **h}
+        return JSONResponse(body, status_code=200 if h.get("serving") else 503)
 
     @app.get("/metrics")
     async def metrics_text(self):
@@ -212,11 +232,23 @@ class MoEIngress:
             state = await self.core.cluster_state()
         except ServingError:
             state = None
-        return Response(self.metrics.render(state), media_type=CONTENT_TYPE)
+        return Response(self.metrics.render(state, self.core.router_restarts), media_type=CONTENT_TYPE)
 
     @app.get("/v1/cluster")
     async def http_cluster(self):
-        return JSONResponse(json.loads(json.dumps(await self.core.cluster_state(), default=str)))
+        return _json(await self.core.cluster_state())
+
+    @app.post("/v1/cluster/scale")
+    async def http_scale(self, request: Request):
+        body, _ = await _read_body(request)
+        if "num_workers" not in body:
+            raise invalid("missing field 'num_workers'")
+        return _json(await self.scale(body["num_workers"], "http"))
+
+    @app.post("/v1/cluster/rebalance")
+    async def http_rebalance(self, request: Request):
+        await request.body()
+        return _json(await self.rebalance("http"))
 
     @app.get("/v1/models")
     async def http_models(self):

@@ -1,18 +1,106 @@
-"""Prometheus metrics of the ingress (`GET /metrics`): requests, latency, tokens, batches, expert load.
+"""Prometheus metrics of the ingress (`GET /metrics`): requests, latency, tokens, batches, and the
+router's view of the cluster (workers, balance, membership events).
 
 One registry per ingress replica. gRPC requests reach the same replica through its deployment
-handle, so both protocols are counted here (label `protocol`). Expert load and generation batch
-sizes are read from the router's `cluster_state()` at scrape time.
+handle, so both protocols are counted here (label `protocol`). The router-side families are read
+from `cluster_state()` at scrape time by a collector; their cardinality is bounded by the number of
+MoE layers and of current workers: no series per expert (the full layer x expert load matrix is in
+`GET /v1/cluster`), and a worker's series disappear when it leaves.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+EVENT_KINDS = ("scale", "autoscale", "rebalance", "restore", "failover", "workers_lost", "reattach")
+
+
+class _ClusterCollector:
+    """The router-side families, built from the last scraped cluster_state()."""
+
+    def __init__(self):
+        self.state: dict | None = None
+        self.router_restarts = 0
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state = self.state
+        yield CounterMetricFamily(
+            "moe_router_restarts",
+            "Router actor restarts this ingress replica waited for",
+            value=self.router_restarts,
+        )
+        if state is None:
+            return
+        elastic = state.get("elastic") or {}
+        health = elastic.get("health") or {}
+        yield GaugeMetricFamily(
+            "moe_serving", "1 while the server can serve, else 0", value=int(bool(health.get("serving")))
+        )
+        yield GaugeMetricFamily(
+            "moe_expert_workers", "Expert workers in the current placement", value=state["num_workers"]
+        )
+        yield GaugeMetricFamily(
+            "moe_target_expert_workers",
+            "Expert workers the cluster is kept at",
+            value=elastic.get("target_workers", 0),
+        )
+        yield GaugeMetricFamily(
+            "moe_placement_version", "Placement version the router serves", value=state["placement_version"]
+        )
+        events = CounterMetricFamily("moe_membership_events", "Membership changes by kind", labels=["kind"])
+        counts = elastic.get("events") or {}
+        for kind in EVENT_KINDS:
+            events.add_metric([kind], counts.get(kind, 0))
+        yield events
+        rec = elastic.get("recovery") or {}
+        yield SummaryMetricFamily(
+            "moe_recovery_seconds",
+            "Seconds from losing a worker to being back at the target worker count",
+            count_value=rec.get("count", 0),
+            sum_value=rec.get("sum", 0.0),
+        )
+        tokens = CounterMetricFamily(
+            "moe_worker_tokens", "Token rows sent to each current expert worker", labels=["worker"]
+        )
+        for w in state.get("workers") or []:
+            tokens.add_metric([str(w["worker_id"])], w.get("tokens", 0))
+        yield tokens
+        balance = state.get("balance") or {}
+        bal = GaugeMetricFamily(
+            "moe_layer_balancedness", "Mean / max expected worker load over the load window", labels=["layer"]
+        )
+        imb = GaugeMetricFamily("moe_layer_imbalance", "(max - mean) / mean worker load", labels=["layer"])
+        for layer, value in (balance.get("balancedness") or {}).items():
+            bal.add_metric([str(layer)], value)
+        for layer, value in (balance.get("imbalance") or {}).items():
+            imb.add_metric([str(layer)], value)
+        yield bal
+        yield imb
+        gen = state.get("generation") or {}
+        steps = GaugeMetricFamily(
+            "moe_decode_steps_by_batch_size",
+            "Router decode steps run with this many sequences (cumulative)",
+            labels=["batch_size"],
+        )
+        for size, n in (gen.get("steps_by_batch_size") or {}).items():
+            steps.add_metric([str(size)], n)
+        yield steps
+        yield GaugeMetricFamily(
+            "moe_generation_running", "Sequences in the router's decode batch", value=gen.get("running", 0)
+        )
+        yield GaugeMetricFamily(
+            "moe_generation_waiting",
+            "Generation requests waiting for a batch slot",
+            value=gen.get("waiting", 0),
+        )
 
 
 class Metrics:
@@ -49,38 +137,12 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
-        self.decode_steps = Gauge(
-            "moe_decode_steps_by_batch_size",
-            "Router decode steps run with this many sequences (cumulative)",
-            ["batch_size"],
-            registry=r,
-        )
-        self.running = Gauge("moe_generation_running", "Sequences in the router's decode batch", registry=r)
-        self.waiting = Gauge(
-            "moe_generation_waiting", "Generation requests waiting for a batch slot", registry=r
-        )
-        self.expert_tokens = Gauge(
-            "moe_expert_tokens",
-            "Tokens routed to each expert over the router's load window",
-            ["layer", "expert"],
-            registry=r,
-        )
-        self.placement_version = Gauge(
-            "moe_placement_version", "Placement version the router serves", registry=r
-        )
-        self.workers = Gauge("moe_expert_workers", "Expert workers", registry=r)
+        self._cluster = _ClusterCollector()
+        r.register(self._cluster)
 
-    def render(self, state: dict | None) -> bytes:
-        """The exposition text, with router-side gauges refreshed from `state` (cluster_state())."""
-        if state is not None:
-            for layer, tokens in state["expert_load"]["tokens"].items():
-                for expert, n in enumerate(tokens):
-                    self.expert_tokens.labels(str(layer), str(expert)).set(n)
-            gen = state.get("generation") or {}
-            for size, steps in gen.get("steps_by_batch_size", {}).items():
-                self.decode_steps.labels(str(size)).set(steps)
-            self.running.set(gen.get("running", 0))
-            self.waiting.set(gen.get("waiting", 0))
-            self.placement_version.set(state["placement_version"])
-            self.workers.set(state["num_workers"])
+    def render(self, state: dict | None, router_restarts: int = 0) -> bytes:
+        """The exposition text, router-side families from `state` (cluster_state(); None: the router
+        did not answer, and only the ingress's own families are shown)."""
+        self._cluster.state = state
+        self._cluster.router_restarts = router_restarts
         return generate_latest(self.registry)

@@ -17,6 +17,8 @@ class ServingSettings:
       call up to this many tokens.
     max_batch_requests / batch_wait_s: at most this many requests merged, waiting at most this long
       for company (serve.batch's max_batch_size / batch_wait_timeout_s).
+    router_restart_timeout_s: how long requests wait for a Router actor that died to be back (it
+      restarts and reattaches to its workers) before they fail as unavailable.
     """
 
     model_name: str = "moe-serving"
@@ -24,6 +26,7 @@ class ServingSettings:
     max_batch_tokens: int = 8192
     max_batch_requests: int = 32
     batch_wait_s: float = 0.002
+    router_restart_timeout_s: float = 120.0
 
     def __post_init__(self):
         for name in ("max_request_tokens", "max_batch_tokens", "max_batch_requests"):
@@ -31,3 +34,5 @@ class ServingSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
+        if not self.router_restart_timeout_s > 0:
+            raise ValueError(f"router_restart_timeout_s must be > 0, got {self.router_restart_timeout_s}")
