@@ -124,7 +124,8 @@ class ExpertWorker:
         self.dtype = dtype
         self.device = resolve_device(device)
         self.kernel = select_kernel(self.device, dtype, kernel)
-        self.checkpoint = Checkpoint(model_dir)
+        self.model_dir = model_dir
+        self._checkpoint: Checkpoint | None = None  # opened by the first load, whose errors come back clean
         self.layouts: dict[int, dict[int, LayerExperts]] = {}
         self.shared: dict[int, tuple] = {}  # layer -> (w13 [2*I_s, H], w2 [H, I_s]) or (None, None)
         self._latest: int | None = None
@@ -136,6 +137,12 @@ class ExpertWorker:
         where we compute (results depend on it in the last bits)."""
         if self.num_threads is not None and torch.get_num_threads() != self.num_threads:
             torch.set_num_threads(self.num_threads)
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        if self._checkpoint is None:
+            self._checkpoint = Checkpoint(self.model_dir)
+        return self._checkpoint
 
     # ---- layouts -------------------------------------------------------------------------------
 

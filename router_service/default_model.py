@@ -90,13 +90,31 @@ PRESETS = {
 }
 
 
+# "-skewed" variants: the same weights, except that V3's load-balancing bias
+# (`e_score_correction_bias`, which moves selection but not the gate weights) favours a few "hot"
+# experts per layer, drawn from the first quarter of the expert ids. Contiguous placement puts them
+# all on worker 0, as a real model's hot experts can land on one rank: the workload EPLB fixes.
+SKEWED = "-skewed"
+HOT_EXPERTS_PER_LAYER = 6
+HOT_BIAS = 0.5
+
+
+def preset_names() -> list[str]:
+    return sorted([*PRESETS, *(p + SKEWED for p in PRESETS)])
+
+
+def _base_preset(preset: str) -> str:
+    base = preset.removesuffix(SKEWED)
+    if base not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {preset_names()}")
+    return base
+
+
 def default_config(preset: str = "tiny"):
     """The DeepSeek-V3 config of the default model: V3's routing rules at a toy size (or a preset)."""
     from transformers import DeepseekV3Config
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return DeepseekV3Config(**{**TINY_CONFIG, **PRESETS[preset]})
+    return DeepseekV3Config(**{**TINY_CONFIG, **PRESETS[_base_preset(preset)]})
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -158,6 +176,9 @@ def make_default_model(outdir: str | Path, seed: int = SEED, preset: str = "tiny
                 # V3's load-balancing bias is zero at init; a random one makes the tests see it.
                 if name.endswith("e_score_correction_bias"):
                     buf.uniform_(-0.1, 0.1)
+                    if preset.endswith(SKEWED):
+                        pool = torch.randperm(max(HOT_EXPERTS_PER_LAYER, buf.numel() // 4))
+                        buf[pool[:HOT_EXPERTS_PER_LAYER]] += HOT_BIAS
             # Only printable ASCII gets an output row (logits ~ N(0, 9), the rest exactly 0), so the
             # random model's gibberish prints as visible characters rather than as U+FFFD for
             # invalid UTF-8; every token id still goes in and every byte still round-trips.
@@ -176,6 +197,7 @@ def cache_root() -> Path:
 
 def default_model_path(preset: str = "tiny") -> Path:
     """Where the cached default model (or a preset of its architecture) lives; maybe not built yet."""
+    _base_preset(preset)
     name = DEFAULT_MODEL_NAME if preset == "tiny" else DEFAULT_MODEL_NAME.replace("tiny", preset)
     return cache_root() / name
 
@@ -187,8 +209,6 @@ def default_model_dir(preset: str = "tiny") -> Path:
     crash never leaves a half-written model and two processes racing to build it both end up using
     one complete copy.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     path = default_model_path(preset)
     if path.is_dir():
         return path

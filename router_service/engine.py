@@ -186,15 +186,41 @@ class Engine:
             return self._router.generate_stream(prompt_ids, max_new_tokens, temperature, top_p, seed)
         return self._remote_stream(prompt_ids, max_new_tokens, temperature, top_p, seed)
 
-    def _remote_stream(self, *args) -> Iterator[dict]:
-        from router_service.runtime.router_actor import stream_actor
+    def _remote_stream(self, prompt_ids, max_new_tokens, temperature, top_p, seed) -> Iterator[dict]:
+        """The Router actor's stream; if the router dies, wait for its restart and go on from the
+        tokens already yielded (re-submitted as prompt), so the caller sees one unbroken stream."""
+        from router_service.runtime.router_actor import (
+            RouterDied,
+            restart_deadline,
+            stream_actor,
+            wait_for_restart,
+        )
 
-        request_id = uuid.uuid4().hex
-        done = False
+        prompt = torch.as_tensor(prompt_ids).reshape(-1).tolist()
+        made: list[int] = []
+        request_id, done = uuid.uuid4().hex, False
         try:
-            for chunk in stream_actor(self._router, "generate_stream", *args, request_id):
-                done = chunk["finish_reason"] is not None
-                yield chunk
+            while not done:
+                try:
+                    for chunk in stream_actor(
+                        self._router,
+                        "generate_stream",
+                        prompt + made,
+                        max_new_tokens - len(made),
+                        temperature,
+                        top_p,
+                        seed,
+                        request_id,
+                        len(made),
+                    ):
+                        made += chunk["token_ids"]
+                        done = chunk["finish_reason"] is not None
+                        yield chunk
+                except RouterDied as e:
+                    if not wait_for_restart(self._router, restart_deadline()):
+                        raise RuntimeError(str(e)) from None
+                    log.warning("router restarted; resuming a stream after %d tokens", len(made))
+                    request_id = uuid.uuid4().hex
         finally:
             if not done and self._router is not None:
                 self._router.cancel_generation.remote(request_id)

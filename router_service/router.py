@@ -208,16 +208,17 @@ class Router:
         top_p: float = 1.0,
         seed: int | None = None,
         request_id: str | None = None,
+        resume_at: int = 0,
     ) -> Iterator[dict]:
         """Generate for one prompt (a list of token ids) in the router's continuous batch.
 
         Yields {"token_ids": [...], "finish_reason": None | "length" | "stop"} chunks as tokens are
         made; concurrent calls share each decode step. Stops at the model's end-of-sequence token or
         after max_new_tokens. Closing the iterator early (or `cancel_generation(request_id)`) frees
-        the request's place in the batch.
+        the request's place in the batch. `resume_at`: see `submit_generation`.
         """
         key = request_id or uuid.uuid4().hex
-        self._submit(key, prompt_ids, max_new_tokens, temperature, top_p, seed, None, 0)
+        self._submit(key, prompt_ids, max_new_tokens, temperature, top_p, seed, None, resume_at)
         return self._stream(key)
 
     def _submit(self, key, prompt_ids, max_new_tokens, temperature, top_p, seed, sink, resume_at) -> None:

@@ -149,6 +149,21 @@ def test_still_serves_after_errors_and_resizes(engines):
     assert torch.equal(compiled.forward(ids), local.forward(ids))
 
 
+def test_scale_rebuilds_the_graph_off_the_hot_path(engines):
+    local, compiled = engines
+    ids = torch.randint(3, VOCAB, (2, 7))
+    expected = local.forward(ids)
+    for n in (3, 2):
+        assert compiled.scale(n)["num_workers"] == n
+        # layers run at once, on actor calls, while the new graph compiles in the background
+        torch.testing.assert_close(compiled.forward(ids), expected, rtol=1e-5, atol=1e-6)
+        assert in_router(compiled, wait_graph), f"no graph over the {n} workers"
+        before = in_router(compiled, graph_layers)
+        torch.testing.assert_close(compiled.forward(ids), expected, rtol=1e-5, atol=1e-6)
+        assert in_router(compiled, graph_layers) > before
+    assert torch.equal(compiled.forward(ids), expected), "back on 2 workers: bit for bit again"
+
+
 def test_killed_worker_changes_no_output_and_is_replaced(engines):
     """Last in this module: it kills a worker of the shared compiled engine in the middle of a pass
     (the graph breaks; the layer finishes on actor calls, the lost worker's rows on the survivor)."""

@@ -49,4 +49,5 @@ def test_generated_code_imports():
         "Generate",
         "GetClusterState",
         "Scale",
+        "Rebalance",
     }

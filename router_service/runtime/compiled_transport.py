@@ -32,10 +32,10 @@ import threading
 
 import ray
 from ray.dag import InputNode, MultiOutputNode
-from ray.exceptions import RayActorError, RayChannelError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayTaskError
 
 from expert_workers.worker import ExpertBatch
-from router_service.runtime.ray_transport import RayTransport, pack_batch, unpack
+from router_service.runtime.ray_transport import RayTransport, kill_actor, pack_batch, unpack
 from router_service.runtime.transport import LayerResult, WorkerError
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class CompiledTransport(RayTransport):
         self._members: tuple[int, ...] = ()
         self._dag = None  # the graph layers run on, over self._members
         self._retired: list = []  # graphs no layer uses any more, awaiting teardown
+        self._doomed: list = []  # retired workers' actors, killed once the graphs using them are gone
         self._ready = None  # (members, graph) compiled in the background, not adopted yet
         self._cv = threading.Condition()
         self._want: tuple[int, ...] | None = None
@@ -73,6 +74,16 @@ class CompiledTransport(RayTransport):
         self._drop_graph()
         with self._cv:
             self._members, self._want, self._ready = tuple(workers), tuple(workers), None
+            self._cv.notify()
+
+    def retire(self, workers: set[int]) -> None:
+        """Stop using these workers now; kill them once no graph has them (the builder's job)."""
+        with self._lock:
+            actors = [self._actors.pop(w) for w in workers if w in self._actors]
+            for w in workers:
+                self._nodes.pop(w, None)
+        with self._cv:
+            self._doomed.extend(actors)
             self._cv.notify()
 
     def wait_compiled(self, timeout: float = 60.0) -> bool:
@@ -92,20 +103,26 @@ class CompiledTransport(RayTransport):
     def _build_loop(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._closing or self._retired or self._want is not None)
+                self._cv.wait_for(
+                    lambda: self._closing or self._retired or self._doomed or self._want is not None
+                )
                 if self._closing:
                     return
                 retired, self._retired = self._retired, []
+                doomed, self._doomed = self._doomed, []
                 want = self._want
             for dag in retired:
                 _teardown(dag)
+            for actor in doomed:  # after the teardown: its loops must not find them gone
+                kill_actor(actor)
             if want is None:
                 continue
-            try:
-                dag = self._compile(want)
-            except Exception as e:  # a member died meanwhile: the next membership change retries
-                log.warning("compiling the graph over workers %s failed: %s; staying on actor calls", want, e)
-                dag = None
+            dag = None
+            if self._all_alive(want):  # a compile that fails midway leaves loops running on the others
+                try:
+                    dag = self._compile(want)
+                except Exception as e:  # a member died meanwhile: the next membership change retries
+                    log.warning("compiling the graph over workers %s failed: %s; on actor calls", want, e)
             with self._cv:
                 if self._want == want:
                     self._want = None
@@ -115,6 +132,17 @@ class CompiledTransport(RayTransport):
                     continue
             if dag is not None:  # membership changed while compiling
                 _teardown(dag)
+
+    def _all_alive(self, workers: tuple[int, ...]) -> bool:
+        actors = [self._actors.get(w) for w in workers]
+        if any(a is None for a in actors):
+            return False
+        try:
+            ray.get([a.ping.remote() for a in actors], timeout=self.worker_timeout_s)
+            return True
+        except (RayActorError, GetTimeoutError):
+            log.warning("not compiling a graph over workers %s: some do not answer", workers)
+            return False
 
     def _compile(self, workers: tuple[int, ...]):
         """One graph: execute(layer, item_0, ..., item_{n-1}) -> [partial_0, ..., partial_{n-1}]."""
@@ -197,12 +225,15 @@ class CompiledTransport(RayTransport):
         with self._cv:
             self._closing = True
             self._cv.notify()
-        self._builder.join(timeout=30)
-        for dag in [self._dag, *self._retired, *((self._ready[1],) if self._ready else ())]:
+        dags = [self._dag, *self._retired, *((self._ready[1],) if self._ready else ())]
+        for actor in self._doomed:
+            kill_actor(actor)
+        self._dag, self._retired, self._ready, self._doomed = None, [], None, []
+        super().close()  # the workers first: a graph over dead actors tears down at once
+        for dag in dags:
             if dag is not None:
                 _teardown(dag)
-        self._dag, self._retired, self._ready = None, [], None
-        super().close()
+        self._builder.join(timeout=10)
 
 
 def _teardown(dag) -> None:

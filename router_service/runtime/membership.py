@@ -158,7 +158,10 @@ class Membership:
         cover every expert (they are stopped then, and fresh ones start)."""
         if not found:
             return None
-        ids = sorted(found)
+        # Slot order is not stored anywhere; ordering by the experts held restores the contiguous
+        # order (and with it the combine order) of placements this router made.
+        first_layer = str(self.spec.moe_layers[0])
+        ids = sorted(found, key=lambda w: (min(_experts(found[w], first_layer), default=0), w))
         keys = [k for info in found.values() for k in info.get("layouts", [])] + [0]
         with self._ids:
             self._next_id = max(ids) + 1
@@ -280,7 +283,6 @@ class Membership:
     def _resize(self, n: int, kind: str, balanced: bool = False) -> Placement:
         """Plan and apply a change to n workers; plan again when workers are lost meanwhile."""
         t0 = time.monotonic()
-        before = self.dispatcher.placement
         for _ in range(3):
             base = self.dispatcher.placement
             change = self._plan(base, n, balanced)
@@ -294,7 +296,7 @@ class Membership:
                     f"still serves): {e}"
                 ) from e
             took = time.monotonic() - t0
-            self._record(kind, before.num_workers, n, took, change.placement)
+            self._record(kind, base.num_workers, n, took, change.placement)
             return change.placement
         raise ScaleError(f"{kind} to {n} workers gave up: workers kept being lost while it ran")
 
@@ -368,27 +370,28 @@ class Membership:
         Raises NoCapacityError when no worker can serve."""
         now = time.monotonic()
         for w, why in lost.items():
-            log.warning("expert worker %d lost (%s)", w, why)
-        self.events["workers_lost"] += len(lost)
+            if w not in self._dead:
+                log.warning("expert worker %d lost (%s)", w, why)
+                self.events["workers_lost"] += 1
         self._dead |= set(lost)
         self._lost_at = self._lost_at or now
         self.transport.retire(set(lost))
-        self._wake.set()  # the controller brings the count back to its target
         if self.unavailable is not None and now < self._retry_at:
             raise NoCapacityError(self.unavailable)
         gone = set(lost) | self._dead
-        new = without_workers(placement, gone, self._new_version())
+        version = self._new_version()
+        new = without_workers(placement, gone, version)
         if new is None:
-            new = self._replace_lost(placement, gone)
+            new = self._replace_lost(placement, gone, version)
         self._publish(new)
+        self._wake.set()  # the controller brings the count back to its target
         self.unavailable = None
         self._record("failover", placement.num_workers, new.num_workers, time.monotonic() - now, new)
         return new
 
-    def _replace_lost(self, placement: Placement, gone: set[int]) -> Placement:
+    def _replace_lost(self, placement: Placement, gone: set[int], version: int) -> Placement:
         survivors = [w for w in placement.worker_ids if w not in gone]
         if survivors:
-            version = self._new_version()
             new, changed = reassign_lost_slots(placement, gone, version)
             errors = self.transport.load_layouts({w: (version, new.worker_assignment(w)) for w in changed})
             if not errors:
@@ -397,7 +400,6 @@ class Membership:
                 placement, {w: f"failed to take over lost experts: {e}" for w, e in errors.items()}
             )
         # Nobody left: one fresh worker takes every expert (the controller then restores the count).
-        version = self._new_version()
         (w,) = self._new_ids(1)
         everything = {layer: list(range(self.spec.num_experts)) for layer in self.spec.moe_layers}
         errors = self.transport.start_workers({w: (version, everything)})
@@ -550,6 +552,11 @@ class Membership:
         finally:
             self.changing = None
             self._change.release()
+
+
+def _experts(info: dict, layer: str) -> list[int]:
+    experts = info.get("experts") or {}
+    return experts.get(layer, experts.get(int(layer), []))
 
 
 class _Release:

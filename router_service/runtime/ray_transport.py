@@ -307,7 +307,7 @@ class RayTransport:
                 errors[w] = WorkerStartError(f"expert worker {w} failed to load its experts: {_cause(e)}")
         for w in errors:
             if w in created:
-                _kill(created[w])
+                kill_actor(created[w])
         with self._lock:
             for w in nodes:
                 if w not in errors:
@@ -342,7 +342,7 @@ class RayTransport:
                 actor = self._actors.pop(w, None)
                 self._nodes.pop(w, None)
             if actor is not None:
-                _kill(actor)
+                kill_actor(actor)
 
     def check(self, workers: tuple[int, ...], timeout_s: float) -> dict[int, str]:
         lost: dict[int, str] = {}
@@ -360,7 +360,7 @@ class RayTransport:
         for w, ref in refs.items():
             if ref not in ready:
                 self._lost_why[w] = f"answered no health check for {timeout_s:g}s"
-                _kill(self._actors.get(w))
+                kill_actor(self._actors.get(w))
                 lost[w] = self._lost(w, TimeoutError())
                 continue
             try:
@@ -400,7 +400,7 @@ class RayTransport:
                 info, node = ray.get([describe, ping], timeout=DESCRIBE_TIMEOUT_S)
             except (RayActorError, RayTaskError, GetTimeoutError) as e:
                 log.warning("expert worker %d does not answer (%s); stopping it", w, type(e).__name__)
-                _kill(found[w])
+                kill_actor(found[w])
                 continue
             infos[w] = info
             with self._lock:
@@ -427,14 +427,14 @@ class RayTransport:
         with self._lock:
             actors, self._actors = list(self._actors.values()), {}
         for a in actors:
-            _kill(a)
+            kill_actor(a)
         try:
             names = self._named_workers().values()
         except Exception:  # Ray already gone
             return
         for name in names:  # anything of ours the handles above missed
             with contextlib.suppress(ValueError):
-                _kill(ray.get_actor(name, namespace=NAMESPACE))
+                kill_actor(ray.get_actor(name, namespace=NAMESPACE))
 
 
 def _cause(e: BaseException) -> str:
@@ -443,7 +443,10 @@ def _cause(e: BaseException) -> str:
     return f"{type(cause).__name__}: {text}"
 
 
-def _kill(actor) -> None:
+def kill_actor(actor) -> None:
+    """Kill an actor for good (no restart); already dead or None: nothing."""
+    if actor is None:
+        return
     try:
         ray.kill(actor, no_restart=True)
     except Exception as e:  # already dead, or Ray shutting down
@@ -493,7 +496,7 @@ class _Watchdog:
                         why = f"answered no health check for {self.t.worker_timeout_s:g}s"
                         log.warning("expert worker %d %s: declaring it lost", w, why)
                         self.t._lost_why[w] = why
-                        _kill(actor)
+                        kill_actor(actor)
                         pings.pop(w)
                     continue
                 pings[w] = (actor.ping.remote(), now)

@@ -14,10 +14,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from router_service.config import EngineConfig
 from router_service.router import Router
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 # end needs a few: its streams share one `generation_events` call. Each `Engine.generate_stream`
 # in flight from Python holds one; beyond this many, further calls wait for a free thread.
 ROUTER_MAX_CONCURRENCY = 64
+LOCAL_LOGICAL_CPUS = 16  # a local Ray instance takes at least this many expert workers
 
 
 def ensure_ray(address: str | None, min_cpus: int) -> bool:
@@ -56,10 +59,11 @@ def _keeping_sigterm_handler():
 
 def _init_ray(address: str | None, min_cpus: int) -> bool:
     if address is None:
-        # A local instance: enough logical CPUs for every actor even on a small machine (the
-        # actors mostly wait on each other, so oversubscribing cores is harmless).
+        # A local instance: enough logical CPUs for every actor even on a small machine, and room to
+        # scale up (the actors mostly wait on each other, so oversubscribing cores is harmless; it is
+        # one machine, where logical CPUs only cap how many workers fit).
         ray.init(
-            num_cpus=max(os.cpu_count() or 1, min_cpus),
+            num_cpus=max(os.cpu_count() or 1, min_cpus, LOCAL_LOGICAL_CPUS),
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
@@ -103,15 +107,18 @@ def start_router_actor(config: EngineConfig, address: str | None):
     """Start the Router actor (which starts the workers) and wait until the model is loaded."""
     from router_service.runtime.ray_transport import cluster_gpus
 
-    owns = ensure_ray(
-        address, min_cpus=config.num_workers * int(max(1, config.worker_resources.num_cpus)) + 1
-    )
+    auto = config.elastic.autoscaling
+    most = max(config.num_workers, auto.max_workers if auto else 0)
+    owns = ensure_ray(address, min_cpus=most * int(max(1, config.worker_resources.num_cpus)) + 1)
     wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and cluster_gpus() > 0)
     # Threaded: generation streams wait in their own threads while the decode loop runs; model calls
-    # take turns on the Router's lock.
+    # take turns on the Router's lock. Preferably on the caller's node (the head, usually): the
+    # router is the one actor whose loss costs a restart, and worker nodes come and go.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = (
         ray.remote(RouterActor)
         .options(
+            scheduling_strategy=here,
             name=f"{config.cluster_name}:router",
             namespace=NAMESPACE,
             num_cpus=0,
@@ -139,13 +146,48 @@ def actor_errors():
             raise e.cause from None
         raise
     except RayActorError as e:
-        raise RuntimeError(f"the router actor died: {e}") from None
+        raise RouterDied(e) from None
+
+
+class RouterDied(RuntimeError):
+    """The Router actor died during a call (Ray may be restarting it)."""
+
+    def __init__(self, cause: RayActorError):
+        super().__init__(f"the router actor died: {cause}")
+        self.cause = cause
+
+
+RESTART_TIMEOUT_S = 120.0
+
+
+def restart_deadline() -> float:
+    return time.monotonic() + RESTART_TIMEOUT_S
 
 
 def call_actor(actor, method: str, *args):
-    """One Router call, waited for."""
-    with actor_errors():
-        return ray.get(getattr(actor, method).remote(*args))
+    """One Router call, waited for; a call the router died in is made again once it restarted."""
+    deadline = restart_deadline()
+    while True:
+        try:
+            with actor_errors():
+                return ray.get(getattr(actor, method).remote(*args))
+        except RouterDied as e:
+            if time.monotonic() > deadline or not wait_for_restart(actor, deadline):
+                raise RuntimeError(f"the router actor died: {e.cause}") from None
+
+
+def wait_for_restart(actor, deadline: float) -> bool:
+    """True once a restarting Router actor answers; False when it is dead for good (or the deadline
+    passes). While Ray restarts an actor, calls fail at once with ActorUnavailableError."""
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return True
+        except ActorUnavailableError:
+            time.sleep(0.5)
+        except (RayActorError, GetTimeoutError):
+            return False
+    return False
 
 
 def stream_actor(actor, method: str, *args) -> Iterator:
