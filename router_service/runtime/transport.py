@@ -123,7 +123,7 @@ class Transport(Protocol):
 class LocalTransport:
     """Workers as plain objects in the router's process (tests, one-machine use).
 
-    They never die, so `lost` stays empty; loads run in the calling thread.
+    A worker is lost only when it was retired; loads run in the calling thread.
     """
 
     def __init__(self, setup: WorkerSetup):
@@ -133,6 +133,9 @@ class LocalTransport:
     def run_layer(self, layer: int, work: dict[int, tuple[int, ExpertBatch]]) -> LayerResult:
         result = LayerResult()
         for w, (layout, batch) in work.items():
+            if w not in self.workers:
+                result.lost[w] = "not running"
+                continue
             try:
                 result.partials[w] = self.workers[w].forward(layer, batch, layout)
             except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed

@@ -1,0 +1,105 @@
+"""Membership without Ray: scale and recovery on in-process workers, the worker's layouts, and the
+autoscaling policy on a fake clock."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import rel_err
+from tiny_models import VOCAB
+
+from moe_models.spec import spec_from_pretrained
+from router_service import Engine
+from router_service.config import AutoscalingConfig
+from router_service.runtime.autoscaler import Autoscaler
+from router_service.runtime.membership import NoCapacityError
+
+
+def test_worker_layouts_reuse_the_weights_they_hold(tiny_model_dir):
+    from expert_workers.worker import ExpertWorker
+
+    d = tiny_model_dir("deepseek_v3")
+    spec = spec_from_pretrained(d)
+    layers = spec.moe_layers
+    w = ExpertWorker(0, str(d), {layer: [0, 1, 2] for layer in layers}, spec=spec, kernel="onednn")
+    read = len(w.checkpoint.keys_read)
+    stats = w.load_layout(1, {layer: [2, 1, 5, 5] for layer in layers})  # reorder, one new, a twin
+    assert stats["experts_reused"] == 3 * len(layers) and stats["experts_read"] == len(layers)
+    assert len(w.checkpoint.keys_read) - read == 3 * len(layers), "only expert 5 is read"
+    assert w.layouts[1][layers[0]].w13[0] is w.layouts[0][layers[0]].w13[2], "onednn weights are shared"
+    assert w.layouts[1][layers[0]].w13[3] is w.layouts[1][layers[0]].w13[2], "a twin slot shares too"
+    both = w.nbytes
+    w.drop_layout(0)
+    assert w.nbytes < both and sorted(w.layouts) == [1] and w.describe()["layout"] == 1
+
+
+def test_local_scale_and_lost_workers_keep_the_outputs(tiny_model_dir):
+    d = tiny_model_dir("qwen2_moe")  # shared expert behind a gate: the shared rows must run once
+    ids = torch.randint(3, VOCAB, (3, 7))
+    with Engine.from_pretrained(d, num_workers=2, elastic={"restore_interval_s": 0.2}) as engine:
+        want = engine.forward(ids)
+        for n in (3, 1, 4):
+            state = engine.scale(n)
+            assert state["num_workers"] == n
+            assert rel_err(engine.forward(ids), want) < 1e-5
+        router = engine.router
+        transport = router.dispatcher.transport
+        real = transport.run_layer
+
+        def losing(layer, work):  # two workers vanish in the middle of a pass
+            result = real(layer, work)
+            for w in list(result.partials)[:2]:
+                del result.partials[w]
+                result.lost[w] = "test"
+                transport.workers.pop(w)
+            transport.run_layer = real
+            return result
+
+        transport.run_layer = losing
+        assert rel_err(engine.forward(ids), want) < 1e-5
+        deadline = time.monotonic() + 60
+        while engine.cluster_state()["num_workers"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        events = engine.cluster_state()["elastic"]["events"]
+        assert events["workers_lost"] == 2 and events["failover"] == 1 and events["restore"] == 1
+        assert rel_err(engine.forward(ids), want) < 1e-5
+
+        def all_lost(layer, work):
+            result = real(layer, work)
+            result.lost = {w: "test" for w in result.partials}
+            result.partials = {}
+            return result
+
+        transport.run_layer = all_lost  # and every replacement is lost too: bounded, then a clear error
+        with pytest.raises(NoCapacityError, match="could not be re-placed after 3 attempts"):
+            engine.forward(ids)
+        transport.run_layer = real
+        assert rel_err(engine.forward(ids), want) < 1e-5
+
+
+def test_autoscaler_waits_out_its_delays():
+    cfg = AutoscalingConfig(
+        min_workers=1,
+        max_workers=4,
+        target_tokens_per_worker=8,
+        upscale_delay_s=2,
+        downscale_delay_s=5,
+        look_back_period_s=1,
+        metrics_interval_s=0.5,
+    )
+    a = Autoscaler(cfg, max_slots=3)
+    assert a.max_workers == 3, "capped by the expert slots"
+    assert a.desired(0) == 1 and a.desired(17) == 3 and a.desired(100) == 3
+    assert a.observe(0.0, 20, current=1) is None  # wants 3, not for long enough yet
+    assert a.observe(1.0, 20, current=1) is None
+    assert a.observe(2.0, 20, current=1) == 3
+    assert a.observe(3.0, 20, current=3) is None
+    assert a.observe(4.0, 0, current=3) is None  # the average over 1 s still holds the burst
+    for t in (4.5, 5.0, 6.0, 8.0):
+        assert a.observe(t, 0, current=3) is None
+    assert a.observe(10.0, 0, current=3) == 1
+    with pytest.raises(ValueError, match="min_workers <= max_workers"):
+        AutoscalingConfig(min_workers=3, max_workers=2)
