@@ -17,19 +17,28 @@ from router_service.runtime.autoscaler import Autoscaler
 from router_service.runtime.membership import NoCapacityError
 
 
-def test_worker_layouts_reuse_the_weights_they_hold(tiny_model_dir):
-    from expert_workers.worker import ExpertWorker
+@pytest.mark.parametrize("kernel", ["onednn", "loop"])
+def test_worker_layouts_reuse_the_weights_they_hold(tiny_model_dir, kernel):
+    from expert_workers.worker import ExpertBatch, ExpertWorker
 
     d = tiny_model_dir("deepseek_v3")
     spec = spec_from_pretrained(d)
     layers = spec.moe_layers
-    w = ExpertWorker(0, str(d), {layer: [0, 1, 2] for layer in layers}, spec=spec, kernel="onednn")
+    w = ExpertWorker(0, str(d), {layer: [0, 1, 2] for layer in layers}, spec=spec, kernel=kernel)
     read = len(w.checkpoint.keys_read)
     stats = w.load_layout(1, {layer: [2, 1, 5, 5] for layer in layers})  # reorder, one new, a twin
     assert stats["experts_reused"] == 3 * len(layers) and stats["experts_read"] == len(layers)
     assert len(w.checkpoint.keys_read) - read == 3 * len(layers), "only expert 5 is read"
-    assert w.layouts[1][layers[0]].w13[0] is w.layouts[0][layers[0]].w13[2], "onednn weights are shared"
-    assert w.layouts[1][layers[0]].w13[3] is w.layouts[1][layers[0]].w13[2], "a twin slot shares too"
+    old, new = w.layouts[0][layers[0]], w.layouts[1][layers[0]]
+    if kernel == "onednn":  # per-expert packed weights: shared, not copied
+        assert new.w13[0] is old.w13[2] and new.w13[3] is new.w13[2]
+    else:  # stacked weights: copied into the new stack
+        assert torch.equal(new.w13[0], old.w13[2]) and torch.equal(new.w2[1], old.w2[1])
+    # expert 2 is slot 0 of layout 1 and slot 2 of layout 0: the same rows through either, the same bits
+    x = torch.randn(3, spec.hidden_size)
+    one = ExpertBatch(x, torch.tensor([0, 1, 2]), torch.ones(3), torch.tensor([3, 0, 0, 0]))
+    via_old = ExpertBatch(x, torch.tensor([0, 1, 2]), torch.ones(3), torch.tensor([0, 0, 3]))
+    assert torch.equal(w.forward(layers[0], one, 1), w.forward(layers[0], via_old, 0))
     both = w.nbytes
     w.drop_layout(0)
     assert w.nbytes < both and sorted(w.layouts) == [1] and w.describe()["layout"] == 1
