@@ -31,7 +31,7 @@ from pathlib import Path
 
 from expert_workers.kernels import KERNELS
 from moe_serving.errors import ServingError
-from router_service.config import TRANSPORTS, AutoscalingConfig, BatchLimits, ElasticConfig
+from router_service.config import TRANSPORTS, AutoscalingConfig, BatchLimits, ElasticConfig, from_dict
 from router_service.engine import DTYPES, Engine
 from router_service.serving.launch import ServerOptions, start_server
 from router_service.serving.settings import ServingSettings
@@ -359,7 +359,7 @@ def elastic_from_args(args: argparse.Namespace) -> ElasticConfig:
         worker_timeout_s=args.worker_timeout_s,
         rebalance_every_steps=args.rebalance_every_steps,
         rebalance_threshold=args.rebalance_threshold,
-        autoscaling=AutoscalingConfig(**args.autoscaling_config) if args.autoscaling_config else None,
+        autoscaling=from_dict(AutoscalingConfig, args.autoscaling_config, "--autoscaling-config"),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -28,6 +28,20 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRANSPORTS = ("local", "ray", "compiled")
 PLACEMENT_STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
+
+
+def from_dict(cls, value, what: str):
+    """`cls(**value)` for a dict (an instance passes through), with unknown keys refused by name
+    instead of a TypeError from the constructor."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**value)
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
@@ -169,7 +183,9 @@ class ElasticConfig:
 
     def __post_init__(self):
         if isinstance(self.autoscaling, dict):
-            object.__setattr__(self, "autoscaling", AutoscalingConfig(**self.autoscaling))
+            object.__setattr__(
+                self, "autoscaling", from_dict(AutoscalingConfig, self.autoscaling, "autoscaling")
+            )
         if isinstance(self.redundant_experts, bool) or not isinstance(self.redundant_experts, int):
             raise ValueError(f"redundant_experts must be an int, got {self.redundant_experts!r}")
         if self.redundant_experts < 0:
@@ -243,7 +259,7 @@ class EngineConfig:
         if self.load_window < 1:
             raise ValueError(f"load_window must be >= 1, got {self.load_window}")
         if isinstance(self.elastic, dict):
-            object.__setattr__(self, "elastic", ElasticConfig(**self.elastic))
+            object.__setattr__(self, "elastic", from_dict(ElasticConfig, self.elastic, "elastic"))
         if self.cluster_name is None:
             object.__setattr__(self, "cluster_name", f"moe-{uuid.uuid4().hex[:8]}")
         elif not self.cluster_name or ":" in self.cluster_name:

@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 
 from moe_models.spec import ModelSpec, spec_from_pretrained
-from router_service.config import DTYPES, BatchLimits, ElasticConfig, EngineConfig, WorkerResources
+from router_service.config import (
+    DTYPES,
+    BatchLimits,
+    ElasticConfig,
+    EngineConfig,
+    WorkerResources,
+    from_dict,
+)
 from router_service.router import Router
 
 log = logging.getLogger(__name__)
@@ -75,13 +82,9 @@ class Engine:
         `redundant_experts` above wins over its field of the same name).
         cluster_name: the name of the Ray actors (Ray transports; default: a fresh one).
         """
-        if isinstance(worker_resources, dict):
-            worker_resources = WorkerResources(**worker_resources)
-        if isinstance(batch_limits, dict):
-            batch_limits = BatchLimits(**batch_limits)
-        if isinstance(elastic, dict):
-            elastic = ElasticConfig(**elastic)
-        elastic = elastic or ElasticConfig()
+        worker_resources = from_dict(WorkerResources, worker_resources, "worker_resources")
+        batch_limits = from_dict(BatchLimits, batch_limits, "batch_limits")
+        elastic = from_dict(ElasticConfig, elastic, "elastic") or ElasticConfig()
         if redundant_experts:
             elastic = dataclasses.replace(elastic, redundant_experts=redundant_experts)
         config = EngineConfig(

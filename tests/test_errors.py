@@ -79,6 +79,11 @@ def test_generate_rejects_bad_settings(engine):
         (dict(num_workers=17), "num_workers"),
         (dict(device="tpu9"), "device"),
         (dict(expert_kernel="magic"), "expert kernel"),
+        (dict(num_workers=21, redundant_experts=4), r"expert slots \(20 = 16 experts \+ 4 redundant\)"),
+        (dict(redundant_experts=-1), "redundant_experts"),
+        (dict(elastic={"worker_timeout": 3}), r"elastic: unknown field\(s\) \['worker_timeout'\]"),
+        (dict(elastic={"autoscaling": {"min_workers": 3, "max_workers": 2}}), "min_workers <= max_workers"),
+        (dict(worker_resources={"gpus": 1}), r"worker_resources: unknown field\(s\) \['gpus'\]"),
     ],
 )
 def test_from_pretrained_rejects_bad_settings(tiny_model_dir, kwargs, match):
