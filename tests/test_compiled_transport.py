@@ -1,6 +1,7 @@
 """The "compiled" transport (Ray Compiled Graphs) against "local": bit-identical, errors, big batches,
 a lost worker."""
 
+import os
 import time
 
 import pytest
@@ -19,9 +20,12 @@ THREADS = 1
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
+    # A layer that hangs fails in 90 s, not the default 10 minutes (the actors inherit this).
+    os.environ["MOE_COMPILED_GET_TIMEOUT_S"] = "90"
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+    del os.environ["MOE_COMPILED_GET_TIMEOUT_S"]
 
 
 @pytest.mark.parametrize("num_workers", [2, 3])
@@ -201,3 +205,12 @@ def test_killed_worker_changes_no_output_and_is_replaced(engines):
         time.sleep(0.2)
     assert 1 not in {w["worker_id"] for w in compiled.cluster_state()["workers"]}
     torch.testing.assert_close(compiled.forward(ids), expected, rtol=1e-5, atol=1e-6)
+    # and the graphs built after it run: every graph ever compiled was torn down before the next one
+    # over the same actors (a leaked one's loops hold them, and the next graph's executions hang)
+    assert in_router(compiled, wait_graph)
+    before = in_router(compiled, graph_layers)
+    torch.testing.assert_close(compiled.forward(ids), expected, rtol=1e-5, atol=1e-6)
+    assert in_router(compiled, graph_layers) > before
+    assert in_router(compiled, lambda r: r.dispatcher.transport.graph_breaks) == 1, (
+        "only the kill broke a graph"
+    )

@@ -8,8 +8,9 @@ and writes its packed `[N_w, H]` partial back (`MultiOutputNode`). Channels are 
 node and Ray's cross-node channels otherwise.
 
 Membership changes rebuild the graph off the hot path. An actor can be in one compiled graph at a
-time, so at the pass boundary where a new placement is published (`use_workers`) the old graph is
-only dropped; a background thread tears it down and compiles the new one while layers go through
+time (a second graph's loop waits behind the first's, and its executions hang), so every graph
+compiled is torn down before another is compiled over the same actors. At the pass boundary where a
+new placement is published (`use_workers`) the old graph is only dropped; a background thread tears it down and compiles the new one while layers go through
 plain actor calls (the "ray" transport's path, same workers, same bits), and the first layer after
 the compile finishes uses the graph again. A graph that breaks (a worker died: Ray ends every output
 of the execution with the error) is handled the same way: the survivors' batches are re-sent as
@@ -64,6 +65,7 @@ class CompiledTransport(RayTransport):
         self._want: tuple[int, ...] | None = None
         self._closing = False
         self.graph_layers = 0  # layers run on a compiled graph (the rest: plain actor calls)
+        self.graph_breaks = 0  # executions that broke (a worker died, or a read timed out)
         self._builder = threading.Thread(target=self._build_loop, name="compiled-graph-builder", daemon=True)
         self._builder.start()
 
@@ -73,6 +75,8 @@ class CompiledTransport(RayTransport):
         """Called at a pass boundary: drop the graph, build one over `workers` in the background."""
         self._drop_graph()
         with self._cv:
+            if self._ready is not None:  # compiled, never used: its loops still hold the actors
+                self._retired.append(self._ready[1])
             self._members, self._want, self._ready = tuple(workers), tuple(workers), None
             self._cv.notify()
 
@@ -153,15 +157,15 @@ class CompiledTransport(RayTransport):
         return dag.experimental_compile(_buffer_size_bytes=BUFFER_SIZE_BYTES)
 
     def _adopt(self) -> None:
-        if self._ready is None:
+        if self._ready is None:  # the common case, without the lock
             return
         with self._cv:
-            ready, self._ready = self._ready, None
-        members, dag = ready
-        if members == self._members:
-            self._dag = dag
-        else:
-            with self._cv:
+            if self._ready is None:
+                return
+            (members, dag), self._ready = self._ready, None
+            if members == self._members:
+                self._dag = dag
+            else:  # every graph ever compiled is torn down: its loops would hold the actors
                 self._retired.append(dag)
                 self._cv.notify()
 
@@ -198,6 +202,7 @@ class CompiledTransport(RayTransport):
                     result.partials[w] = unpack(partial).to(work[w][1].x.device, copy=True)
             return result
         except _BROKEN as e:  # a worker died (or hung past the timeout): plain calls finish the layer
+            self.graph_breaks += 1
             log.warning(
                 "compiled graph broke in MoE layer %d (%s); re-sending as actor calls",
                 layer,

@@ -491,6 +491,10 @@ class _Watchdog:
                     done, _ = ray.wait([ref], timeout=0)
                     if done:
                         pings.pop(w)
+                        try:
+                            ray.get(ref)
+                        except RayActorError:  # dead: its layer call ends with the same error
+                            self.t._lost_why.setdefault(w, "died")
                         continue
                     if now - sent > self.t.worker_timeout_s:
                         why = f"answered no health check for {self.t.worker_timeout_s:g}s"
