@@ -129,6 +129,7 @@ class ExpertWorker:
         self.layouts: dict[int, dict[int, LayerExperts]] = {}
         self.shared: dict[int, tuple] = {}  # layer -> (w13 [2*I_s, H], w2 [H, I_s]) or (None, None)
         self._latest: int | None = None
+        self.labels: dict = {}  # opaque notes of whoever manages this worker, returned by describe()
         if experts_per_layer is not None:
             self.load_layout(layout, experts_per_layer)
 
@@ -183,6 +184,11 @@ class ExpertWorker:
             self.kernel,
         )
         return {"layout": key, **stats, "bytes": self.nbytes, "seconds": took}
+
+    def set_labels(self, labels: dict) -> None:
+        """Keep `labels` (merged into the current ones) and report them in `describe()`: a manager
+        that restarts reads back what it noted (the router: its target worker count)."""
+        self.labels.update(labels)
 
     def drop_layout(self, key: int) -> None:
         """Stop serving layout `key` and free the weights no other layout uses (unknown keys: no-op)."""
@@ -342,4 +348,5 @@ class ExpertWorker:
             "layouts": sorted(self.layouts),
             "experts": {layer: list(lx.expert_ids) for layer, lx in self.layers.items()},
             "param_bytes": self.nbytes,
+            "labels": dict(self.labels),
         }

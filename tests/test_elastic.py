@@ -125,7 +125,8 @@ def test_scale_2_4_1_3_under_load_changes_no_token(model_dir, reference):
 def test_bad_counts_busy_and_rolled_back_scales(model_dir, tmp_path):
     d = shutil.copytree(model_dir, tmp_path / "model")
     resources = {"num_cpus": 1, "resources": {"expert_slot": 1}, "placement_timeout_s": 3}
-    with ray_engine(d, worker_resources=resources, elastic={"restore_interval_s": 0.5}) as engine:
+    # restore_interval_s: how long a failed recovery is not retried (requests fail fast meanwhile)
+    with ray_engine(d, worker_resources=resources, elastic={"restore_interval_s": 5.0}) as engine:
         ids = torch.randint(3, 200, (2, 9))
         want = engine.forward(ids)
         for bad in (0, 33, "2", True, 2.5):
@@ -181,7 +182,8 @@ def test_bad_counts_busy_and_rolled_back_scales(model_dir, tmp_path):
 
 
 def test_killed_and_stopped_workers_change_no_token(model_dir, reference):
-    with ray_engine(model_dir, elastic={"worker_timeout_s": 2.0, "restore_interval_s": 0.5}) as engine:
+    # 5 s: long enough that a busy machine never misses a ping of a healthy worker
+    with ray_engine(model_dir, elastic={"worker_timeout_s": 5.0, "restore_interval_s": 0.5}) as engine:
         # SIGKILL: Ray reports the death at once
         load = Load(engine, tokens=TOKENS, rounds=2)
         os.kill(worker_pid(engine, 1), signal.SIGKILL)
@@ -270,3 +272,14 @@ def test_router_killed_mid_stream_python_streams_go_on(model_dir, reference):
         history = engine.cluster_state()["elastic"]["history"]
         assert [e["kind"] for e in history] == ["reattach"], "the restarted router adopted the workers"
         assert named_workers() == 2
+
+        # the router and a worker die together: the new router finds workers that do not hold every
+        # expert, re-places over them, and gets back the target count the old one left with them
+        engine.scale(3)
+        load = Load(engine, tokens=TOKENS, rounds=2)
+        os.kill(worker_pid(engine, engine.cluster_state()["workers"][0]["worker_id"]), signal.SIGKILL)
+        ray.kill(engine._router, no_restart=False)
+        assert load.join() == reference
+        state = wait_for(lambda: (s := engine.cluster_state())["num_workers"] == 3 and s, "3 workers again")
+        assert state["elastic"]["target_workers"] == 3 and named_workers() == 3
+        torch.testing.assert_close(engine.forward(ids), want, rtol=1e-5, atol=1e-5)

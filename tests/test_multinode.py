@@ -58,10 +58,16 @@ def test_node_removed_under_load_changes_no_token(cluster):
     d = default_model_dir()
     prompts = [[40 + i, 41, 42 + i] for i in range(6)]
 
+    started = threading.Event()
+
     def run(engine, out, errors):
         def go(i):
             try:
-                out[i] = [t for ch in engine.generate_stream(prompts[i], 48) for t in ch["token_ids"]]
+                tokens = []
+                for ch in engine.generate_stream(prompts[i], 160):
+                    tokens += ch["token_ids"]
+                    started.set()
+                out[i] = tokens
             except Exception as e:
                 errors.append(repr(e))
 
@@ -88,8 +94,9 @@ def test_node_removed_under_load_changes_no_token(cluster):
         nodes = {w["node_id"] for w in engine.cluster_state()["workers"]}
         assert nodes == {n.node_id for n in extra}, "SPREAD puts the two workers on different nodes"
         got, errors = [None] * len(prompts), []
+        started.clear()
         threads = run(engine, got, errors)
-        time.sleep(0.5)
+        assert started.wait(120)
         c.remove_node(extra[0])  # the node and its expert worker go away mid-stream
         assert any(t.is_alive() for t in threads), "the streams ended before the node went away"
         for t in threads:

@@ -135,12 +135,20 @@ class Membership:
     def start(self, reattach: bool = False) -> Placement:
         """Start the configured workers (or, after a router restart, adopt the running ones) and
         publish the first placement. Raises the first worker's error when the workers cannot start."""
+        running: dict = {}
         if reattach:
-            placement = self._adopt(self.transport.discover())
+            found = self.transport.discover()
+            placement = self._adopt(found)
             if placement is not None:
                 return placement
-        change = self._plan(None, self.target, balanced=False)
+            running = {w: (int(info["layout"]), _assignment(info)) for w, info in found.items()}
+            for w, info in found.items():  # layouts of a change the old router did not finish
+                for key in info.get("layouts", []):
+                    if key != info["layout"]:
+                        self.transport.drop_layouts({w: key})
+        change = self._plan(running, self.target, balanced=False)
         errors = self.transport.start_workers(change.starts)
+        errors.update(self.transport.load_layouts(change.loads))
         if errors:
             self.transport.retire(set(change.starts))
             first = next(iter(errors.values()))
@@ -150,14 +158,22 @@ class Membership:
                 )
             raise first
         self._publish(change.placement)
-        self._record("start", 0, self.target, 0.0, change.placement)
+        self.transport.retire(change.retire)
+        self.transport.drop_layouts(change.drops)
+        self._record("reattach" if running else "start", len(running), self.target, 0.0, change.placement)
         return change.placement
 
     def _adopt(self, found: dict[int, dict]) -> Placement | None:
         """The placement the running workers serve (each its latest layout), or None when they do not
-        cover every expert (they are stopped then, and fresh ones start)."""
+        cover every expert (a plan over them then brings back the target count: `start`).
+
+        The target count comes back from the workers' labels (set at every change); without them, it
+        is the configured count.
+        """
         if not found:
             return None
+        targets = [int((info.get("labels") or {}).get("target_workers", 0)) for info in found.values()]
+        self.target = max(targets) or self.target
         # Slot order is not stored anywhere; ordering by the experts held restores the contiguous
         # order (and with it the combine order) of placements this router made.
         first_layer = str(self.spec.moe_layers[0])
@@ -167,7 +183,7 @@ class Membership:
             self._next_id = max(ids) + 1
             self._next_version = max(keys)
         try:
-            assignments = [{int(k): v for k, v in found[w]["experts"].items()} for w in ids]
+            assignments = [_assignment(found[w]) for w in ids]
             placement = placement_from_assignments(
                 self._new_version(),
                 self.spec.moe_layers,
@@ -177,15 +193,14 @@ class Membership:
                 tuple(int(found[w]["layout"]) for w in ids),
             )
         except (ValueError, KeyError, TypeError) as e:
-            log.warning("the running workers do not form a placement (%s); starting fresh ones", e)
-            self.transport.retire(set(ids))
+            log.warning("the running workers do not form a placement (%s); re-placing over them", e)
             return None
-        self.target = len(ids)
         self._publish(placement)
         self.transport.drop_layouts(
             {w: k for w in ids for k in found[w].get("layouts", []) if k != found[w]["layout"]}
         )
         self._record("reattach", len(ids), len(ids), 0.0, placement)
+        self._wake.set()  # back to the target count, if fewer workers were found
         log.warning(
             "reattached to %d running expert workers (placement version %d)", len(ids), placement.version
         )
@@ -209,16 +224,24 @@ class Membership:
             for j in range(n)
         ]
 
-    def _plan(self, base: Placement | None, n: int, balanced: bool) -> Change:
-        """The change from `base` (None: nothing running) to `n` workers."""
+    def _running(self, base: Placement | None) -> dict[int, tuple[int, dict[int, list[int]]]]:
+        """Live workers of `base`: id -> (layout key, assignment)."""
+        if base is None:
+            return {}
+        return {
+            w: (base.layout_of(w), base.worker_assignment(w)) for w in base.worker_ids if w not in self._dead
+        }
+
+    def _plan(self, running: dict[int, tuple[int, dict[int, list[int]]]], n: int, balanced: bool) -> Change:
+        """The change from the `running` workers (id -> (layout key, assignment)) to `n` workers."""
         layers = self.spec.moe_layers
         packs = self._packs(n, balanced)
         version = self._new_version()
-        running = [w for w in (base.worker_ids if base else ()) if w not in self._dead]
-        held = {w: base.worker_assignment(w) for w in running}
+        held = {w: a for w, (_, a) in running.items()}
+        running_ids = list(running)
         match = match_workers(
             [[set(p[layer]) for layer in layers] for p in packs],
-            [[set(held[w][layer]) for layer in layers] for w in running],
+            [[set(held[w][layer]) for layer in layers] for w in running_ids],
         )
         change = Change(placement=None)  # type: ignore[arg-type]
         ids, keys, assignments = [], [], []
@@ -229,17 +252,17 @@ class Membership:
                 change.starts[w] = (version, pack)
                 key = version
             else:
-                w = running[m]
+                w = running_ids[m]
                 if all(sorted(pack[layer]) == sorted(held[w][layer]) for layer in layers):
-                    pack, key = held[w], base.layout_of(w)  # the same experts: nothing to load
+                    pack, key = held[w], running[w][0]  # the same experts: nothing to load
                 else:
                     change.loads[w] = (version, pack)
-                    change.drops[w] = base.layout_of(w)
+                    change.drops[w] = running[w][0]
                     key = version
             ids.append(w)
             keys.append(key)
             assignments.append(pack)
-        change.retire = set(base.worker_ids if base else ()) - set(ids)
+        change.retire = set(running) - set(ids)
         change.placement = placement_from_assignments(
             version, layers, self.spec.num_experts, tuple(ids), assignments, tuple(keys)
         )
@@ -285,7 +308,8 @@ class Membership:
         t0 = time.monotonic()
         for _ in range(3):
             base = self.dispatcher.placement
-            change = self._plan(base, n, balanced)
+            change = self._plan(self._running(base), n, balanced)
+            change.retire |= set(base.worker_ids) - set(change.placement.worker_ids)  # the dead too
             try:
                 self._apply(base, change)
             except _Replaced:
@@ -330,9 +354,7 @@ class Membership:
                 f"{self.autoscaler.max_workers}); start without it to scale by hand"
             )
         with self._locked(f"scale to {n} workers"):
-            placement = self._resize(n, "scale")
-            self.target = n
-            return placement
+            return self._retarget(n, "scale")
 
     def rebalance(self) -> dict:
         """Re-place the experts (and replicas) by EPLB over the load window, on the same number of
@@ -447,6 +469,7 @@ class Membership:
         }
 
     def _record(self, kind: str, before: int, after: int, seconds: float, placement: Placement) -> None:
+        self._label()
         self.events[kind] += 1
         self.history.append(
             {
@@ -529,8 +552,21 @@ class Membership:
                     log.warning("%s", e)
 
     def _autoscale(self, n: int) -> None:
-        self._resize(n, "autoscale")
-        self.target = n
+        self._retarget(n, "autoscale")
+
+    def _retarget(self, n: int, kind: str) -> Placement:
+        """A new target count and the change to it (the target is set first, so that the change's
+        record labels the workers with it; a failed change leaves the old one)."""
+        previous, self.target = self.target, n
+        try:
+            return self._resize(n, kind)
+        except BaseException:
+            self.target = previous
+            raise
+
+    def _label(self) -> None:
+        """Leave the target count with the workers: a restarted router reads it back from them."""
+        self.transport.label_workers(self.dispatcher.placement.worker_ids, {"target_workers": self.target})
 
     def _auto_rebalance(self) -> None:
         self._resize(self.dispatcher.placement.num_workers, "rebalance", balanced=True)
@@ -552,6 +588,11 @@ class Membership:
         finally:
             self.changing = None
             self._change.release()
+
+
+def _assignment(info: dict) -> dict[int, list[int]]:
+    """A described worker's latest layout: MoE layer -> expert of each slot."""
+    return {int(layer): [int(e) for e in ids] for layer, ids in (info.get("experts") or {}).items()}
 
 
 def _experts(info: dict, layer: str) -> list[int]:

@@ -135,6 +135,10 @@ class RayExpertWorker(ExpertWorker):
     def describe(self) -> dict:
         return super().describe()
 
+    @ray.method(concurrency_group="control")
+    def set_labels(self, labels: dict) -> None:
+        super().set_labels(labels)
+
     def forward_packed(self, layer: int, item: tuple | None) -> tuple | None:
         """`forward` on a (layout, packed batch) item, returning the packed partial; None when there
         is no work.
@@ -335,6 +339,12 @@ class RayTransport:
             actor = self._actors.get(w)
             if actor is not None:
                 actor.drop_layout.remote(key)
+
+    def label_workers(self, workers: tuple[int, ...], labels: dict) -> None:
+        for w in workers:
+            actor = self._actors.get(w)
+            if actor is not None:
+                actor.set_labels.remote(labels)
 
     def retire(self, workers: set[int]) -> None:
         for w in workers:

@@ -101,6 +101,10 @@ class Transport(Protocol):
         """Stop these workers (unknown or dead ones are ignored)."""
         ...
 
+    def label_workers(self, workers: tuple[int, ...], labels: dict) -> None:
+        """Leave `labels` with these workers (best effort, not waited for)."""
+        ...
+
     def check(self, workers: tuple[int, ...], timeout_s: float) -> dict[int, str]:
         """Health check of idle workers: the ones dead or not answering within timeout_s, with why."""
         ...
@@ -170,6 +174,11 @@ class LocalTransport:
     def retire(self, workers: set[int]) -> None:
         for w in workers:
             self.workers.pop(w, None)
+
+    def label_workers(self, workers: tuple[int, ...], labels: dict) -> None:
+        for w in workers:
+            if w in self.workers:
+                self.workers[w].set_labels(labels)
 
     def check(self, workers: tuple[int, ...], timeout_s: float) -> dict[int, str]:
         return {w: "not running" for w in workers if w not in self.workers}
