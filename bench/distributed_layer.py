@@ -74,6 +74,10 @@ def _router_spans(router, layer, x, reps, with_workers=True):
     d = router.dispatcher
     block = router.model.model.layers[layer].mlp
     tr = d.transport
+
+    def with_layouts(batches):  # the transport's work items: (the worker's layout key, its batch)
+        return {w: (d.placement.layout_of(w), b) for w, b in batches.items()}
+
     out = {"router_threads": _torch.get_num_threads()}
     with _torch.inference_mode():
         x = x.to(router.device, router.dtype)
@@ -89,7 +93,7 @@ def _router_spans(router, layer, x, reps, with_workers=True):
             work = plan(routing, d.placement, layer, x, d.spec.shared_intermediate_size > 0, sw)
             batches = {w: b for w, (_, b) in work.items()}
             t1 = _time.perf_counter()
-            partials = tr.run_layer(layer, batches)
+            partials = tr.run_layer(layer, with_layouts(batches)).partials
             t2 = _time.perf_counter()
             combine(x, [(rows, partials[w]) for w, (rows, _) in sorted(work.items())])
             t3 = _time.perf_counter()
@@ -120,6 +124,7 @@ def _router_spans(router, layer, x, reps, with_workers=True):
             )
             for w, b in batches.items()
         }
+        empty = with_layouts(empty)
         tr.run_layer(layer, empty)
         best = float("inf")
         for _ in range(max(reps, 20) if x.shape[0] <= 128 else reps):
@@ -135,7 +140,7 @@ def _router_spans(router, layer, x, reps, with_workers=True):
             import ray
 
             refs = {
-                w: tr.actors[w].__ray_call__.remote(_worker_compute, layer, b, reps)
+                w: tr._actors[w].__ray_call__.remote(_worker_compute, layer, b, reps)
                 for w, b in batches.items()
             }
             res = {w: ray.get(r, timeout=600) for w, r in refs.items()}
