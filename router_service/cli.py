@@ -31,7 +31,15 @@ from pathlib import Path
 
 from expert_workers.kernels import KERNELS
 from moe_serving.errors import ServingError
-from router_service.config import TRANSPORTS, AutoscalingConfig, BatchLimits, ElasticConfig, from_dict
+from router_service.config import (
+    PLACEMENT_STRATEGIES,
+    TRANSPORTS,
+    AutoscalingConfig,
+    BatchLimits,
+    ElasticConfig,
+    WorkerResources,
+    from_dict,
+)
 from router_service.engine import DTYPES, Engine
 from router_service.serving.launch import ServerOptions, start_server
 from router_service.serving.settings import ServingSettings
@@ -58,6 +66,7 @@ SERVER_OPTIONS = _field_defaults(ServerOptions)
 SERVING_SETTINGS = _field_defaults(ServingSettings)
 BATCH_LIMITS = _field_defaults(BatchLimits)
 ELASTIC = _field_defaults(ElasticConfig)
+WORKER_RESOURCES = _field_defaults(WorkerResources)
 MAX_NEW_TOKENS = 32  # the API has no default for it; this is the command line's
 SERVED_TRANSPORTS = [t for t in TRANSPORTS if t != "local"]  # serving needs Ray
 DEFAULT_URL = f"http://{SERVER_OPTIONS['host']}:{SERVER_OPTIONS['http_port']}"
@@ -302,6 +311,34 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=BATCH_LIMITS["max_batch_size"],
         help="sequences decoded together per step (default: %(default)s)",
     )
+    g = p.add_argument_group("expert workers on the Ray cluster (docs/running-on-ray.md)")
+    g.add_argument(
+        "--worker-cpus",
+        metavar="N",
+        type=float,
+        default=WORKER_RESOURCES["num_cpus"],
+        help="Ray CPUs per expert worker (default: %(default)s)",
+    )
+    g.add_argument(
+        "--worker-gpus",
+        metavar="N",
+        type=float,
+        default=None,
+        help="Ray GPUs per expert worker (default: 1 when the cluster has a GPU for every worker, else 0)",
+    )
+    g.add_argument(
+        "--worker-resources",
+        metavar="JSON",
+        type=json_object,
+        default={},
+        help="custom node resources per worker, e.g. '{\"expert_node\": 1}' for nodes started with them",
+    )
+    g.add_argument(
+        "--placement-strategy",
+        choices=PLACEMENT_STRATEGIES,
+        default=WORKER_RESOURCES["strategy"],
+        help="where new workers go (default: %(default)s: the node with the fewest of them)",
+    )
     g = p.add_argument_group("elasticity (docs/elasticity.md)")
     g.add_argument(
         "--redundant-experts",
@@ -351,6 +388,15 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
+
+
+def worker_resources_from_args(args: argparse.Namespace) -> WorkerResources:
+    return WorkerResources(
+        num_cpus=args.worker_cpus,
+        num_gpus=args.worker_gpus,
+        resources=args.worker_resources,
+        strategy=args.placement_strategy,
+    )
 
 
 def elastic_from_args(args: argparse.Namespace) -> ElasticConfig:
@@ -403,6 +449,7 @@ def run_serve(args: argparse.Namespace) -> int:
             device=args.device,
             expert_kernel=args.expert_kernel,
             elastic=elastic_from_args(args),
+            worker_resources=worker_resources_from_args(args),
         )
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
         raise ValueError(e.strerror or str(e)) from e

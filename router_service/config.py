@@ -71,7 +71,9 @@ class WorkerResources:
     """Ray resources of each expert-worker actor (transport "ray" / "compiled").
 
     num_gpus None means: one GPU per worker when the cluster has a GPU for every worker, else none.
-    strategy is the placement group's: SPREAD (default) puts workers on different nodes where it can.
+    resources: custom node resources each worker needs (e.g. {"expert_node": 1} to keep workers on
+    nodes started with that resource). strategy: where each new worker goes, SPREAD (default: the
+    node with the fewest of this server's workers), PACK, STRICT_SPREAD, STRICT_PACK.
     """
 
     num_cpus: float = 1.0
@@ -82,14 +84,15 @@ class WorkerResources:
     placement_timeout_s: float = 60.0
 
     def __post_init__(self):
-        if self.num_cpus <= 0:
-            raise ValueError(
-                f"worker num_cpus must be > 0 (a placement-group bundle needs a resource), got {self.num_cpus}"
-            )
-        if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
-            raise ValueError(
-                f"worker resources must be >= 0, got num_cpus={self.num_cpus}, num_gpus={self.num_gpus}"
-            )
+        if not self.num_cpus > 0:
+            raise ValueError(f"worker num_cpus must be > 0, got {self.num_cpus}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError(f"worker num_gpus must be >= 0, got {self.num_gpus}")
+        bad = {k: v for k, v in self.resources.items() if not isinstance(v, int | float) or v < 0}
+        if bad:
+            raise ValueError(f"worker resources must be non-negative numbers, got {bad}")
+        if not self.placement_timeout_s > 0:
+            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(
                 f"unknown placement strategy {self.strategy!r}; choose one of {PLACEMENT_STRATEGIES}"

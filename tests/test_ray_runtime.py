@@ -143,11 +143,18 @@ def test_bad_input_over_ray_is_a_plain_value_error(tiny_model_dir):
         assert engine.forward(torch.tensor([[3, 4]])).shape == (1, 2, VOCAB)
 
 
-def test_unplaceable_workers_fail_fast_with_the_reason(tiny_model_dir):
-    with pytest.raises(ValueError, match="cannot place expert worker"):
+@pytest.mark.parametrize(
+    "resources, match",
+    [
+        ({"num_cpus": 64}, r"needing \{'CPU': 64"),
+        ({"num_gpus": 1}, r"needing \{'CPU': 1.0, 'GPU': 1\}; the nodes have: [\d.]+: CPU 4"),
+        ({"resources": {"expert_node": 1}}, r"needing \{'CPU': 1.0, 'expert_node': 1\}"),
+    ],
+)
+def test_workers_no_node_can_run_fail_fast_naming_what_the_cluster_has(tiny_model_dir, resources, match):
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="no node of the Ray cluster can run an expert worker " + match):
         Engine.from_pretrained(
-            tiny_model_dir("mixtral"),
-            num_workers=2,
-            transport="ray",
-            worker_resources={"num_cpus": 64, "placement_timeout_s": 3},
+            tiny_model_dir("mixtral"), num_workers=2, transport="ray", worker_resources=resources
         )
+    assert time.monotonic() - t0 < 60, "fails fast, not after a placement timeout"

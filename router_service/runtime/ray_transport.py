@@ -165,6 +165,35 @@ def _fits(node_resources: dict, bundle: dict) -> bool:
     return all(node_resources.get(k, 0.0) >= v for k, v in bundle.items() if v > 0)
 
 
+def check_cluster_fits(bundle: dict) -> None:
+    """Fail fast, naming what the cluster has, when no alive node could ever run a worker needing
+    `bundle` (GPUs on a CPU-only cluster, a custom resource no node was started with)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if any(_fits(n.get("Resources", {}), bundle) for n in nodes):
+        return
+    have = [
+        f"{n.get('NodeManagerAddress')}: "
+        + ", ".join(f"{k} {v:g}" for k, v in sorted(n.get("Resources", {}).items()) if _user_resource(k))
+        for n in nodes
+    ]
+    raise ValueError(
+        f"no node of the Ray cluster can run an expert worker needing {bundle}; the nodes have: "
+        + ("; ".join(have) or "none alive")
+    )
+
+
+def _user_resource(name: str) -> bool:
+    return (
+        not name.startswith("node:")
+        and "bundle_group" not in name
+        and name
+        not in (
+            "memory",
+            "object_store_memory",
+        )
+    )
+
+
 def choose_node(strategy: str, bundle: dict, ours: collections.Counter) -> tuple[str | None, bool]:
     """(node id, soft) for a new worker needing `bundle`, given how many of our workers each node
     runs (`ours`); (None, True) lets Ray decide (no alive node has the resources: the start then
@@ -209,6 +238,7 @@ class RayTransport:
             gpus = 1 if cluster_gpus() >= expected_workers else 0
         self.bundle = {"CPU": resources.num_cpus, **({"GPU": gpus} if gpus else {}), **resources.resources}
         self._gpus = gpus
+        check_cluster_fits(self.bundle)
         self._lock = threading.Lock()
         self._actors: dict[int, ray.actor.ActorHandle] = {}
         self._nodes: dict[int, str] = {}
