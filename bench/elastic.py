@@ -161,13 +161,13 @@ async def get(url: str, path: str) -> dict:
         return (await http.get(path)).json()
 
 
-def worker_pid(engine, worker: int) -> int:
+def worker_pid(router_actor, worker: int) -> int:
     import ray
 
     def pid(router, w):
         return ray.get(router.dispatcher.transport._actors[w].__ray_call__.remote(lambda _: os.getpid()))
 
-    return ray.get(engine.actor.__ray_call__.remote(pid, worker))
+    return ray.get(router_actor.__ray_call__.remote(pid, worker))
 
 
 async def scale_and_kill(args, server, load: Load) -> list[dict]:
@@ -186,7 +186,7 @@ async def scale_and_kill(args, server, load: Load) -> list[dict]:
     target = state["elastic"]["target_workers"]
     victim = state["workers"][0]["worker_id"]
     t0 = time.perf_counter()
-    os.kill(worker_pid(server.engine, victim), signal.SIGKILL)
+    os.kill(worker_pid(server.router, victim), signal.SIGKILL)
     while True:
         state = await get(url, "/v1/cluster")
         ids = [w["worker_id"] for w in state["workers"]]
@@ -215,13 +215,15 @@ async def with_load(url: str, args, want, phase) -> tuple[Load, object]:
     return load, value
 
 
-def moe_layer_ms(engine, layer: int, tokens: int, hidden: int) -> float:
+def moe_layer_ms(router_actor, layer: int, tokens: int, hidden: int) -> float:
+    from router_service.runtime.router_actor import call_actor
+
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0))
-    engine.moe_forward(layer, x)
+    call_actor(router_actor, "moe_forward", layer, x)
     times = []
     for _ in range(9):
         t0 = time.perf_counter()
-        engine.moe_forward(layer, x)
+        call_actor(router_actor, "moe_forward", layer, x)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
@@ -356,14 +358,14 @@ def main(argv: list[str] | None = None) -> None:
         server = start(skewed, args, args.rebalance_workers, redundant_experts=args.redundant_experts)
         try:
             # One MoE layer timed with no other load, before and after the rebalance.
-            spec = server.engine.spec
+            spec = server.spec
             layer = spec.moe_layers[len(spec.moe_layers) // 2]
-            ms_before = moe_layer_ms(server.engine, layer, args.layer_tokens, spec.hidden_size)
+            ms_before = moe_layer_ms(server.router, layer, args.layer_tokens, spec.hidden_size)
             reb_load, reb = asyncio.run(
                 with_load(server.http_url, args, None, lambda ld: rebalance_phase(args, server, ld))
             )
             reb["before"]["moe_ms"] = ms_before
-            reb["after"]["moe_ms"] = moe_layer_ms(server.engine, layer, args.layer_tokens, spec.hidden_size)
+            reb["after"]["moe_ms"] = moe_layer_ms(server.router, layer, args.layer_tokens, spec.hidden_size)
             reb["layer"], reb["failures"] = layer, len(reb_load.failures)
         finally:
             server.shutdown()

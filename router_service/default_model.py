@@ -225,3 +225,17 @@ def default_model_dir(preset: str = "tiny") -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def ensure_default_model(path: str | Path) -> None:
+    """Build the default model (or a preset of it) at `path` if `path` is where it is cached and it is
+    not there yet; anything else is left alone. Every process that reads a checkpoint calls this, so
+    on a cluster each node builds the built-in model the first time it needs it (the bytes are the
+    same everywhere: it is seeded)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    for preset in preset_names():
+        if path == default_model_path(preset):
+            default_model_dir(preset)
+            return

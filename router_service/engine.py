@@ -26,11 +26,46 @@ from router_service.config import (
     WorkerResources,
     from_dict,
 )
+from router_service.default_model import ensure_default_model
 from router_service.router import Router
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "ElasticConfig", "Engine", "EngineConfig", "WorkerResources"]
+__all__ = ["DTYPES", "ElasticConfig", "Engine", "EngineConfig", "WorkerResources", "make_config"]
+
+
+def make_config(
+    model_dir: str | Path,
+    *,
+    worker_resources: WorkerResources | dict | None = None,
+    batch_limits: BatchLimits | dict | None = None,
+    redundant_experts: int = 0,
+    elastic: ElasticConfig | dict | None = None,
+    **fields,
+) -> tuple[EngineConfig, ModelSpec]:
+    """The validated EngineConfig and the checkpoint's ModelSpec for `Engine.from_pretrained`'s
+    arguments (and the Serve application's), before any process starts or any weight is read."""
+    worker_resources = from_dict(WorkerResources, worker_resources, "worker_resources")
+    batch_limits = from_dict(BatchLimits, batch_limits, "batch_limits")
+    elastic = from_dict(ElasticConfig, elastic, "elastic") or ElasticConfig()
+    if redundant_experts:
+        elastic = dataclasses.replace(elastic, redundant_experts=redundant_experts)
+    config = EngineConfig(
+        model_dir=str(model_dir),
+        worker_resources=worker_resources or WorkerResources(),
+        batch_limits=batch_limits or BatchLimits(),
+        elastic=elastic,
+        **fields,
+    )
+    ensure_default_model(config.model_dir)  # the built-in model, if that is the one asked for
+    spec = spec_from_pretrained(config.model_dir)  # raises before any weight is read
+    slots = spec.num_experts + elastic.redundant_experts
+    if not 1 <= config.num_workers <= slots:
+        raise ValueError(
+            f"num_workers must be between 1 and the number of expert slots ({slots} = "
+            f"{spec.num_experts} experts + {elastic.redundant_experts} redundant), got {config.num_workers}"
+        )
+    return config, spec
 
 
 class Engine:
@@ -82,32 +117,21 @@ class Engine:
         `redundant_experts` above wins over its field of the same name).
         cluster_name: the name of the Ray actors (Ray transports; default: a fresh one).
         """
-        worker_resources = from_dict(WorkerResources, worker_resources, "worker_resources")
-        batch_limits = from_dict(BatchLimits, batch_limits, "batch_limits")
-        elastic = from_dict(ElasticConfig, elastic, "elastic") or ElasticConfig()
-        if redundant_experts:
-            elastic = dataclasses.replace(elastic, redundant_experts=redundant_experts)
-        config = EngineConfig(
-            model_dir=str(model_dir),
+        config, spec = make_config(
+            model_dir,
             num_workers=num_workers,
             transport=transport,
             dtype=dtype,
             device=device,
             expert_kernel=expert_kernel,
-            worker_resources=worker_resources or WorkerResources(),
+            worker_resources=worker_resources,
             num_threads=num_threads,
             progress=progress,
-            batch_limits=batch_limits or BatchLimits(),
+            batch_limits=batch_limits,
+            redundant_experts=redundant_experts,
             elastic=elastic,
             cluster_name=cluster_name,
         )
-        spec = spec_from_pretrained(config.model_dir)  # raises before any weight is read
-        slots = spec.num_experts + elastic.redundant_experts
-        if not 1 <= num_workers <= slots:
-            raise ValueError(
-                f"num_workers must be between 1 and the number of expert slots ({slots} = "
-                f"{spec.num_experts} experts + {elastic.redundant_experts} redundant), got {num_workers}"
-            )
         if config.transport == "local":
             return cls(config, spec, Router(config))
         from router_service.runtime.router_actor import start_router_actor

@@ -19,6 +19,7 @@ import torch
 
 from moe_models.spec import load_hf_config, spec_from_hf_config
 from router_service.config import EngineConfig, resolve_device
+from router_service.default_model import ensure_default_model
 from router_service.generation.decoding import SamplingParams
 from router_service.generation.scheduler import GenerationScheduler, eos_ids
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
@@ -90,6 +91,7 @@ class Router:
         torch.set_num_threads(config.num_threads)  # a no-op in-process unless asked for
         self.dtype = config.torch_dtype
         self.device = resolve_device(config.device)
+        ensure_default_model(config.model_dir)  # the built-in model, if that is the one asked for
         hf_config = load_hf_config(config.model_dir)
         self.spec = spec_from_hf_config(hf_config)
         setup = WorkerSetup(

@@ -182,7 +182,7 @@ def test_router_killed_mid_stream_loses_nothing(server, model_dir):
     want = reference(model_dir, 48)
 
     async def kill_router():
-        ray.kill(server.engine.actor, no_restart=False)  # Ray restarts it; it reattaches to its workers
+        ray.kill(server.router, no_restart=False)  # Ray restarts it; it reattaches to its workers
         await asyncio.sleep(0)
 
     async def main():
@@ -208,7 +208,7 @@ def test_no_capacity_is_503_until_workers_can_start_again(server, model_dir):
         for actor in list(router.dispatcher.transport._actors.values()):
             ray.kill(actor)
 
-    ray.get(server.engine.actor.__ray_call__.remote(kill_all))
+    ray.get(server.router.__ray_call__.remote(kill_all))
     try:
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=WAIT_S)
         assert r.status_code == 503, r.text

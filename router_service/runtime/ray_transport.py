@@ -103,6 +103,14 @@ class RayExpertWorker(ExpertWorker):
         self._bar = None
         super().__init__(*args, **kwargs)
 
+    @property
+    def checkpoint(self):
+        if self._checkpoint is None:  # on a node that has not seen the built-in model yet: build it
+            from router_service.default_model import ensure_default_model
+
+            ensure_default_model(self.model_dir)
+        return super().checkpoint
+
     def on_layer_loaded(self, layer: int, done: int, total: int) -> None:
         if self._progress == "bar":
             from ray.experimental import tqdm_ray
@@ -163,6 +171,11 @@ WORKER_ACTOR = ray.remote(concurrency_groups={"control": 1, "health": 1})(RayExp
 
 def _fits(node_resources: dict, bundle: dict) -> bool:
     return all(node_resources.get(k, 0.0) >= v for k, v in bundle.items() if v > 0)
+
+
+def worker_bundle(resources: WorkerResources, gpus: float) -> dict:
+    """The Ray resources one expert worker asks for."""
+    return {"CPU": resources.num_cpus, **({"GPU": gpus} if gpus else {}), **resources.resources}
 
 
 def check_cluster_fits(bundle: dict) -> None:
@@ -236,7 +249,7 @@ class RayTransport:
         gpus = resources.num_gpus
         if gpus is None:  # one GPU per worker when the cluster has one for each, else none
             gpus = 1 if cluster_gpus() >= expected_workers else 0
-        self.bundle = {"CPU": resources.num_cpus, **({"GPU": gpus} if gpus else {}), **resources.resources}
+        self.bundle = worker_bundle(resources, gpus)
         self._gpus = gpus
         check_cluster_fits(self.bundle)
         self._lock = threading.Lock()

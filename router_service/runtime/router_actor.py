@@ -82,6 +82,7 @@ class RouterActor(Router):
     def __init__(self, config: EngineConfig):  # Router.__init__ runs in start()
         self._config = config
         self._started = False
+        self._starting = threading.Lock()
         if ray.get_runtime_context().was_current_actor_reconstructed:
             log.warning(
                 "router actor restarted: reattaching to the expert workers of %s", config.cluster_name
@@ -89,8 +90,11 @@ class RouterActor(Router):
             self.start(reattach=True)
 
     def start(self, reattach: bool = False) -> bool:
-        super().__init__(self._config, reattach=reattach)
-        self._started = True
+        """Build the router (once: later calls wait for the first, then return)."""
+        with self._starting:
+            if not self._started:
+                super().__init__(self._config, reattach=reattach)
+                self._started = True
         return True
 
     def generate_stream(self, *args, **kwargs):
@@ -103,37 +107,58 @@ class RouterActor(Router):
             super().shutdown()
 
 
-def start_router_actor(config: EngineConfig, address: str | None):
-    """Start the Router actor (which starts the workers) and wait until the model is loaded."""
+def _router_actor_class(config: EngineConfig, **options):
+    """RouterActor with its options: named; threaded (generation streams wait in their own threads
+    while the decode loop runs; model calls take turns on the Router's lock); restarted by Ray when
+    its process dies; preferably on the caller's node (the head, usually): the router is the one
+    actor whose loss costs a restart, and worker nodes come and go."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(RouterActor).options(
+        scheduling_strategy=here,
+        name=f"{config.cluster_name}:router",
+        namespace=NAMESPACE,
+        num_cpus=0,
+        num_gpus=1 if _wants_gpu(config) else 0,
+        max_concurrency=ROUTER_MAX_CONCURRENCY,
+        max_restarts=config.elastic.router_max_restarts,
+        **options,
+    )
+
+
+def _wants_gpu(config: EngineConfig) -> bool:
     from router_service.runtime.ray_transport import cluster_gpus
 
+    return config.device.startswith("cuda") or (config.device == "auto" and cluster_gpus() > 0)
+
+
+def min_cluster_cpus(config: EngineConfig) -> int:
+    """Logical CPUs a local Ray instance needs for the most workers this config may run, + 1."""
     auto = config.elastic.autoscaling
     most = max(config.num_workers, auto.max_workers if auto else 0)
-    owns = ensure_ray(address, min_cpus=most * int(max(1, config.worker_resources.num_cpus)) + 1)
-    wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and cluster_gpus() > 0)
-    # Threaded: generation streams wait in their own threads while the decode loop runs; model calls
-    # take turns on the Router's lock. Preferably on the caller's node (the head, usually): the
-    # router is the one actor whose loss costs a restart, and worker nodes come and go.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = (
-        ray.remote(RouterActor)
-        .options(
-            scheduling_strategy=here,
-            name=f"{config.cluster_name}:router",
-            namespace=NAMESPACE,
-            num_cpus=0,
-            num_gpus=1 if wants_gpu else 0,
-            max_concurrency=ROUTER_MAX_CONCURRENCY,
-            max_restarts=config.elastic.router_max_restarts,
-        )
-        .remote(config)
-    )
+    return most * int(max(1, config.worker_resources.num_cpus)) + 1
+
+
+def start_router_actor(config: EngineConfig, address: str | None):
+    """Start the Router actor (which starts the workers), owned by this process, and wait until the
+    model is loaded (the Engine's way)."""
+    owns = ensure_ray(address, min_cpus=min_cluster_cpus(config))
+    actor = _router_actor_class(config).remote(config)
     try:
         call_actor(actor, "start")
     except BaseException:
         stop_router_actor(actor, owns, config.cluster_name)
         raise
     return actor, owns
+
+
+def attach_router_actor(config: EngineConfig):
+    """The Router actor of `config.cluster_name`, started if it is not running yet (a Serve app's
+    way): detached, so that it belongs to no process: the app starts it from its ingress replica, and
+    it must outlive a replica that crashes and the process that deployed the app.
+    `stop_router_actor` removes it and its workers. Waits until the model is loaded."""
+    actor = _router_actor_class(config, get_if_exists=True, lifetime="detached").remote(config)
+    call_actor(actor, "start", True)  # reattach: this cluster's workers may already run
+    return actor
 
 
 @contextlib.contextmanager

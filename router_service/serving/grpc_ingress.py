@@ -85,7 +85,8 @@ class GrpcIngress:
         handle = serve.get_deployment_handle(self.deployment_name, app_name=self.app_name)
         backend = HandleBackend(handle)
         self.server = await start_grpc_server(backend, host, port)
-        await self._follow(backend)  # the first status before anyone asks
+        # NOT_SERVING until the first check: the deployment may still be constructing (it starts us).
+        await self.server.set_serving(False)
         self._poll = asyncio.get_running_loop().create_task(self._poll_health(backend))
         return self.server.port
 
@@ -99,8 +100,8 @@ class GrpcIngress:
 
     async def _poll_health(self, backend: HandleBackend) -> None:
         while self.server is not None:
-            await asyncio.sleep(HEALTH_POLL_S)
             await self._follow(backend)
+            await asyncio.sleep(HEALTH_POLL_S)
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._poll is not None:

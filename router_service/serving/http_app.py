@@ -32,6 +32,8 @@ from moe_models.spec import spec_from_pretrained
 from moe_serving import tensors
 from moe_serving.errors import ServingError, invalid
 from moe_serving.types import GenerateChunk, GenerateParams
+from router_service.config import EngineConfig
+from router_service.default_model import ensure_default_model
 from router_service.serving.core import (
     IngressCore,
     check_forward_request,
@@ -45,6 +47,29 @@ log = logging.getLogger(__name__)
 MSGPACK = "application/msgpack"
 
 app = FastAPI(title="moe-serving", docs_url="/docs", redoc_url=None)
+
+
+def start_grpc_actor(cluster: str, host: str, port: int):
+    """The gRPC front end in an actor of its own, owned by the calling replica; (actor, bound port).
+
+    Its server calls this replica's deployment through a handle, so both protocols share one set of
+    limits, batches and metrics."""
+    import ray
+
+    from router_service.runtime.ray_transport import NAMESPACE
+    from router_service.serving.grpc_ingress import GrpcIngress
+
+    context = serve.get_replica_context()
+    actor = (
+        ray.remote(GrpcIngress)
+        .options(num_cpus=0, name=f"{cluster}:grpc", namespace=NAMESPACE)
+        .remote(context.app_name, context.deployment)
+    )
+    try:
+        return actor, ray.get(actor.start.remote(host, port))
+    except Exception:
+        ray.kill(actor)
+        raise
 
 
 def _error_response(err: ServingError) -> JSONResponse:
@@ -132,15 +157,53 @@ def _sse(obj) -> str:
 @serve.deployment(name="MoEIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
 @serve.ingress(app)
 class MoEIngress:
-    def __init__(self, router, model_dir: str, settings: ServingSettings):
+    """The application's front door, and the owner of everything behind it.
+
+    Its constructor attaches to the cluster's Router actor (detached and named; started here if it is
+    not running, so a replica that crashes and comes back finds the router and its workers as they
+    were) and starts the gRPC server actor (owned by this replica: it lives and dies with it). A
+    graceful stop of the replica (`serve shutdown`, `serve.delete`, a redeploy) stops the router and
+    its workers too: the app leaves nothing behind.
+    """
+
+    def __init__(self, config: EngineConfig, settings: ServingSettings, grpc_address: tuple[str, int] | None):
+        from router_service.runtime.router_actor import attach_router_actor
+
+        self.config = config
         self.settings = settings
-        self.spec = spec_from_pretrained(model_dir)
-        self.core = IngressCore(router, self.spec, load_tokenizer(model_dir), settings)
+        self.router = None
+        self._grpc = None
+        ensure_default_model(config.model_dir)
+        self.spec = spec_from_pretrained(config.model_dir)
+        self.router = attach_router_actor(config)
+        self.core = IngressCore(self.router, self.spec, load_tokenizer(config.model_dir), settings)
         self.metrics = Metrics()
         self.created = int(time.time())
         for method in (self._forward_batch, self._moe_batch):
             method.set_max_batch_size(settings.max_batch_requests)
             method.set_batch_wait_timeout_s(settings.batch_wait_s)
+        if grpc_address is not None:
+            self._grpc, self.grpc_port = start_grpc_actor(config.cluster_name, *grpc_address)
+
+    def __del__(self):
+        """A graceful stop: the gRPC server, then the router and its workers."""
+        import ray
+
+        from router_service.runtime.router_actor import stop_router_actor
+
+        if getattr(self, "_grpc", None) is not None:
+            with contextlib.suppress(Exception):
+                ray.get(self._grpc.stop.remote(), timeout=10)
+            with contextlib.suppress(Exception):
+                ray.kill(self._grpc)
+            self._grpc = None
+        if getattr(self, "router", None) is not None:
+            stop_router_actor(self.router, False, self.config.cluster_name)
+            self.router = None
+
+    async def grpc_port_bound(self) -> int | None:
+        """The port the gRPC server listens on (None: no gRPC)."""
+        return getattr(self, "grpc_port", None)
 
     # ---- the backend (HTTP routes below and the gRPC server call these) ----------------------------
 

@@ -1,5 +1,6 @@
-"""Start and stop a whole server: Ray, the Router and expert workers, the Ray Serve HTTP app and
-the gRPC actor; used by `moe-serve serve`, the tests and the load benchmark."""
+"""Start and stop a whole server: Ray, the Ray Serve application (whose ingress starts the Router,
+its expert workers and the gRPC actor); used by `moe-serve serve`, the tests and the benchmarks.
+`cluster.serve_app` builds the same application for `serve run` / `serve deploy` / KubeRay."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from router_service.config import BatchLimits
-from router_service.engine import Engine
+from router_service.config import BatchLimits, EngineConfig
+from router_service.engine import make_config
 from router_service.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "moe-serving"
 DEPLOYMENT_NAME = "MoEIngress"
-GRPC_ACTOR_NAME = "moe-serving-grpc"
 
 
 @dataclass(frozen=True)
@@ -43,33 +43,80 @@ def _check_port_free(host: str, port: int, what: str) -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """A running server. `http_url`, `grpc_target`; `shutdown()` (or `with`) stops everything it
-    started, Ray included when it started Ray."""
+def application(config: EngineConfig, settings: ServingSettings, grpc_address: tuple[str, int] | None):
+    """The Serve application: the ingress deployment, which owns the router, its workers and the
+    gRPC front end (`MoEIngress`). `start_server` and `cluster.serve_app.build_app` both return this."""
+    from router_service.serving.http_app import MoEIngress
 
-    def __init__(self, engine: Engine, grpc_actor, http_url: str, grpc_target: str, model_name: str):
-        self.engine, self._grpc = engine, grpc_actor
+    return MoEIngress.options(name=DEPLOYMENT_NAME).bind(config, settings, grpc_address)
+
+
+def fit_settings(settings: ServingSettings, limits: BatchLimits) -> ServingSettings:
+    """The router's batch must be able to hold any request the ingress accepts."""
+    if settings.max_request_tokens > limits.max_batch_tokens:
+        log.info(
+            "max_request_tokens %d lowered to the router's max_batch_tokens %d",
+            settings.max_request_tokens,
+            limits.max_batch_tokens,
+        )
+        return dataclasses.replace(settings, max_request_tokens=limits.max_batch_tokens)
+    return settings
+
+
+def deploy_error(e: BaseException) -> ValueError:
+    """One line out of a failed Serve deployment: the cause the replica's constructor raised."""
+    text = str(e)
+    causes = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip().startswith(
+            ("ValueError", "WorkerError", "WorkerStartError", "CheckpointError", "ConfigError")
+        )
+    ]
+    return ValueError(
+        causes[-1].split(": ", 1)[-1] if causes else f"the server did not start: {text.splitlines()[0]}"
+    )
+
+
+class Server:
+    """A running server. `http_url`, `grpc_target`, `router` (the Router actor's handle), `spec`;
+    `shutdown()` (or `with`) stops everything it started, Ray included when it started Ray."""
+
+    def __init__(
+        self, config: EngineConfig, spec, owns_ray: bool, http_url: str, grpc_target: str, model_name: str
+    ):
+        self.config, self.spec, self.owns_ray = config, spec, owns_ray
         self.http_url, self.grpc_target, self.model_name = http_url, grpc_target, model_name
+        self._running = True
+
+    @property
+    def router(self):
+        """The Router actor (detached and named: its handle survives its restarts)."""
+        import ray
+
+        from router_service.runtime.ray_transport import NAMESPACE
+
+        return ray.get_actor(f"{self.config.cluster_name}:router", namespace=NAMESPACE)
 
     def shutdown(self) -> None:
         import ray
         from ray import serve
 
-        if self.engine is None:
+        from router_service.runtime.router_actor import kill_cluster_actors
+
+        if not self._running:
             return
-        if self._grpc is not None:
-            with contextlib.suppress(Exception):
-                ray.get(self._grpc.stop.remote(), timeout=10)
-            with contextlib.suppress(Exception):
-                ray.kill(self._grpc)
-        if not self.engine.owns_ray:
-            # On a cluster we joined, remove our Serve instance; a Ray instance we started goes
-            # away whole with the engine (Serve's own shutdown there only adds a noisy retry of
-            # its controller's last task).
+        self._running = False
+        # Deleting the app stops its replica gracefully, which stops the router, its workers and the
+        # gRPC actor (MoEIngress.__del__); anything a crashed replica left is killed by name.
+        with contextlib.suppress(Exception):
+            serve.delete(APP_NAME)
+        kill_cluster_actors(self.config.cluster_name)
+        if self.owns_ray:
+            ray.shutdown()  # a Ray instance we started goes away whole
+        else:
             with contextlib.suppress(Exception):
                 serve.shutdown()
-        self.engine.shutdown()
-        self.engine = None
 
     def __enter__(self) -> Server:
         return self
@@ -91,63 +138,58 @@ def start_server(
     progress: str = "auto",
     **engine_kwargs,
 ) -> Server:
-    """Load the model on Ray and serve it over HTTP and gRPC; returns once both answer health checks."""
-    import ray
+    """Load the model on Ray and serve it over HTTP and gRPC; returns once both answer health checks.
+
+    engine_kwargs: the other arguments of `Engine.from_pretrained` (worker_resources, elastic, ...).
+    """
     from ray import serve
 
-    from router_service.serving.grpc_ingress import GrpcIngress
-    from router_service.serving.http_app import MoEIngress
+    from router_service.runtime.ray_transport import check_cluster_fits, worker_bundle
+    from router_service.runtime.router_actor import ensure_ray, min_cluster_cpus
 
     if transport == "local":
         raise ValueError("serving needs a Ray transport: 'ray' or 'compiled'")
-    model_dir = str(model_dir)
     settings = settings or ServingSettings(model_name=Path(model_dir).name)
     batch_limits = batch_limits or BatchLimits()
-    if settings.max_request_tokens > batch_limits.max_batch_tokens:
-        # The router's batch must be able to hold any request the ingress accepts.
-        log.info(
-            "max_request_tokens %d lowered to the router's max_batch_tokens %d",
-            settings.max_request_tokens,
-            batch_limits.max_batch_tokens,
-        )
-        settings = dataclasses.replace(settings, max_request_tokens=batch_limits.max_batch_tokens)
+    settings = fit_settings(settings, batch_limits)
+    config, spec = make_config(
+        model_dir,
+        num_workers=num_workers,
+        transport=transport,
+        dtype=dtype,
+        batch_limits=batch_limits,
+        progress=progress,
+        **engine_kwargs,
+    )
     # Serve's driver-side logger announces every (re)start at INFO; the addresses are printed by us.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     http_port = _check_port_free(options.host, options.http_port, "HTTP")
     grpc_port = _check_port_free(options.host, options.grpc_port, "gRPC")
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(
-        model_dir,
-        num_workers=num_workers,
-        transport=transport,
-        dtype=dtype,
-        ray_address=ray_address,
-        batch_limits=batch_limits,
-        progress=progress,
-        **engine_kwargs,
-    )
-    grpc_actor = None
+    owns = ensure_ray(ray_address, min_cpus=min_cluster_cpus(config))
+    server = Server(config, spec, owns, "", "", settings.model_name)
     try:
+        # fail fast, here, rather than in the replica (GPUs "auto": left to the worker actors)
+        check_cluster_fits(worker_bundle(config.worker_resources, config.worker_resources.num_gpus or 0))
         serve.start(
             http_options={"host": options.host, "port": http_port}, logging_config={"log_level": "WARNING"}
         )
-        app = MoEIngress.options(name=DEPLOYMENT_NAME).bind(engine.actor, model_dir, settings)
-        serve.run(
-            app, name=APP_NAME, route_prefix="/", blocking=False, logging_config={"log_level": "WARNING"}
-        )
-        grpc_actor = (
-            ray.remote(GrpcIngress)
-            .options(num_cpus=0, name=GRPC_ACTOR_NAME)
-            .remote(APP_NAME, DEPLOYMENT_NAME)
-        )
-        grpc_port = ray.get(grpc_actor.start.remote(options.host, grpc_port))
+        try:
+            handle = serve.run(
+                application(config, settings, (options.host, grpc_port)),
+                name=APP_NAME,
+                route_prefix="/",
+                blocking=False,
+                logging_config={"log_level": "WARNING"},
+            )
+        except RuntimeError as e:  # the replica's constructor failed: its cause, on one line
+            raise deploy_error(e) from None
+        grpc_port = handle.grpc_port_bound.remote().result()
         connect = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
-        server = Server(
-            engine, grpc_actor, f"http://{connect}:{http_port}", f"{connect}:{grpc_port}", settings.model_name
-        )
+        server.http_url, server.grpc_target = f"http://{connect}:{http_port}", f"{connect}:{grpc_port}"
         wait_until_ready(server.http_url, server.grpc_target, options.ready_timeout_s)
     except BaseException:
-        Server(engine, grpc_actor, "", "", settings.model_name).shutdown()
+        server.shutdown()
         raise
     log.info(
         "serving %s: HTTP %s, gRPC %s (ready in %.1fs)",

@@ -1,0 +1,205 @@
+"""The Ray Serve application as Ray users deploy one.
+
+    serve run cluster.serve_app:build_app model=/models/my-moe num_workers=4
+    serve deploy cluster/serve_config.yaml        # the same app, on a running cluster
+    serve status; serve shutdown -y                # healthy; everything removed
+
+`build_app(args)` is the application builder Ray Serve calls (`serve run MODULE:build_app key=value
+...`, `import_path` + `args` in a Serve config file, a KubeRay RayService's `serveConfigV2`). It
+returns the same application `moe-serve serve` runs (`router_service.serving.launch.application`):
+the `MoEIngress` deployment, whose replica starts (or finds) the cluster's Router actor, the expert
+workers and the gRPC server, and stops them all when the app is deleted. HTTP host and port are
+Serve's own (`http_options` in the config, `serve run --host/--port`); gRPC is an argument here.
+
+`serve run` passes every argument as a string; a config file passes YAML values. `AppArgs` takes
+both, and refuses unknown names and bad values with a message naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["AppArgs", "build_app", "serve_config"]
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """Everything the app is built from; the names of `moe-serve serve`'s flags, with underscores."""
+
+    model: str | None = None  # a checkpoint directory readable on every node; None: the built-in model
+    served_model_name: str | None = None  # default: the model directory's name
+    num_workers: int = 2
+    transport: str = "ray"
+    dtype: str = "float32"
+    device: str = "auto"
+    expert_kernel: str = "auto"
+    num_threads: int | None = None
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051  # 0: no gRPC front end
+    max_request_tokens: int = 8192
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 32
+    worker_cpus: float = 1.0
+    worker_gpus: float | None = None
+    worker_resources: dict = field(default_factory=dict)
+    placement_strategy: str = "SPREAD"
+    redundant_experts: int = 0
+    worker_timeout_s: float = 10.0
+    rebalance_every_steps: int = 0
+    rebalance_threshold: float = 0.8
+    autoscaling_config: dict | None = None
+    cluster_name: str | None = None  # the Ray actors' name prefix; default: "moe-serving"
+    progress: str = "log"
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> AppArgs:
+        """From Serve's `args`: strings (`serve run key=value`) or YAML values; unknown keys refused."""
+        args = dict(args or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ValueError(f"unknown application argument(s) {unknown}; known: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _coerce(name, value, hints[name]) for name, value in args.items()})
+
+    def to_args(self) -> dict:
+        """Every field that is set (not None), as a Serve config's `args`: explicit, to edit."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+def _coerce(name: str, value, hint):
+    """`value` as the field's type; strings from the command line are parsed."""
+    if value is None:
+        return None
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    kind = kinds[0]
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if text.lower() in ("none", "null", ""):
+            return None
+        try:
+            value = json.loads(text) if kind is dict else kind(text)
+        except (ValueError, json.JSONDecodeError):
+            raise ValueError(
+                f"application argument {name}={value!r} is not a valid {kind.__name__}"
+            ) from None
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"application argument {name} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def configs(a: AppArgs):
+    """(EngineConfig, ModelSpec, ServingSettings, gRPC address or None) of the arguments, validated."""
+    from router_service.config import (
+        AutoscalingConfig,
+        BatchLimits,
+        ElasticConfig,
+        WorkerResources,
+        from_dict,
+    )
+    from router_service.default_model import default_model_path
+    from router_service.engine import make_config
+    from router_service.serving.launch import fit_settings
+    from router_service.serving.settings import ServingSettings
+
+    model = a.model or str(default_model_path())
+    limits = BatchLimits(max_batch_size=a.max_batch_size, max_batch_tokens=a.max_batch_tokens)
+    config, spec = make_config(
+        model,
+        num_workers=a.num_workers,
+        transport=a.transport,
+        dtype=a.dtype,
+        device=a.device,
+        expert_kernel=a.expert_kernel,
+        num_threads=a.num_threads,
+        progress=a.progress,
+        batch_limits=limits,
+        worker_resources=WorkerResources(
+            num_cpus=a.worker_cpus,
+            num_gpus=a.worker_gpus,
+            resources=a.worker_resources,
+            strategy=a.placement_strategy,
+        ),
+        elastic=ElasticConfig(
+            redundant_experts=a.redundant_experts,
+            worker_timeout_s=a.worker_timeout_s,
+            rebalance_every_steps=a.rebalance_every_steps,
+            rebalance_threshold=a.rebalance_threshold,
+            autoscaling=from_dict(AutoscalingConfig, a.autoscaling_config, "autoscaling_config"),
+        ),
+        # A fixed default: a replica that restarts, and `serve deploy` of the same config, find the
+        # running router and workers by it.
+        cluster_name=a.cluster_name or "moe-serving",
+    )
+    settings = ServingSettings(
+        model_name=a.served_model_name or Path(model).name, max_request_tokens=a.max_request_tokens
+    )
+    if config.transport == "local":
+        raise ValueError("the Serve application needs a Ray transport: 'ray' or 'compiled'")
+    grpc = (a.grpc_host, a.grpc_port) if a.grpc_port else None
+    return config, spec, fit_settings(settings, limits), grpc
+
+
+def build_app(args: dict | None = None):
+    """The application builder for `serve run` / `serve deploy` / KubeRay (see the module docstring)."""
+    from router_service.serving.launch import application
+
+    config, _, settings, grpc = configs(AppArgs.from_args(args))
+    return application(config, settings, grpc)
+
+
+def serve_config(args: AppArgs, http_host: str = "0.0.0.0", http_port: int = 8000) -> dict:
+    """A Serve config file (`serve deploy`, KubeRay's serveConfigV2) that runs this app."""
+    from router_service.serving.launch import APP_NAME
+
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": http_host, "port": http_port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "cluster.serve_app:build_app",
+                "args": args.to_args(),
+            }
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print a Serve config file for these arguments: `python -m cluster.serve_app [key=value ...]`
+    (`cluster/serve_config.yaml` is this with no arguments; a test keeps it current)."""
+    import sys
+
+    import yaml
+
+    pairs = sys.argv[1:] if argv is None else argv
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise SystemExit(f"arguments are key=value, got {bad}")
+    args = AppArgs.from_args(dict(p.split("=", 1) for p in pairs))
+    print(CONFIG_HEADER + yaml.safe_dump(serve_config(args), sort_keys=False), end="")
+
+
+CONFIG_HEADER = """\
+# A Ray Serve config for the moe-serving application (`serve deploy cluster/serve_config.yaml`).
+# Generated by `python -m cluster.serve_app`; `args` takes every field of cluster.serve_app.AppArgs,
+# e.g. model: /models/my-moe, num_workers: 4, worker_resources: {expert_node: 1}. Ray token auth:
+# the cluster's RAY_AUTH_TOKEN must be in the environment of `serve deploy` (docs/deploy.md).
+"""
+
+
+if __name__ == "__main__":
+    main()
