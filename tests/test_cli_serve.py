@@ -251,6 +251,22 @@ def test_serve_on_a_port_in_use_names_it():
     assert f"port {port}" in line and "HTTP" in line, line
 
 
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--ray-address", "127.0.0.1:1"], "cannot reach the Ray head at 127.0.0.1:1: Connection refused"),
+        (["--ray-address", "nowhere"], "a Ray address is HOST:PORT (or 'auto'), got 'nowhere'"),
+        (["--worker-gpus", "1"], "no node of the Ray cluster can run an expert worker needing"),
+        (["--autoscaling-config", '{"max_workrs": 3}'], "unknown field(s) ['max_workrs']"),
+    ],
+)
+def test_bad_cluster_settings_end_in_one_line_not_a_hang(flags, needle):
+    t0 = time.monotonic()
+    run = moe_serve("serve", "--http-port", str(free_port()), "--grpc-port", str(free_port()), *flags)
+    assert needle in _one_error_line(run)
+    assert time.monotonic() - t0 < 90, "a bad setting must not wait out Ray's retries"
+
+
 def test_sigterm_while_loading_stops_cleanly(tmp_path):
     """SIGTERM after Ray has started but before the server is ready: the same clean stop (Ray's
     core worker would otherwise have replaced the handler with one that aborts)."""

@@ -22,7 +22,7 @@ THREADS = 1
 def ray_cluster():
     # A layer that hangs fails in 90 s, not the default 10 minutes (the actors inherit this).
     os.environ["MOE_COMPILED_GET_TIMEOUT_S"] = "90"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
     del os.environ["MOE_COMPILED_GET_TIMEOUT_S"]

@@ -26,7 +26,13 @@ WAIT_S = 120  # generous: a loaded CI machine once took a minute to start a Ray 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", resources={"expert_slot": 4})
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        logging_level="WARNING",
+        resources={"expert_slot": 4},
+    )
     yield
     ray.shutdown()
 

@@ -89,6 +89,15 @@ def head(tmp_path_factory):
     finally:
         stop_group(proc)
         log.close()
+        forget_cluster(port)
+
+
+def forget_cluster(port: int) -> None:
+    """Remove Ray's "latest `ray start` cluster" note when it names ours (`ray stop` would): a stale
+    one makes a later plain `ray.init()` on this machine try to join the dead cluster."""
+    note = Path("/tmp/ray/ray_current_cluster")
+    if note.is_file() and note.read_text().strip().endswith(f":{port}"):
+        note.unlink()
 
 
 def stop_group(proc: subprocess.Popen) -> None:

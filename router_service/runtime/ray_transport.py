@@ -351,7 +351,9 @@ class RayTransport:
             try:
                 ray.get(ref)
             except (RayActorError, RayTaskError) as e:
-                errors[w] = WorkerStartError(f"expert worker {w} failed to load its experts: {_cause(e)}")
+                errors[w] = WorkerStartError(
+                    f"expert worker {w} (node {self._ip_of(nodes[w])}) failed to load its experts: {_cause(e)}"
+                )
         for w in errors:
             if w in created:
                 kill_actor(created[w])
@@ -460,10 +462,14 @@ class RayTransport:
                 self._actors[w], self._nodes[w] = found[w], node
         return infos
 
+    def _ip_of(self, node: str | None) -> str | None:
+        """The address of a node (None: unknown)."""
+        if node is not None and node not in self._node_ip:
+            self._node_ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        return self._node_ip.get(node)
+
     def describe_workers(self, workers: tuple[int, ...]) -> list[dict]:
         refs = [(w, self._actors[w].describe.remote()) for w in workers if w in self._actors]
-        if not self._node_ip or any(n not in self._node_ip for n in self._nodes.values()):
-            self._node_ip = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         out = []
         for w, ref in refs:
             try:
@@ -471,7 +477,7 @@ class RayTransport:
             except (RayActorError, RayTaskError, GetTimeoutError) as e:
                 info = {"worker_id": w, "state": f"unreachable ({type(e).__name__})"}
             node = self._nodes.get(w)
-            info["node_id"], info["node_ip"] = node, self._node_ip.get(node)
+            info["node_id"], info["node_ip"] = node, self._ip_of(node)
             out.append(info)
         return out
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -63,13 +64,45 @@ def _init_ray(address: str | None, min_cpus: int) -> bool:
         # scale up (the actors mostly wait on each other, so oversubscribing cores is harmless; it is
         # one machine, where logical CPUs only cap how many workers fit).
         ray.init(
+            # "local": a new instance even when `ray start` made one on this machine (ray.init()
+            # would join that one, and then refuse num_cpus)
+            address="local",
             num_cpus=max(os.cpu_count() or 1, min_cpus, LOCAL_LOGICAL_CPUS),
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
         return True
-    ray.init(address=address, logging_level=logging.WARNING)
+    check_reachable(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        if address == "auto":
+            raise ValueError(
+                f"no Ray cluster to join on this machine ({e}); start one with `ray start --head`"
+            ) from None
+        raise ValueError(
+            f"the Ray head at {address} answers but refused to connect this process ({e}). With token "
+            "authentication on (Ray's default), RAY_AUTH_TOKEN (or ~/.ray/auth_token) must hold the "
+            "cluster's token; the Ray versions must match too"
+        ) from None
     return False
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """ValueError naming the address when nothing answers there, in seconds rather than after Ray's
+    own retries (which take minutes against an address that drops the packets)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"a Ray address is HOST:PORT (or 'auto'), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ValueError(
+            f"cannot reach the Ray head at {address}: {why}; is `ray start --head` running there, and the port open?"
+        ) from None
 
 
 class RouterActor(Router):
