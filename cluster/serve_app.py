@@ -53,6 +53,7 @@ class AppArgs:
     rebalance_threshold: float = 0.8
     autoscaling_config: dict | None = None
     cluster_name: str | None = None  # the Ray actors' name prefix; default: "moe-serving"
+    router_resources: dict = field(default_factory=dict)  # e.g. {"head": 0.01}: the router on the head
     progress: str = "log"
 
     @classmethod
@@ -142,6 +143,7 @@ def configs(a: AppArgs):
         # A fixed default: a replica that restarts, and `serve deploy` of the same config, find the
         # running router and workers by it.
         cluster_name=a.cluster_name or "moe-serving",
+        router_resources=a.router_resources,
     )
     settings = ServingSettings(
         model_name=a.served_model_name or Path(model).name, max_request_tokens=a.max_request_tokens

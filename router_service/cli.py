@@ -334,6 +334,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="custom node resources per worker, e.g. '{\"expert_node\": 1}' for nodes started with them",
     )
     g.add_argument(
+        "--router-resources",
+        metavar="JSON",
+        type=json_object,
+        default={},
+        help="custom node resources for the router and the serving actors, e.g. '{\"head\": 0.01}' "
+        "to keep them on a head started with that resource (default: any node)",
+    )
+    g.add_argument(
         "--placement-strategy",
         choices=PLACEMENT_STRATEGIES,
         default=WORKER_RESOURCES["strategy"],
@@ -450,6 +458,7 @@ def run_serve(args: argparse.Namespace) -> int:
             expert_kernel=args.expert_kernel,
             elastic=elastic_from_args(args),
             worker_resources=worker_resources_from_args(args),
+            router_resources=args.router_resources,
         )
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
         raise ValueError(e.strerror or str(e)) from e

@@ -239,6 +239,10 @@ class EngineConfig:
     # The name of this deployment's Ray actors ("{cluster_name}:router", "{cluster_name}:worker-N");
     # None: a fresh one. A restarted router finds its workers by it.
     cluster_name: str | None = None
+    # Custom Ray resources the router (and a Serve app's ingress and gRPC actors) must run with, e.g.
+    # {"head": 0.01} with the head node started with that resource: keeps them off worker nodes
+    # that come and go. Empty: any node (preferably the starting process's).
+    router_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -261,6 +265,9 @@ class EngineConfig:
             raise ValueError(f"progress must be 'auto', 'bar', 'log' or 'off', got {self.progress!r}")
         if self.load_window < 1:
             raise ValueError(f"load_window must be >= 1, got {self.load_window}")
+        bad = {k: v for k, v in self.router_resources.items() if not isinstance(v, int | float) or v < 0}
+        if bad:
+            raise ValueError(f"router_resources must be non-negative numbers, got {bad}")
         if isinstance(self.elastic, dict):
             object.__setattr__(self, "elastic", from_dict(ElasticConfig, self.elastic, "elastic"))
         if self.cluster_name is None:

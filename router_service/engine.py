@@ -96,6 +96,7 @@ class Engine:
         redundant_experts: int = 0,
         elastic: ElasticConfig | dict | None = None,
         cluster_name: str | None = None,
+        router_resources: dict | None = None,
     ) -> Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
 
@@ -116,6 +117,8 @@ class Engine:
         elastic: scaling, fault-handling and autoscaling settings (`ElasticConfig` or a dict;
         `redundant_experts` above wins over its field of the same name).
         cluster_name: the name of the Ray actors (Ray transports; default: a fresh one).
+        router_resources: custom Ray resources the Router actor needs, e.g. {"head": 0.01} to keep
+        it on a head node started with that resource.
         """
         config, spec = make_config(
             model_dir,
@@ -131,6 +134,7 @@ class Engine:
             redundant_experts=redundant_experts,
             elastic=elastic,
             cluster_name=cluster_name,
+            router_resources=router_resources or {},
         )
         if config.transport == "local":
             return cls(config, spec, Router(config))

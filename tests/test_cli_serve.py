@@ -258,6 +258,7 @@ def test_serve_on_a_port_in_use_names_it():
         (["--ray-address", "nowhere"], "a Ray address is HOST:PORT (or 'auto'), got 'nowhere'"),
         (["--worker-gpus", "1"], "no node of the Ray cluster can run an expert worker needing"),
         (["--autoscaling-config", '{"max_workrs": 3}'], "unknown field(s) ['max_workrs']"),
+        (["--router-resources", '{"head": 1}'], "no node of the Ray cluster can run the router needing"),
     ],
 )
 def test_bad_cluster_settings_end_in_one_line_not_a_hang(flags, needle):

@@ -20,7 +20,7 @@ THREADS = 1
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
     nodes = [c.add_node(num_cpus=1, resources={"expert_node": 1}) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address)
@@ -90,6 +90,7 @@ def test_node_removed_under_load_changes_no_token(cluster):
         num_threads=THREADS,
         progress="off",
         elastic={"restore_interval_s": 0.5},
+        router_resources={"head": 0.01},  # the router stays on the head, whatever node goes away
     ) as engine:
         nodes = {w["node_id"] for w in engine.cluster_state()["workers"]}
         assert nodes == {n.node_id for n in extra}, "SPREAD puts the two workers on different nodes"

@@ -178,8 +178,8 @@ def worker_bundle(resources: WorkerResources, gpus: float) -> dict:
     return {"CPU": resources.num_cpus, **({"GPU": gpus} if gpus else {}), **resources.resources}
 
 
-def check_cluster_fits(bundle: dict) -> None:
-    """Fail fast, naming what the cluster has, when no alive node could ever run a worker needing
+def check_cluster_fits(bundle: dict, what: str = "an expert worker") -> None:
+    """Fail fast, naming what the cluster has, when no alive node could ever run `what`, needing
     `bundle` (GPUs on a CPU-only cluster, a custom resource no node was started with)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if any(_fits(n.get("Resources", {}), bundle) for n in nodes):
@@ -190,7 +190,7 @@ def check_cluster_fits(bundle: dict) -> None:
         for n in nodes
     ]
     raise ValueError(
-        f"no node of the Ray cluster can run an expert worker needing {bundle}; the nodes have: "
+        f"no node of the Ray cluster can run {what} needing {bundle}; the nodes have: "
         + ("; ".join(have) or "none alive")
     )
 

@@ -154,6 +154,7 @@ def _router_actor_class(config: EngineConfig, **options):
         num_gpus=1 if _wants_gpu(config) else 0,
         max_concurrency=ROUTER_MAX_CONCURRENCY,
         max_restarts=config.elastic.router_max_restarts,
+        resources=config.router_resources,
         **options,
     )
 

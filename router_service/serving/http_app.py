@@ -49,7 +49,7 @@ MSGPACK = "application/msgpack"
 app = FastAPI(title="moe-serving", docs_url="/docs", redoc_url=None)
 
 
-def start_grpc_actor(cluster: str, host: str, port: int):
+def start_grpc_actor(config: EngineConfig, host: str, port: int):
     """The gRPC front end in an actor of its own, owned by the calling replica; (actor, bound port).
 
     Its server calls this replica's deployment through a handle, so both protocols share one set of
@@ -62,7 +62,12 @@ def start_grpc_actor(cluster: str, host: str, port: int):
     context = serve.get_replica_context()
     actor = (
         ray.remote(GrpcIngress)
-        .options(num_cpus=0, name=f"{cluster}:grpc", namespace=NAMESPACE)
+        .options(
+            num_cpus=0,
+            resources=config.router_resources,
+            name=f"{config.cluster_name}:grpc",
+            namespace=NAMESPACE,
+        )
         .remote(context.app_name, context.deployment)
     )
     try:
@@ -183,7 +188,7 @@ class MoEIngress:
             method.set_max_batch_size(settings.max_batch_requests)
             method.set_batch_wait_timeout_s(settings.batch_wait_s)
         if grpc_address is not None:
-            self._grpc, self.grpc_port = start_grpc_actor(config.cluster_name, *grpc_address)
+            self._grpc, self.grpc_port = start_grpc_actor(config, *grpc_address)
 
     def __del__(self):
         """A graceful stop: the gRPC server, then the router and its workers."""

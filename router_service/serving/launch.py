@@ -48,7 +48,10 @@ def application(config: EngineConfig, settings: ServingSettings, grpc_address: t
     gRPC front end (`MoEIngress`). `start_server` and `cluster.serve_app.build_app` both return this."""
     from router_service.serving.http_app import MoEIngress
 
-    return MoEIngress.options(name=DEPLOYMENT_NAME).bind(config, settings, grpc_address)
+    options = {"num_cpus": 0, "resources": dict(config.router_resources)}
+    return MoEIngress.options(name=DEPLOYMENT_NAME, ray_actor_options=options).bind(
+        config, settings, grpc_address
+    )
 
 
 def fit_settings(settings: ServingSettings, limits: BatchLimits) -> ServingSettings:
@@ -171,6 +174,8 @@ def start_server(
     try:
         # fail fast, here, rather than in the replica (GPUs "auto": left to the worker actors)
         check_cluster_fits(worker_bundle(config.worker_resources, config.worker_resources.num_gpus or 0))
+        if config.router_resources:
+            check_cluster_fits(config.router_resources, "the router")
         serve.start(
             http_options={"host": options.host, "port": http_port}, logging_config={"log_level": "WARNING"}
         )
