@@ -11,6 +11,7 @@ from tiny_models import FAMILIES, VOCAB
 
 from expert_workers.worker import ExpertBatch
 from router_service import Engine
+from router_service.runtime.local_ray import start_local_ray
 from router_service.runtime.transport import WorkerError
 
 # Transports agree bit for bit at equal torch thread counts; their defaults differ (Ray
@@ -22,7 +23,7 @@ THREADS = 1
 def ray_cluster():
     # A layer that hangs fails in 90 s, not the default 10 minutes (the actors inherit this).
     os.environ["MOE_COMPILED_GET_TIMEOUT_S"] = "90"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    start_local_ray(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
     del os.environ["MOE_COMPILED_GET_TIMEOUT_S"]

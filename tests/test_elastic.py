@@ -16,6 +16,7 @@ import torch
 
 from router_service import Engine
 from router_service.default_model import default_model_dir
+from router_service.runtime.local_ray import start_local_ray
 from router_service.runtime.membership import MembershipBusy, NoCapacityError, ScaleError
 
 THREADS = 1  # transports agree bit for bit at equal thread counts
@@ -26,8 +27,7 @@ WAIT_S = 120  # generous: a loaded CI machine once took a minute to start a Ray 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(
-        address="local",
+    start_local_ray(
         num_cpus=8,
         include_dashboard=False,
         logging_level="WARNING",

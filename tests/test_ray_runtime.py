@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_models.spec import spec_from_pretrained
 from router_service import Engine
+from router_service.runtime.local_ray import start_local_ray
 from router_service.runtime.transport import WorkerError
 
 # Transports agree bit for bit at equal torch thread counts; their defaults differ (Ray
@@ -20,7 +21,7 @@ THREADS = 1
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    start_local_ray(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 

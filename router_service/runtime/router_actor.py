@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from router_service.config import EngineConfig
 from router_service.router import Router
+from router_service.runtime.local_ray import start_local_ray
 from router_service.runtime.ray_transport import NAMESPACE
 from router_service.runtime.transport import WorkerError
 
@@ -63,10 +64,9 @@ def _init_ray(address: str | None, min_cpus: int) -> bool:
         # A local instance: enough logical CPUs for every actor even on a small machine, and room to
         # scale up (the actors mostly wait on each other, so oversubscribing cores is harmless; it is
         # one machine, where logical CPUs only cap how many workers fit).
-        ray.init(
-            # "local": a new instance even when `ray start` made one on this machine (ray.init()
-            # would join that one, and then refuse num_cpus)
-            address="local",
+        # "local": a new instance even when `ray start` made one on this machine (ray.init() would
+        # join that one, and then refuse num_cpus)
+        start_local_ray(
             num_cpus=max(os.cpu_count() or 1, min_cpus, LOCAL_LOGICAL_CPUS),
             include_dashboard=False,
             logging_level=logging.WARNING,
