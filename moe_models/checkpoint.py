@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moe_models.quantization import read_quantization
+
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -37,6 +39,8 @@ class Checkpoint:
         self.model_dir = Path(model_dir)
         self.key_to_file = self._key_map()
         self.keys_read: list[str] = []
+        # FP8 block-quantized weights read back dequantized to fp32 (see moe_models/quantization.py).
+        self.quant = read_quantization(self.model_dir)
 
     def _key_map(self) -> dict[str, str]:
         index = self.model_dir / INDEX_FILE
@@ -73,18 +77,51 @@ class Checkpoint:
         self.require(keys)
         with ExitStack() as stack:
             handles = {}
-            for key in keys:
+
+            def read(key: str) -> torch.Tensor:
                 fname = self.key_to_file[key]
                 if fname not in handles:
                     handles[fname] = stack.enter_context(_open(self.model_dir / fname))
                 self.keys_read.append(key)
-                yield key, handles[fname].get_tensor(key)
+                return handles[fname].get_tensor(key)
+
+            for key in keys:
+                yield key, self._dequantized(key, read(key), read)
 
     def read_rows(self, key: str, rows: list[int]) -> Iterator[torch.Tensor]:
         """Yield `tensor[r]` for each r, reading only those rows (fused-expert layouts)."""
         self.require([key])
-        with _open(self.model_dir / self.key_to_file[key]) as h:
-            sl = h.get_slice(key)
+        scale_key = self._scale_key(key)
+        with ExitStack() as stack:
+            slices = {}
+            for k in (key, scale_key) if scale_key else (key,):
+                slices[k] = stack.enter_context(_open(self.model_dir / self.key_to_file[k])).get_slice(k)
+
+            def read_row(k: str, r: int) -> torch.Tensor:
+                self.keys_read.append(f"{k}[{r}]")
+                return slices[k][r : r + 1][0]
+
             for r in rows:
-                self.keys_read.append(f"{key}[{r}]")
-                yield sl[r : r + 1][0]
+                yield self._dequantized(key, read_row(key, r), lambda k, r=r: read_row(k, r))
+
+    def _scale_key(self, key: str) -> str | None:
+        """The key of `key`'s FP8 block scales when the checkpoint stores it quantized, else None."""
+        if self.quant is None or self.quant.scale_key(key) not in self.key_to_file:
+            return None
+        return self.quant.scale_key(key)
+
+    def _dequantized(self, key: str, tensor: torch.Tensor, read) -> torch.Tensor:
+        """`tensor` (stored under `key`) in full precision: quantized ones dequantized with the scales
+        `read(scale_key)` returns, the others as stored."""
+        scale_key = self._scale_key(key)
+        if scale_key is None:
+            if tensor.dtype.itemsize == 1 and tensor.dtype.is_floating_point:
+                raise CheckpointError(
+                    f"{self.model_dir}: {key} is stored as {tensor.dtype} without block scales "
+                    f"({key}_scale_inv) or without an FP8 quantization_config in config.json"
+                )
+            return tensor
+        try:
+            return self.quant.dequantize(tensor, read(scale_key))
+        except ValueError as e:
+            raise CheckpointError(f"{self.model_dir}: {key}: {e}") from e

@@ -122,6 +122,9 @@ def load_hf_config(model_dir: str | Path):
     from transformers import AutoConfig
 
     raw = read_config_json(model_dir)
+    from moe_models.quantization import quantization_from_config  # imports ConfigError from here
+
+    quantization_from_config(raw, model_dir)  # an FP8 / quantized checkpoint we cannot read: refused now
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_FAMILIES:
         raise ConfigError(
