@@ -5,6 +5,8 @@
         logits = client.forward(torch.tensor([[1, 2, 3]]))
         for chunk in client.generate(prompt="Hello", max_tokens=8, seed=0):
             print(chunk.text, end="")
+        for chunk in client.chat([{"role": "user", "content": "Hi"}], max_tokens=8, stop=["\n"]):
+            print(chunk.text, end="")
         print(client.cluster_state()["workers"])
 
 Tensors travel as `moe_serving.v1.Tensor` (exact, any dtype). A non-OK status raises
@@ -25,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serving.errors import HTTP_STATUS, ServingError
 from moe_serving.tensors import tensor_from_proto, tensor_to_proto
-from moe_serving.types import GenerateChunk, GenerateParams
+from moe_serving.types import GenerateChunk, GenerateParams, TokenLogprob
 from moe_serving.v1 import moe_service_pb2 as pb
 from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 
@@ -84,20 +86,49 @@ def generate_request(params: GenerateParams | None = None, **kwargs) -> pb.Gener
     elif kwargs:
         raise TypeError("pass either a GenerateParams or keyword arguments, not both")
     req = pb.GenerateRequest(
-        max_tokens=int(params.max_tokens), temperature=float(params.temperature), top_p=float(params.top_p)
+        max_tokens=int(params.max_tokens),
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        n=int(params.n),
+        stop=[params.stop] if isinstance(params.stop, str) else list(params.stop),
+        stop_token_ids=[int(t) for t in params.stop_token_ids],
+        presence_penalty=float(params.presence_penalty),
+        frequency_penalty=float(params.frequency_penalty),
+        repetition_penalty=float(params.repetition_penalty),
+        min_tokens=int(params.min_tokens),
+        ignore_eos=bool(params.ignore_eos),
     )
     if params.prompt is not None:
         req.prompt = params.prompt
     if params.prompt_token_ids is not None:
         req.prompt_token_ids.extend(int(t) for t in params.prompt_token_ids)
+    for m in params.messages or []:
+        req.messages.add(role=str(m["role"]), content=str(m["content"]))
     if params.seed is not None:
         req.seed = int(params.seed)
+    if params.logprobs is not None:
+        req.logprobs = int(params.logprobs)
     return req
+
+
+def _logprob(msg: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        token_id=msg.token_id,
+        token=msg.token,
+        logprob=msg.logprob,
+        bytes=list(msg.bytes),
+        top_logprobs=[_logprob(alt) for alt in msg.top_logprobs],
+        text_offset=msg.text_offset,
+    )
 
 
 def _chunk(resp: pb.GenerateResponse) -> GenerateChunk:
     chunk = GenerateChunk(
-        token_ids=list(resp.token_ids), text=resp.text, finish_reason=resp.finish_reason or None
+        token_ids=list(resp.token_ids),
+        text=resp.text,
+        finish_reason=resp.finish_reason or None,
+        index=resp.index,
+        logprobs=[_logprob(lp) for lp in resp.logprobs] or None,
     )
     if resp.HasField("usage"):
         chunk.prompt_tokens = resp.usage.prompt_tokens
@@ -200,6 +231,11 @@ class GrpcClient:
         finally:
             call.cancel()  # no-op once the call has finished
 
+    def chat(self, messages: list[dict], **kwargs) -> Iterator[GenerateChunk]:
+        """Stream the assistant's answer to `messages` ([{"role": ..., "content": ...}], rendered
+        with the model's chat template); `kwargs`: the other GenerateParams fields."""
+        return self.generate(messages=list(messages), **kwargs)
+
     def cluster_state(self) -> dict:
         """Workers, experts per worker and layer, expert load (the engine's cluster_state() dict)."""
         return cluster_state_dict(self._call(self._stub.GetClusterState, pb.GetClusterStateRequest()))
@@ -280,6 +316,10 @@ class AsyncGrpcClient:
             raise serving_error(e) from None
         finally:
             call.cancel()
+
+    def chat(self, messages: list[dict], **kwargs) -> AsyncIterator[GenerateChunk]:
+        """Stream the assistant's answer to `messages` (see GrpcClient.chat)."""
+        return self.generate(messages=list(messages), **kwargs)
 
     async def cluster_state(self) -> dict:
         return cluster_state_dict(await self._call(self._stub.GetClusterState, pb.GetClusterStateRequest()))

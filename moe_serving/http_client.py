@@ -5,6 +5,8 @@
         out = client.complete("Hello", max_tokens=8, seed=0)         # OpenAI completion JSON
         for chunk in client.stream("Hello", max_tokens=8):           # GenerateChunk per SSE event
             print(chunk.text, end="")
+        answer = client.chat([{"role": "user", "content": "Hi"}], max_tokens=8, stop=["\n"])
+        print(answer["choices"][0]["message"]["content"])
 
 Tensors go as msgpack maps `{dtype, shape, data}` (`encoding="msgpack"`, the default: exact, any
 dtype) or as JSON nested lists (`encoding="json"`: readable; logits come back as float32). Any
@@ -24,7 +26,7 @@ import torch
 
 from moe_serving.errors import HTTP_STATUS, ServingError
 from moe_serving.tensors import from_json, tensor_from_map, tensor_to_map, to_json_lists
-from moe_serving.types import GenerateChunk
+from moe_serving.types import GenerateChunk, TokenLogprob
 
 MSGPACK = "application/msgpack"
 _CODE_OF_STATUS = {status: code for code, status in HTTP_STATUS.items()}
@@ -102,12 +104,15 @@ def _json_answer(response: httpx.Response) -> Any:
     return response.json()
 
 
-def _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream: bool) -> dict:
+def _completion_body(
+    prompt, max_tokens, temperature, top_p, seed, model, stream: bool, options: dict
+) -> dict:
     body: dict[str, Any] = {
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": temperature,
         "top_p": top_p,
+        **options,
     }
     if seed is not None:
         body["seed"] = seed
@@ -117,6 +122,41 @@ def _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def _chat_body(messages, max_tokens, temperature, top_p, seed, model, stream: bool, options: dict) -> dict:
+    body = _completion_body(None, max_tokens, temperature, top_p, seed, model, stream, options)
+    del body["prompt"]
+    body["messages"] = list(messages)
+    return body
+
+
+def _logprobs(choice: dict) -> list[TokenLogprob] | None:
+    """TokenLogprobs of a choice's logprobs object, in either API's format."""
+    lp = choice.get("logprobs")
+    if not lp:
+        return None
+    ids = choice.get("token_ids") or []
+    if "content" in lp:  # chat
+        out = []
+        for k, e in enumerate(lp["content"] or []):
+            tops = [
+                TokenLogprob(-1, a["token"], a["logprob"], list(a.get("bytes") or []))
+                for a in e["top_logprobs"]
+            ]
+            tid = ids[k] if k < len(ids) else -1
+            out.append(TokenLogprob(tid, e["token"], e["logprob"], list(e.get("bytes") or []), tops))
+        return out
+    out = []
+    for k, token in enumerate(lp.get("tokens") or []):
+        tops = [TokenLogprob(-1, t, v) for t, v in (lp["top_logprobs"][k] or {}).items()]
+        tid = ids[k] if k < len(ids) else -1
+        out.append(
+            TokenLogprob(
+                tid, token, lp["token_logprobs"][k], top_logprobs=tops, text_offset=lp["text_offset"][k]
+            )
+        )
+    return out
 
 
 class _SSE:
@@ -144,11 +184,12 @@ class _SSE:
 
 
 class _ChunkDecoder:
-    """OpenAI text_completion chunks -> GenerateChunk. The finishing chunk is held back until
-    [DONE] so a usage-only chunk after it (stream_options.include_usage) lands in it."""
+    """OpenAI text_completion or chat.completion.chunk events -> GenerateChunks (one per choice in
+    an event). Finishing chunks are held back until [DONE] so that the usage-only event after them
+    (stream_options.include_usage) lands in the last one: its token counts are the request's."""
 
     def __init__(self):
-        self.held: GenerateChunk | None = None
+        self.held: list[GenerateChunk] = []
         self.done = False
 
     def feed(self, data: str) -> list[GenerateChunk]:
@@ -164,36 +205,36 @@ class _ChunkDecoder:
             code = err.get("code") if err.get("code") in HTTP_STATUS else "internal"
             raise ServingError(code, str(err.get("message", "error in the stream")))
         out: list[GenerateChunk] = []
-        choices = event.get("choices") or []
         usage = event.get("usage") or None
-        if choices:
-            c = choices[0]
+        for c in event.get("choices") or []:
+            delta = c.get("delta")
             chunk = GenerateChunk(
                 token_ids=list(c.get("token_ids") or []),
-                text=c.get("text") or "",
+                text=(delta.get("content") or "") if isinstance(delta, dict) else (c.get("text") or ""),
                 finish_reason=c.get("finish_reason") or None,
+                index=int(c.get("index") or 0),
+                logprobs=_logprobs(c),
             )
-            if self.held is not None:  # a chunk after the finishing one: nothing to wait for
-                out.append(self.held)
-                self.held = None
+            if isinstance(delta, dict) and not chunk.text and not chunk.token_ids and not chunk.finish_reason:
+                continue  # chat's opening event (the role) carries nothing for a GenerateChunk
             if usage:
                 _set_usage(chunk, usage)
             if chunk.finish_reason is not None and not usage:
-                self.held = chunk
+                self.held.append(chunk)
             else:
                 out.append(chunk)
-        elif usage:
-            if self.held is not None:
-                _set_usage(self.held, usage)
-                out.append(self.held)
-                self.held = None
+        if usage and not event.get("choices"):
+            if self.held:
+                _set_usage(self.held[-1], usage)
+                out += self.held
+                self.held = []
             else:
                 out.append(_set_usage(GenerateChunk(), usage))
         return out
 
     def finish(self) -> list[GenerateChunk]:
-        held, self.held = self.held, None
-        return [held] if held is not None else []
+        held, self.held = self.held, []
+        return held
 
 
 def _set_usage(chunk: GenerateChunk, usage: dict) -> GenerateChunk:
@@ -245,9 +286,11 @@ class HTTPClient:
         top_p: float = 1.0,
         seed=None,
         model=None,
+        **options,
     ) -> dict:
-        """An OpenAI completion (POST /v1/completions); `prompt` is text or a list of token ids."""
-        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream=False)
+        """An OpenAI completion (POST /v1/completions); `prompt` is text or a list of token ids.
+        `options`: the API's other fields (n, stop, logprobs, presence_penalty, ...)."""
+        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, False, options)
         return _json_answer(self._send("POST", "/v1/completions", json=body))
 
     def stream(
@@ -258,13 +301,46 @@ class HTTPClient:
         top_p: float = 1.0,
         seed=None,
         model=None,
+        **options,
     ) -> Iterator[GenerateChunk]:
-        """The completion as it is generated: one GenerateChunk per server-sent event; the last one
-        has finish_reason (and the token counts, when the server sends usage)."""
-        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream=True)
+        """The completion as it is generated: one GenerateChunk per choice in each server-sent
+        event; a choice's last one has finish_reason, and the very last the request's token counts."""
+        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, True, options)
+        return self._events("/v1/completions", body)
+
+    def chat(
+        self,
+        messages: list[dict],
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed=None,
+        model=None,
+        **options,
+    ) -> dict:
+        """An OpenAI chat completion (POST /v1/chat/completions) of `messages`
+        ([{"role": ..., "content": ...}]); `options` as for `complete` (logprobs: bool, top_logprobs)."""
+        body = _chat_body(messages, max_tokens, temperature, top_p, seed, model, False, options)
+        return _json_answer(self._send("POST", "/v1/chat/completions", json=body))
+
+    def chat_stream(
+        self,
+        messages: list[dict],
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed=None,
+        model=None,
+        **options,
+    ) -> Iterator[GenerateChunk]:
+        """The chat answer as it is generated, as GenerateChunks (see `stream`)."""
+        body = _chat_body(messages, max_tokens, temperature, top_p, seed, model, True, options)
+        return self._events("/v1/chat/completions", body)
+
+    def _events(self, path: str, body: dict) -> Iterator[GenerateChunk]:
         try:
             with self._client.stream(
-                "POST", "/v1/completions", json=body, headers={"Accept": "text/event-stream"}
+                "POST", path, json=body, headers={"Accept": "text/event-stream"}
             ) as resp:
                 if not resp.is_success:
                     resp.read()
@@ -354,11 +430,12 @@ class AsyncHTTPClient:
         top_p: float = 1.0,
         seed=None,
         model=None,
+        **options,
     ) -> dict:
-        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream=False)
+        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, False, options)
         return _json_answer(await self._send("POST", "/v1/completions", json=body))
 
-    async def stream(
+    def stream(
         self,
         prompt,
         max_tokens: int = 16,
@@ -366,11 +443,41 @@ class AsyncHTTPClient:
         top_p: float = 1.0,
         seed=None,
         model=None,
+        **options,
     ) -> AsyncIterator[GenerateChunk]:
-        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, stream=True)
+        body = _completion_body(prompt, max_tokens, temperature, top_p, seed, model, True, options)
+        return self._events("/v1/completions", body)
+
+    async def chat(
+        self,
+        messages: list[dict],
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed=None,
+        model=None,
+        **options,
+    ) -> dict:
+        body = _chat_body(messages, max_tokens, temperature, top_p, seed, model, False, options)
+        return _json_answer(await self._send("POST", "/v1/chat/completions", json=body))
+
+    def chat_stream(
+        self,
+        messages: list[dict],
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed=None,
+        model=None,
+        **options,
+    ) -> AsyncIterator[GenerateChunk]:
+        body = _chat_body(messages, max_tokens, temperature, top_p, seed, model, True, options)
+        return self._events("/v1/chat/completions", body)
+
+    async def _events(self, path: str, body: dict) -> AsyncIterator[GenerateChunk]:
         try:
             async with self._client.stream(
-                "POST", "/v1/completions", json=body, headers={"Accept": "text/event-stream"}
+                "POST", path, json=body, headers={"Accept": "text/event-stream"}
             ) as resp:
                 if not resp.is_success:
                     await resp.aread()

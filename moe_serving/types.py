@@ -7,23 +7,60 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class GenerateParams:
-    """One generation request. Exactly one of `prompt` (text) and `prompt_token_ids` is set."""
+    """One generation request. Exactly one of `prompt` (text), `prompt_token_ids` and `messages`
+    (a chat: [{"role": ..., "content": ...}], rendered with the model's chat template) is set.
+
+    Sampling: `temperature` 0 is greedy; `seed` makes sampling repeatable (choice i of `n` uses
+    seed + i). `stop`: strings that end the text (cut before the string); `stop_token_ids`: tokens
+    that end it. `logprobs`: None, or report each token's log-probability and that many most likely
+    alternatives. Penalties as in OpenAI's API (presence, frequency) and transformers'
+    (repetition). `min_tokens`: no end-of-sequence or stop token before that many tokens;
+    `ignore_eos`: the end-of-sequence token does not stop the text.
+    """
 
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
+    messages: list[dict] | None = None
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability: its id, text, UTF-8 bytes, and (for a chosen token) the most
+    likely tokens at its position, each a TokenLogprob without alternatives. `text_offset`: where
+    the token's text starts in the choice's text."""
+
+    token_id: int
+    token: str
+    logprob: float
+    bytes: list[int] = field(default_factory=list)
+    top_logprobs: list[TokenLogprob] = field(default_factory=list)
+    text_offset: int = 0
 
 
 @dataclass
 class GenerateChunk:
-    """Tokens generated since the previous chunk; the last chunk has `finish_reason` set
-    ("length": max_tokens reached, "stop": the model's end-of-sequence token)."""
+    """Tokens generated since the previous chunk of choice `index`; a choice's last chunk has
+    `finish_reason` set ("length": max_tokens reached, "stop": end-of-sequence token, a stop token
+    or a stop string). Token counts are the choice's; with n > 1 the completion tokens of all
+    choices add up to the request's. `logprobs`: one per token when the request asked for them."""
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None

@@ -156,8 +156,19 @@ def run_make_model(args: argparse.Namespace) -> None:
     print(make_default_model(args.outdir))
 
 
-def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True, help="text to continue")
+def add_generate_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
+    if chat:
+        p.add_argument("--message", "-m", required=True, help="the user's message")
+        p.add_argument("--system", metavar="TEXT", help="a system message before it")
+    else:
+        p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument(
+        "--stop",
+        metavar="TEXT",
+        action="append",
+        default=[],
+        help="end the answer before this text (repeatable)",
+    )
     p.add_argument(
         "--url",
         metavar="URL",
@@ -189,23 +200,39 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
 
 
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    add_generate_args(p, chat=True)
+
+
+def chat_messages(args: argparse.Namespace) -> list[dict]:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [*system, {"role": "user", "content": args.message}]
+
+
 def run_generate(args: argparse.Namespace) -> None:
     if args.url is not None:
         return generate_remote(args)
+    import torch
+
+    from router_service.serving.chat import chat_prompt_ids
+    from router_service.serving.detokenize import StopStrings
+
     args.model_dir = resolve_model_dir(args.model)
     with engine_from_args(args) as engine:  # validates the config before any weight is read
         tokenizer = load_tokenizer(args.model_dir)
-        enc = tokenizer(args.prompt, return_tensors="pt")
+        if getattr(args, "message", None) is not None:
+            ids = chat_prompt_ids(tokenizer, chat_messages(args))  # a ServingError without a template
+        else:
+            ids = tokenizer(args.prompt)["input_ids"]
         out = engine.generate(
-            enc["input_ids"],
+            torch.tensor([ids]),
             args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
-            attention_mask=enc["attention_mask"],
         )
-    new_ids = out[0, enc["input_ids"].shape[1] :]  # [n]: only the continuation
-    print(tokenizer.decode(new_ids, skip_special_tokens=True))
+    text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)  # only the continuation
+    print(StopStrings(args.stop).push(text)[0] if args.stop else text)
 
 
 ENGINE_FLAGS = {
@@ -227,13 +254,18 @@ def generate_remote(args: argparse.Namespace) -> None:
     wrote = False
     try:
         with HTTPClient(args.url) as client:
-            for chunk in client.stream(
-                args.prompt,
+            options = dict(
                 max_tokens=args.max_new_tokens,
                 temperature=args.temperature,
                 top_p=args.top_p,
                 seed=args.seed,
-            ):
+                stop=args.stop or None,
+            )
+            if getattr(args, "message", None) is not None:
+                chunks = client.chat_stream(chat_messages(args), **options)
+            else:
+                chunks = client.stream(args.prompt, **options)
+            for chunk in chunks:
                 if chunk.text:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
@@ -717,6 +749,11 @@ COMMANDS = {
     "generate": Command(
         "continue a prompt with a MoE model (in this process, or a server's with --url)",
         add_generate_args,
+        run_generate,
+    ),
+    "chat": Command(
+        "answer a chat message with the model's chat template (in this process, or a server's with --url)",
+        add_chat_args,
         run_generate,
     ),
     "serve": Command(

@@ -204,20 +204,25 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        **options,
     ) -> Iterator[dict]:
         """Generate for one prompt (token ids) in the router's continuous batch, streamed.
 
-        Yields {"token_ids": [...], "finish_reason": None | "length" | "stop"} chunks; concurrent
-        calls (threads, or many clients of one server) share each decode step. Closing the iterator
-        early frees the request's place in the batch.
+        Yields {"token_ids": [...], "finish_reason": None | "length" | "stop"} chunks (and
+        "logprobs" when asked for); concurrent calls (threads, or many clients of one server) share
+        each decode step. Closing the iterator early frees the request's place in the batch.
+        `options`: the other `SamplingParams` fields (presence_penalty, frequency_penalty,
+        repetition_penalty, min_tokens, ignore_eos, stop_token_ids, logprobs).
         """
         if self._router is None:
             raise RuntimeError("this Engine has been shut down")
         if self.is_local:
-            return self._router.generate_stream(prompt_ids, max_new_tokens, temperature, top_p, seed)
-        return self._remote_stream(prompt_ids, max_new_tokens, temperature, top_p, seed)
+            return self._router.generate_stream(
+                prompt_ids, max_new_tokens, temperature, top_p, seed, **options
+            )
+        return self._remote_stream(prompt_ids, max_new_tokens, temperature, top_p, seed, options)
 
-    def _remote_stream(self, prompt_ids, max_new_tokens, temperature, top_p, seed) -> Iterator[dict]:
+    def _remote_stream(self, prompt_ids, max_new_tokens, temperature, top_p, seed, options) -> Iterator[dict]:
         """The Router actor's stream; if the router dies, wait for its restart and go on from the
         tokens already yielded (re-submitted as prompt), so the caller sees one unbroken stream."""
         from router_service.runtime.router_actor import (
@@ -243,6 +248,7 @@ class Engine:
                         seed,
                         request_id,
                         len(made),
+                        **options,
                     ):
                         made += chunk["token_ids"]
                         done = chunk["finish_reason"] is not None

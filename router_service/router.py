@@ -147,9 +147,17 @@ class Router:
     def moe_forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """One MoE block (routed + shared experts) on hidden states [T, H] or [B, S, H]."""
         hidden = check_moe_input(layer, hidden, self.spec)
+        block = getattr(self.model.model.layers[layer], self.spec.moe_module_path)
+        if getattr(block, "is_hash", False):
+            raise ValueError(
+                f"MoE layer {layer} routes by token id (hash routing): it has no output for hidden "
+                "states alone; use forward() with token ids"
+            )
         x = hidden.to(self.device, self.dtype)
         with self.lock:
-            out = self.model.model.layers[layer].mlp(x)
+            # transformers' blocks take [B, S, H]; some return (hidden, router scores / logits)
+            out = block(x.reshape(1, -1, x.shape[-1]) if x.dim() == 2 else x)
+        out = (out[0] if isinstance(out, tuple) else out).reshape(hidden.shape)
         return self._out(out.to(hidden.dtype))
 
     @torch.inference_mode()
@@ -211,25 +219,31 @@ class Router:
         seed: int | None = None,
         request_id: str | None = None,
         resume_at: int = 0,
+        **options,
     ) -> Iterator[dict]:
         """Generate for one prompt (a list of token ids) in the router's continuous batch.
 
         Yields {"token_ids": [...], "finish_reason": None | "length" | "stop"} chunks as tokens are
-        made; concurrent calls share each decode step. Stops at the model's end-of-sequence token or
-        after max_new_tokens. Closing the iterator early (or `cancel_generation(request_id)`) frees
-        the request's place in the batch. `resume_at`: see `submit_generation`.
+        made (plus "logprobs", one (logprob, top alternatives) per token, when `logprobs` is set);
+        concurrent calls share each decode step. Stops at the model's end-of-sequence token (or one
+        of `stop_token_ids`) or after max_new_tokens. `options`: the other `SamplingParams` fields
+        (penalties, min_tokens, ignore_eos, stop_token_ids, logprobs). Closing the iterator early (or
+        `cancel_generation(request_id)`) frees the request's place in the batch. `resume_at`: see
+        `submit_generation`.
         """
         key = request_id or uuid.uuid4().hex
-        self._submit(key, prompt_ids, max_new_tokens, temperature, top_p, seed, None, resume_at)
+        self._submit(key, prompt_ids, max_new_tokens, temperature, top_p, seed, None, resume_at, options)
         return self._stream(key)
 
-    def _submit(self, key, prompt_ids, max_new_tokens, temperature, top_p, seed, sink, resume_at) -> None:
+    def _submit(
+        self, key, prompt_ids, max_new_tokens, temperature, top_p, seed, sink, resume_at, options
+    ) -> None:
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.reshape(1, -1)
         elif isinstance(prompt_ids, list | tuple):
             prompt_ids = [list(prompt_ids)]
         ids = check_token_ids(prompt_ids, self.spec.vocab_size, "prompt_ids")
-        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), seed, resume_at)
+        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), seed, resume_at, **options)
         self.scheduler.submit(key, ids[0].tolist(), params, sink)
 
     # A serving front end multiplexes all its streams over one `generation_events` call (one Ray
@@ -246,19 +260,23 @@ class Router:
         seed: int | None = None,
         subscriber: str = "default",
         resume_at: int = 0,
+        **options,
     ) -> None:
         """Queue a request whose tokens are reported by `generation_events(subscriber)`.
 
         resume_at: how many tokens of this completion an earlier router already produced (they end
-        `prompt_ids`); sampling goes on from there, so a seeded stream resumed after a router
-        restart gives the tokens the uninterrupted one would have.
+        `prompt_ids`); sampling goes on from there (penalties count those tokens as completion), so
+        a seeded stream resumed after a router restart gives the tokens the uninterrupted one would
+        have. options: the other `SamplingParams` fields.
         """
         sink = self._sink(subscriber)
-        self._submit(request_id, prompt_ids, max_new_tokens, temperature, top_p, seed, sink, resume_at)
+        self._submit(
+            request_id, prompt_ids, max_new_tokens, temperature, top_p, seed, sink, resume_at, options
+        )
 
     def generation_events(self, subscriber: str = "default") -> Iterator[list]:
-        """Lists of (request_id, token_ids, finish_reason, error) for the subscriber's requests, one
-        list per batch of news; an empty list after a second of silence (a heartbeat)."""
+        """Lists of (request_id, token_ids, finish_reason, error, logprobs) for the subscriber's
+        requests, one list per batch of news; an empty list after a second of silence (a heartbeat)."""
         yield from self.scheduler.events(self._sink(subscriber))
 
     def _sink(self, subscriber: str) -> queue.SimpleQueue:
@@ -268,8 +286,11 @@ class Router:
     def _stream(self, key) -> Iterator[dict]:
         stream = self.scheduler.stream(key)
         try:
-            for tokens, finish in stream:
-                yield {"token_ids": tokens, "finish_reason": finish}
+            for tokens, finish, logprobs in stream:
+                chunk = {"token_ids": tokens, "finish_reason": finish}
+                if logprobs is not None:
+                    chunk["logprobs"] = logprobs
+                yield chunk
         finally:
             stream.close()  # cancels the request when it has not finished
 

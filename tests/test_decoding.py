@@ -118,7 +118,7 @@ def test_multiplexed_events_carry_every_token_and_one_finish(engine):
     tokens = {key: [] for key in lengths}
     finishes = {key: [] for key in lengths}
     for events in router.generation_events("front-end-1"):
-        for key, ids, finish, error in events:
+        for key, ids, finish, error, _logprobs in events:
             assert error is None
             assert not finishes[key], f"{key} got news after it finished"
             tokens[key] += ids

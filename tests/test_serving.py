@@ -3,6 +3,7 @@ continuous batching, and bad input that gets a clear 4xx / gRPC status and loses
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 
@@ -12,7 +13,7 @@ import msgpack
 import pytest
 import torch
 from conftest import rel_err
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe_models.spec import spec_from_pretrained
 from moe_serving import ServingError
@@ -22,6 +23,7 @@ from moe_serving.v1 import moe_service_pb2 as pb
 from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 from router_service.config import BatchLimits
 from router_service.default_model import default_model_dir
+from router_service.serving.chat import DEFAULT_CHAT_TEMPLATE
 from router_service.serving.launch import ServerOptions, start_server
 from router_service.serving.settings import ServingSettings
 
@@ -29,8 +31,19 @@ MAX_REQUEST_TOKENS = 512
 
 
 @pytest.fixture(scope="module")
-def model_dir():
-    return default_model_dir()
+def model_dir(tmp_path_factory):
+    """The built-in model, copied, with the chat template written into its tokenizer."""
+    path = tmp_path_factory.mktemp("model") / "tiny-moe"
+    shutil.copytree(default_model_dir(), path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +215,131 @@ def test_openai_client_completions(server):
     assert chunks[-1].usage.completion_tokens == 6
 
 
+# ---- chat and the OpenAI options ----------------------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+def chat_ids(tokenizer, messages=CHAT) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_openai_client_chat(server, reference, tokenizer):
+    """The official client's chat API, whole and streamed: the model's greedy answer to the prompt
+    its chat template renders, the same text both ways, usage and finish_reason right."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+    prompt = chat_ids(tokenizer)
+    want = hf_greedy(reference, prompt, 7)
+    c = client.chat.completions.create(
+        model="tiny-moe", messages=CHAT, max_completion_tokens=7, temperature=0
+    )
+    assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
+    assert c.choices[0].message.content == tokenizer.decode(want, skip_special_tokens=True)
+    assert c.choices[0].finish_reason == "length"
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(prompt), 7)
+    stream = client.chat.completions.create(
+        model="tiny-moe",
+        messages=CHAT,
+        max_tokens=7,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == c.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 7
+
+
+def test_chat_n_logprobs_and_stop_with_the_openai_client(server, tokenizer):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+    c = client.chat.completions.create(
+        model="tiny-moe",
+        messages=CHAT,
+        max_tokens=5,
+        temperature=1.0,
+        seed=4,
+        n=3,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert sorted(ch.index for ch in c.choices) == [0, 1, 2]
+    assert c.usage.completion_tokens == 15
+    assert len({ch.message.content for ch in c.choices}) > 1  # seed + i: the copies differ
+    for ch in c.choices:
+        lps = ch.logprobs.content
+        assert len(lps) == 5 and all(len(e.top_logprobs) == 2 for e in lps)
+        assert all(e.logprob <= 0 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in lps)
+        assert b"".join(bytes(e.bytes) for e in lps).decode(errors="replace") == ch.message.content
+    again = client.chat.completions.create(
+        model="tiny-moe", messages=CHAT, max_tokens=5, temperature=1.0, seed=4, n=3
+    )
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in c.choices]
+    # A stop string cut out of the greedy answer, whole and streamed (held back across chunks).
+    full = client.chat.completions.create(model="tiny-moe", messages=CHAT, max_tokens=12, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[4:7]
+    cut = text[: text.index(stop)]
+    got = client.chat.completions.create(
+        model="tiny-moe", messages=CHAT, max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert (got.choices[0].message.content, got.choices[0].finish_reason) == (cut, "stop")
+    streamed = client.chat.completions.create(
+        model="tiny-moe", messages=CHAT, max_tokens=12, temperature=0, stop=stop, stream=True
+    )
+    events = [e for e in streamed if e.choices]
+    assert "".join(e.choices[0].delta.content or "" for e in events) == cut
+    assert events[-1].choices[0].finish_reason == "stop"
+
+
+def test_completions_n_stop_logprobs_and_penalties(http, reference, tokenizer):
+    prompt = [5, 17, 42, 99, 7]
+    greedy = http.complete(prompt, max_tokens=10, temperature=0.0)["choices"][0]
+    # n > 1 over two prompts: choices indexed prompt * n + choice, usage counts each prompt once.
+    body = http.complete([prompt, [8, 9]], max_tokens=4, temperature=0.0, n=2)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["choices"][0]["token_ids"] == greedy["token_ids"][:4] == body["choices"][1]["token_ids"]
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 16, "total_tokens": 23}
+    # stop token ids end the text at that token ("stop"), its text left out
+    stop_id = greedy["token_ids"][3]
+    body = http.complete(prompt, max_tokens=10, temperature=0.0, stop_token_ids=[stop_id])
+    c = body["choices"][0]
+    k = greedy["token_ids"].index(stop_id)
+    assert c["token_ids"] == greedy["token_ids"][: k + 1] and c["finish_reason"] == "stop"
+    assert c["text"] == tokenizer.decode(greedy["token_ids"][:k], skip_special_tokens=True)
+    # logprobs: the model's log-softmax, top alternatives, text offsets
+    body = http.complete(prompt, max_tokens=3, temperature=0.0, logprobs=3)
+    lp = body["choices"][0]["logprobs"]
+    with torch.no_grad():
+        want = torch.log_softmax(reference(torch.tensor([prompt])).logits[0, -1], -1)
+    assert abs(lp["token_logprobs"][0] - want.max().item()) < 1e-4
+    assert len(lp["tokens"]) == 3 and all(len(t) == 3 for t in lp["top_logprobs"])
+    assert lp["text_offset"][0] == 0 and "".join(lp["tokens"]) == body["choices"][0]["text"]
+    # a strong repetition penalty changes the greedy text; the same request gives the same tokens
+    pen = [http.complete(prompt, max_tokens=10, temperature=0.0, repetition_penalty=5.0) for _ in range(2)]
+    assert pen[0]["choices"][0]["token_ids"] == pen[1]["choices"][0]["token_ids"]
+    assert pen[0]["choices"][0]["token_ids"] != greedy["token_ids"]
+    # streamed n > 1: every choice's chunks carry its index; the usage event sums them
+    chunks = list(http.stream(prompt, max_tokens=3, temperature=0.7, seed=1, n=2))
+    assert {c.index for c in chunks} == {0, 1}
+    assert chunks[-1].completion_tokens == 6
+
+
+def test_grpc_chat_n_and_logprobs(grpc_client, http, tokenizer):
+    chunks = list(grpc_client.chat(CHAT, max_tokens=4, temperature=0.0, n=2, logprobs=1))
+    by_index = {i: [t for c in chunks if c.index == i for t in c.token_ids] for i in (0, 1)}
+    want = http.chat(CHAT, max_tokens=4, temperature=0.0)["choices"][0]["token_ids"]
+    assert by_index == {0: want, 1: want}
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks if c.token_ids)
+    finals = [c for c in chunks if c.finish_reason]
+    assert len(finals) == 2 and all(c.completion_tokens == 4 for c in finals)
+
+
 def test_grpc_generate_streams_the_same_tokens(grpc_client, http):
     prompt = [9, 8, 7, 6]
     got = []
@@ -293,7 +431,18 @@ BAD_HTTP = [
     ("/v1/completions", {"json": {"prompt": "hi", "max_tokens": MAX_REQUEST_TOKENS}}, 413),
     ("/v1/completions", {"json": {"prompt": [1, -4]}}, 400),
     ("/v1/completions", {"json": {"prompt": "hi", "model": "gpt-4"}}, 404),
-    ("/v1/completions", {"json": {"prompt": "hi", "n": 3}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "n": 0}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "logit_bias": {"5": 1}}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "stop": [""]}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "min_tokens": 99}}, 400),
+    ("/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}], "tools": []}}, 400),
+    ("/v1/chat/completions", {"json": {"messages": [{"role": "robot", "content": "x"}]}}, 400),
+    ("/v1/chat/completions", {"json": {"messages": []}}, 400),
+    (
+        "/v1/chat/completions",
+        {"json": {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}},
+        400,
+    ),
     ("/v1/nowhere", {"json": {}}, 404),
 ]
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moe_serving/v1/moe_service.proto\x12\x0emoe_serving.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x0e\x46orwardRequest\x12)\n\tinput_ids\x18\x01 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\x12.\n\x0e\x61ttention_mask\x18\x02 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\"9\n\x0f\x46orwardResponse\x12&\n\x06logits\x18\x01 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\"O\n\x0fMoELayerRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12-\n\rhidden_states\x18\x02 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\"A\n\x10MoELayerResponse\x12-\n\rhidden_states\x18\x01 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\"\xb3\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"p\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.moe_serving.v1.Usage\"\x18\n\x16GetClusterStateRequest\"#\n\x0cScaleRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\x05\"\x12\n\x10RebalanceRequest\"F\n\x0cLayerBalance\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\x12\x11\n\timbalance\x18\x03 \x01(\x01\"\x97\x01\n\x11RebalanceResponse\x12\x19\n\x11placement_version\x18\x01 \x01(\x03\x12,\n\x06\x62\x65\x66ore\x18\x02 \x03(\x0b\x32\x1c.moe_serving.v1.LayerBalance\x12+\n\x05\x61\x66ter\x18\x03 \x03(\x0b\x32\x1c.moe_serving.v1.LayerBalance\x12\x0c\n\x04json\x18\x0f \x01(\t\"\x18\n\tExpertIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8c\x02\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06kernel\x18\x06 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x07 \x01(\x03\x12\x39\n\x07\x65xperts\x18\x08 \x03(\x0b\x32(.moe_serving.v1.WorkerState.ExpertsEntry\x1aI\n\x0c\x45xpertsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.moe_serving.v1.ExpertIds:\x02\x38\x01\"@\n\tLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x14\n\x0c\x62\x61tches_seen\x18\x03 \x01(\x03\"\x91\x02\n\x0c\x43lusterState\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x19\n\x11placement_version\x18\x04 \x01(\x03\x12\x13\n\x0bnum_workers\x18\x05 \x01(\x05\x12\x12\n\nmoe_layers\x18\x06 \x03(\x05\x12,\n\x07workers\x18\x07 \x03(\x0b\x32\x1b.moe_serving.v1.WorkerState\x12.\n\x0b\x65xpert_load\x18\x08 \x03(\x0b\x32\x19.moe_serving.v1.LayerLoad\x12\x1b\n\x13load_window_batches\x18\t \x01(\x05\x12\x0c\n\x04json\x18\x0f \x01(\t2\xef\x03\n\nMoEService\x12J\n\x07\x46orward\x12\x1e.moe_serving.v1.ForwardRequest\x1a\x1f.moe_serving.v1.ForwardResponse\x12T\n\x0fMoELayerForward\x12\x1f.moe_serving.v1.MoELayerRequest\x1a .moe_serving.v1.MoELayerResponse\x12O\n\x08Generate\x12\x1f.moe_serving.v1.GenerateRequest\x1a .moe_serving.v1.GenerateResponse0\x01\x12W\n\x0fGetClusterState\x12&.moe_serving.v1.GetClusterStateRequest\x1a\x1c.moe_serving.v1.ClusterState\x12\x43\n\x05Scale\x12\x1c.moe_serving.v1.ScaleRequest\x1a\x1c.moe_serving.v1.ClusterState\x12P\n\tRebalance\x12 .moe_serving.v1.RebalanceRequest\x1a!.moe_serving.v1.RebalanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moe_serving/v1/moe_service.proto\x12\x0emoe_serving.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x0e\x46orwardRequest\x12)\n\tinput_ids\x18\x01 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\x12.\n\x0e\x61ttention_mask\x18\x02 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\"9\n\x0f\x46orwardResponse\x12&\n\x06logits\x18\x01 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\"O\n\x0fMoELayerRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12-\n\rhidden_states\x18\x02 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\"A\n\x10MoELayerResponse\x12-\n\rhidden_states\x18\x01 \x01(\x0b\x32\x16.moe_serving.v1.Tensor\"\x81\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12-\n\x08messages\x18\x07 \x03(\x0b\x32\x1b.moe_serving.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\t\n\x01n\x18\x08 \x01(\x05\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x03\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x06\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"\x98\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\x12\x32\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1c.moe_serving.v1.TokenLogprob\x12\x13\n\x0btext_offset\x18\x06 \x01(\x03\"\xaf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.moe_serving.v1.Usage\x12\r\n\x05index\x18\x05 \x01(\x05\x12.\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1c.moe_serving.v1.TokenLogprob\"\x18\n\x16GetClusterStateRequest\"#\n\x0cScaleRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\x05\"\x12\n\x10RebalanceRequest\"F\n\x0cLayerBalance\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\x12\x11\n\timbalance\x18\x03 \x01(\x01\"\x97\x01\n\x11RebalanceResponse\x12\x19\n\x11placement_version\x18\x01 \x01(\x03\x12,\n\x06\x62\x65\x66ore\x18\x02 \x03(\x0b\x32\x1c.moe_serving.v1.LayerBalance\x12+\n\x05\x61\x66ter\x18\x03 \x03(\x0b\x32\x1c.moe_serving.v1.LayerBalance\x12\x0c\n\x04json\x18\x0f \x01(\t\"\x18\n\tExpertIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8c\x02\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06kernel\x18\x06 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x07 \x01(\x03\x12\x39\n\x07\x65xperts\x18\x08 \x03(\x0b\x32(.moe_serving.v1.WorkerState.ExpertsEntry\x1aI\n\x0c\x45xpertsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.moe_serving.v1.ExpertIds:\x02\x38\x01\"@\n\tLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x14\n\x0c\x62\x61tches_seen\x18\x03 \x01(\x03\"\x91\x02\n\x0c\x43lusterState\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x19\n\x11placement_version\x18\x04 \x01(\x03\x12\x13\n\x0bnum_workers\x18\x05 \x01(\x05\x12\x12\n\nmoe_layers\x18\x06 \x03(\x05\x12,\n\x07workers\x18\x07 \x03(\x0b\x32\x1b.moe_serving.v1.WorkerState\x12.\n\x0b\x65xpert_load\x18\x08 \x03(\x0b\x32\x19.moe_serving.v1.LayerLoad\x12\x1b\n\x13load_window_batches\x18\t \x01(\x05\x12\x0c\n\x04json\x18\x0f \x01(\t2\xef\x03\n\nMoEService\x12J\n\x07\x46orward\x12\x1e.moe_serving.v1.ForwardRequest\x1a\x1f.moe_serving.v1.ForwardResponse\x12T\n\x0fMoELayerForward\x12\x1f.moe_serving.v1.MoELayerRequest\x1a .moe_serving.v1.MoELayerResponse\x12O\n\x08Generate\x12\x1f.moe_serving.v1.GenerateRequest\x1a .moe_serving.v1.GenerateResponse0\x01\x12W\n\x0fGetClusterState\x12&.moe_serving.v1.GetClusterStateRequest\x1a\x1c.moe_serving.v1.ClusterState\x12\x43\n\x05Scale\x12\x1c.moe_serving.v1.ScaleRequest\x1a\x1c.moe_serving.v1.ClusterState\x12P\n\tRebalance\x12 .moe_serving.v1.RebalanceRequest\x1a!.moe_serving.v1.RebalanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,31 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MOELAYERRESPONSE']._serialized_start=355
   _globals['_MOELAYERRESPONSE']._serialized_end=420
   _globals['_GENERATEREQUEST']._serialized_start=423
-  _globals['_GENERATEREQUEST']._serialized_end=602
-  _globals['_USAGE']._serialized_start=604
-  _globals['_USAGE']._serialized_end=683
-  _globals['_GENERATERESPONSE']._serialized_start=685
-  _globals['_GENERATERESPONSE']._serialized_end=797
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=799
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=823
-  _globals['_SCALEREQUEST']._serialized_start=825
-  _globals['_SCALEREQUEST']._serialized_end=860
-  _globals['_REBALANCEREQUEST']._serialized_start=862
-  _globals['_REBALANCEREQUEST']._serialized_end=880
-  _globals['_LAYERBALANCE']._serialized_start=882
-  _globals['_LAYERBALANCE']._serialized_end=952
-  _globals['_REBALANCERESPONSE']._serialized_start=955
-  _globals['_REBALANCERESPONSE']._serialized_end=1106
-  _globals['_EXPERTIDS']._serialized_start=1108
-  _globals['_EXPERTIDS']._serialized_end=1132
-  _globals['_WORKERSTATE']._serialized_start=1135
-  _globals['_WORKERSTATE']._serialized_end=1403
-  _globals['_WORKERSTATE_EXPERTSENTRY']._serialized_start=1330
-  _globals['_WORKERSTATE_EXPERTSENTRY']._serialized_end=1403
-  _globals['_LAYERLOAD']._serialized_start=1405
-  _globals['_LAYERLOAD']._serialized_end=1469
-  _globals['_CLUSTERSTATE']._serialized_start=1472
-  _globals['_CLUSTERSTATE']._serialized_end=1745
-  _globals['_MOESERVICE']._serialized_start=1748
-  _globals['_MOESERVICE']._serialized_end=2243
+  _globals['_GENERATEREQUEST']._serialized_end=936
+  _globals['_CHATMESSAGE']._serialized_start=938
+  _globals['_CHATMESSAGE']._serialized_end=982
+  _globals['_USAGE']._serialized_start=984
+  _globals['_USAGE']._serialized_end=1063
+  _globals['_TOKENLOGPROB']._serialized_start=1066
+  _globals['_TOKENLOGPROB']._serialized_end=1218
+  _globals['_GENERATERESPONSE']._serialized_start=1221
+  _globals['_GENERATERESPONSE']._serialized_end=1396
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=1398
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=1422
+  _globals['_SCALEREQUEST']._serialized_start=1424
+  _globals['_SCALEREQUEST']._serialized_end=1459
+  _globals['_REBALANCEREQUEST']._serialized_start=1461
+  _globals['_REBALANCEREQUEST']._serialized_end=1479
+  _globals['_LAYERBALANCE']._serialized_start=1481
+  _globals['_LAYERBALANCE']._serialized_end=1551
+  _globals['_REBALANCERESPONSE']._serialized_start=1554
+  _globals['_REBALANCERESPONSE']._serialized_end=1705
+  _globals['_EXPERTIDS']._serialized_start=1707
+  _globals['_EXPERTIDS']._serialized_end=1731
+  _globals['_WORKERSTATE']._serialized_start=1734
+  _globals['_WORKERSTATE']._serialized_end=2002
+  _globals['_WORKERSTATE_EXPERTSENTRY']._serialized_start=1929
+  _globals['_WORKERSTATE_EXPERTSENTRY']._serialized_end=2002
+  _globals['_LAYERLOAD']._serialized_start=2004
+  _globals['_LAYERLOAD']._serialized_end=2068
+  _globals['_CLUSTERSTATE']._serialized_start=2071
+  _globals['_CLUSTERSTATE']._serialized_end=2344
+  _globals['_MOESERVICE']._serialized_start=2347
+  _globals['_MOESERVICE']._serialized_end=2842
 # @@protoc_insertion_point(module_scope)

@@ -88,8 +88,10 @@ class MoEServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Text generation, streamed: one GenerateResponse per batch of new tokens (usually one token);
-        the last one has `finish_reason` and `usage` set. Cancelling the call stops generation.
+        """Text generation (a prompt or a chat), streamed: one GenerateResponse per batch of new tokens of
+        one choice (usually one token); each choice's last one has `finish_reason` and `usage` set.
+        Options as in OpenAI's API: n, stop, logprobs, penalties, min_tokens, ignore_eos, seed.
+        Cancelling the call stops generation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

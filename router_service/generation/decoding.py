@@ -25,6 +25,17 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 class SamplingParams:
     """Per-sequence decoding settings. temperature 0 is greedy.
 
+    Logits are processed in this order (vLLM's, and transformers' where it has the processor):
+    `min_tokens` masks the end-of-sequence and stop tokens until that many tokens are made
+    (transformers' MinNewTokensLengthLogitsProcessor); `repetition_penalty` divides positive and
+    multiplies negative logits of every token in prompt + completion (transformers'
+    RepetitionPenaltyLogitsProcessor); `frequency_penalty` * count and `presence_penalty` * (count > 0)
+    over the completion's tokens are subtracted (OpenAI's definitions); then temperature and top-p.
+
+    stop_token_ids: tokens that end the sequence ("stop") like the end-of-sequence token, which
+    `ignore_eos` turns off (stop_token_ids still stop). logprobs: None, or report the chosen token's
+    log-probability and the `logprobs` most likely tokens' under the model's own distribution
+    (log-softmax of the raw logits, before penalties and temperature, as vLLM reports them).
     resume_at: the index, within the completion, of the first token this request makes (non-zero
     when a request resumes after a router restart, its earlier tokens appended to the prompt).
     """
@@ -34,6 +45,13 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     resume_at: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.resume_at, int) or self.resume_at < 0:
@@ -44,6 +62,23 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be a non-negative int, got {self.min_tokens!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+MAX_LOGPROBS = 20  # most likely alternatives reported per token, at most (vLLM's default limit)
 
 
 def _mix(seed: int, index: int) -> int:
@@ -78,7 +113,61 @@ class Sequence:
 
     def next_generator(self) -> torch.Generator:
         """The generator for the next token's draw."""
-        return self.generator.manual_seed(_mix(self.seed, self.params.resume_at + len(self.generated)))
+        return self.generator.manual_seed(_mix(self.seed, self.made()))
+
+    def made(self) -> int:
+        """Tokens of the completion made so far (by this router and, before a restart, others)."""
+        return self.params.resume_at + len(self.generated)
+
+    def completion(self) -> list[int]:
+        """The completion's tokens so far (those made before a router restart end the prompt)."""
+        r = self.params.resume_at
+        return (self.prompt[len(self.prompt) - r :] if r else []) + self.generated
+
+
+def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos: set[int]) -> torch.Tensor:
+    """Logits [B, V] (float32) with each row's min_tokens mask and penalties applied (see
+    SamplingParams for the order and definitions); rows without either are left as they are."""
+    out = logits
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        masked = seq.made() < p.min_tokens
+        if not (masked or p.penalized):
+            continue
+        if out is logits:
+            out = logits.clone()
+        row = out[i]  # [V], a view
+        if masked:
+            banned = set(p.stop_token_ids) | eos
+            if banned:
+                row[torch.tensor(sorted(banned), device=row.device)] = -float("inf")
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.prompt + seq.generated, device=row.device).unique()
+            score = row[seen]
+            row[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            made = seq.completion()
+            if made:
+                counts = torch.bincount(torch.tensor(made), minlength=row.shape[0]).to(row)  # [V]
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row)
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list:
+    """Per row: None, or (logprob of the chosen token, [(token id, logprob), ...] of the row's
+    `logprobs` most likely tokens, most likely first) under log-softmax of the raw logits [B, V]."""
+    out: list = [None] * len(seqs)
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return out
+    lp = torch.log_softmax(logits[rows].float(), dim=-1).cpu()  # [R, V]
+    k = max(seqs[i].params.logprobs for i in rows)
+    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    for r, i in enumerate(rows):
+        n = seqs[i].params.logprobs
+        top = list(zip(top_ids[r, :n].tolist(), top_lp[r, :n].tolist(), strict=True))
+        out[i] = (float(lp[r, tokens[i]]), top)
+    return out
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -141,9 +230,9 @@ class DecodeBatch:
         return sum(len(s.prompt) + s.params.max_new_tokens for s in self.seqs)
 
     @torch.inference_mode()
-    def add(self, new: list[Sequence]) -> list[tuple[Sequence, int, str | None]]:
+    def add(self, new: list[Sequence]) -> list[tuple]:
         """Prefill `new` (left-padded among themselves), sample their first tokens, merge them in.
-        Returns (sequence, token, finish_reason) for each new sequence."""
+        Returns (sequence, token, finish_reason, logprobs) for each new sequence."""
         if not new:
             return []
         if not self.can_join():
@@ -160,15 +249,16 @@ class DecodeBatch:
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=pos_ids, cache=cache, use_cache=True
         )
-        tokens = sample_rows(out.logits[:, -1].float(), new)
+        tokens, logprobs = self._sample(out.logits[:, -1].float(), new)
         last = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = mask.sum(-1)
         self._merge(new, cache, mask, pos, last)
-        return self._record(new, tokens)
+        return self._record(new, tokens, logprobs)
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Sequence, int, str | None]]:
-        """One decode step for every live sequence. Returns (sequence, token, finish_reason) per row."""
+    def step(self) -> list[tuple]:
+        """One decode step for every live sequence. Returns (sequence, token, finish_reason,
+        logprobs) per row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], dim=1)
         out = self.model(
             input_ids=self.last[:, None],
@@ -177,21 +267,26 @@ class DecodeBatch:
             cache=self.cache,
             use_cache=True,
         )
-        tokens = sample_rows(out.logits[:, -1].float(), self.seqs)
+        tokens, logprobs = self._sample(out.logits[:, -1].float(), self.seqs)
         self.last = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self.pos = self.pos + 1
-        return self._record(self.seqs, tokens)
+        return self._record(self.seqs, tokens, logprobs)
 
-    def _record(self, seqs: list[Sequence], tokens: list[int]) -> list[tuple[Sequence, int, str | None]]:
-        """(sequence, token, finish_reason as of this token) per row."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
+        """Next token per row of logits [B, V], and its log-probabilities where asked for."""
+        tokens = sample_rows(process_logits(logits, seqs, self.eos), seqs)
+        return tokens, token_logprobs(logits, seqs, tokens)
+
+    def _record(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[tuple]:
+        """(sequence, token, finish_reason as of this token, logprobs or None) per row."""
         out = []
-        for s, t in zip(seqs, tokens, strict=True):
+        for s, t, lp in zip(seqs, tokens, logprobs, strict=True):
             s.generated.append(t)
-            if t in self.eos:
+            if (t in self.eos and not s.params.ignore_eos) or t in s.params.stop_token_ids:
                 s.finish_reason = "stop"
             elif len(s.generated) >= s.params.max_new_tokens:
                 s.finish_reason = "length"
-            out.append((s, t, s.finish_reason))
+            out.append((s, t, s.finish_reason, lp))
         return out
 
     def _merge(self, new, cache, mask, pos, last) -> None:

@@ -78,8 +78,10 @@ class GenerationScheduler:
             self._cv.notify()
 
     def stream(self, key, timeout: float | None = None):
-        """Yield (token_ids, finish_reason) chunks for `key`: every token ready since the last chunk;
-        the last chunk has a finish_reason. Raises the loop's error if the batch failed."""
+        """Yield (token_ids, finish_reason, logprobs) chunks for `key`: every token ready since the
+        last chunk; the last chunk has a finish_reason; logprobs is None, or one
+        (logprob, [(token id, logprob), ...]) per token when the request asked for them. Raises the
+        loop's error if the batch failed."""
         out, shared = self._outputs[key]
         if shared:
             raise ValueError(f"request {key!r} reports to a shared sink; read it with events()")
@@ -87,16 +89,17 @@ class GenerationScheduler:
         try:
             while True:
                 items = _drain(out, timeout)
-                tokens, finish = [], None
+                tokens, finish, logprobs = [], None, []
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
                     if item is _DONE:
                         continue
-                    token, finish = item
+                    token, finish, lp = item
                     tokens.append(token)
+                    logprobs.append(lp)
                 finished = finish is not None
-                yield tokens, finish
+                yield tokens, finish, (logprobs if any(lp is not None for lp in logprobs) else None)
                 if finished:
                     return
         finally:
@@ -106,8 +109,8 @@ class GenerationScheduler:
                 self._outputs.pop(key, None)
 
     def events(self, sink: queue.SimpleQueue, heartbeat_s: float = 1.0):
-        """Yield, for every batch of news on `sink`, a list of (key, token_ids, finish_reason, error)
-        covering all its requests: one message per step for many requests instead of one per
+        """Yield, for every batch of news on `sink`, a list of (key, token_ids, finish_reason, error,
+        logprobs) covering all its requests (logprobs: None, or one entry per token, see `stream`): one message per step for many requests instead of one per
         request (what a serving front end multiplexes its streams over). An empty list every
         `heartbeat_s` of silence lets the reader notice a dead writer and vice versa."""
         while True:
@@ -118,13 +121,15 @@ class GenerationScheduler:
                 continue
             merged: dict = {}
             for key, item in items:
-                entry = merged.setdefault(key, [key, [], None, None])
+                entry = merged.setdefault(key, [key, [], None, None, None])
                 if isinstance(item, BaseException):
                     entry[3] = item
                 else:
-                    token, finish = item
+                    token, finish, lp = item
                     entry[1].append(token)
                     entry[2] = finish
+                    if lp is not None:
+                        entry[4] = (entry[4] or []) + [lp]
             yield [tuple(e) for e in merged.values()]
 
     def cancel(self, key) -> None:
@@ -223,8 +228,8 @@ class GenerationScheduler:
                         self._cancelled.discard(s.key)
                 continue
             with self._cv:
-                for s, token, finish in events:
-                    self._push(s.key, (token, finish))
+                for s, token, finish, lp in events:
+                    self._push(s.key, (token, finish, lp))
                     if finish is not None:
                         self._live.discard(s.key)
                         self._cancelled.discard(s.key)

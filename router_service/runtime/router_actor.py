@@ -249,9 +249,9 @@ def wait_for_restart(actor, deadline: float) -> bool:
     return False
 
 
-def stream_actor(actor, method: str, *args) -> Iterator:
+def stream_actor(actor, method: str, *args, **kwargs) -> Iterator:
     """A Router generator method, item by item as the actor yields them (a Ray streaming call)."""
-    refs = getattr(actor, method).options(num_returns="streaming").remote(*args)
+    refs = getattr(actor, method).options(num_returns="streaming").remote(*args, **kwargs)
     with actor_errors():
         for ref in refs:
             yield ray.get(ref)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -21,11 +22,13 @@ from ray.exceptions import RayActorError, RayTaskError
 from moe_models.spec import ModelSpec
 from moe_serving.errors import ServingError, invalid, too_large
 from moe_serving.types import GenerateChunk, GenerateParams
+from router_service.generation.decoding import MAX_LOGPROBS
 from router_service.generation.scheduler import QueueFull, RequestTooLarge
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
 from router_service.runtime.membership import MembershipBusy, NoCapacityError, ScaleError
 from router_service.runtime.transport import WorkerError
-from router_service.serving.detokenize import TextStream
+from router_service.serving.chat import chat_prompt_ids
+from router_service.serving.detokenize import CompletionText
 from router_service.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -85,17 +88,100 @@ def check_size(tokens: int, limit: int, what: str) -> None:
         raise too_large(f"{what} has {tokens} tokens; this server takes at most {limit} per request")
 
 
+MAX_N = 16  # choices per request
+MAX_STOP = 16  # stop strings per request
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def check_generate_params(p: GenerateParams) -> None:
-    if (p.prompt is None) == (p.prompt_token_ids is None):
-        raise invalid("give exactly one of prompt (text) and prompt token ids")
-    if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+    forms = [x is not None for x in (p.prompt, p.prompt_token_ids, p.messages)]
+    if sum(forms) != 1:
+        raise invalid("give exactly one of prompt (text), prompt token ids and chat messages")
+    if not _is_int(p.max_tokens) or p.max_tokens < 1:
         raise invalid(f"max_tokens must be a positive integer, got {p.max_tokens!r}")
-    if not isinstance(p.temperature, int | float) or not 0.0 <= p.temperature <= 100.0:
+    if not _is_number(p.temperature) or not 0.0 <= p.temperature <= 100.0:
         raise invalid(f"temperature must be a number in [0, 100], got {p.temperature!r}")
-    if not isinstance(p.top_p, int | float) or not 0.0 < p.top_p <= 1.0:
+    if not _is_number(p.top_p) or not 0.0 < p.top_p <= 1.0:
         raise invalid(f"top_p must be in (0, 1], got {p.top_p!r}")
-    if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int) or p.seed < 0):
+    if p.seed is not None and (not _is_int(p.seed) or p.seed < 0):
         raise invalid(f"seed must be a non-negative integer, got {p.seed!r}")
+    if not _is_int(p.n) or not 1 <= p.n <= MAX_N:
+        raise invalid(f"n must be an integer in [1, {MAX_N}], got {p.n!r}")
+    if not isinstance(p.stop, list | tuple) or not all(isinstance(x, str) and x for x in p.stop):
+        raise invalid(f"stop must be a string or a list of non-empty strings, got {p.stop!r}")
+    if len(p.stop) > MAX_STOP:
+        raise invalid(f"stop takes at most {MAX_STOP} strings, got {len(p.stop)}")
+    if not isinstance(p.stop_token_ids, list | tuple) or not all(_is_int(t) for t in p.stop_token_ids):
+        raise invalid(f"stop_token_ids must be a list of integers, got {p.stop_token_ids!r}")
+    if p.logprobs is not None and (not _is_int(p.logprobs) or not 0 <= p.logprobs <= MAX_LOGPROBS):
+        raise invalid(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {p.logprobs!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if not _is_number(value) or not -2.0 <= value <= 2.0:
+            raise invalid(f"{name} must be a number in [-2, 2], got {value!r}")
+    if not _is_number(p.repetition_penalty) or not 0.0 < p.repetition_penalty <= 10.0:
+        raise invalid(f"repetition_penalty must be a number in (0, 10], got {p.repetition_penalty!r}")
+    if not _is_int(p.min_tokens) or not 0 <= p.min_tokens <= p.max_tokens:
+        raise invalid(
+            f"min_tokens must be an integer in [0, max_tokens={p.max_tokens}], got {p.min_tokens!r}"
+        )
+    if not isinstance(p.ignore_eos, bool):
+        raise invalid(f"ignore_eos must be true or false, got {p.ignore_eos!r}")
+
+
+def sampling_options(p: GenerateParams) -> dict:
+    """The router's SamplingParams fields beyond max_new_tokens, temperature, top_p and seed."""
+    return {
+        "presence_penalty": float(p.presence_penalty),
+        "frequency_penalty": float(p.frequency_penalty),
+        "repetition_penalty": float(p.repetition_penalty),
+        "min_tokens": int(p.min_tokens),
+        "ignore_eos": bool(p.ignore_eos),
+        "stop_token_ids": tuple(int(t) for t in p.stop_token_ids),
+        "logprobs": p.logprobs,
+    }
+
+
+async def merge_streams(streams: list) -> AsyncIterator:
+    """(k, item) from async iterators streams[k] as each item comes; the first error ends all of
+    them. Leaving early (or an error) closes every stream (cancelling their generations)."""
+    news: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(k, stream):
+        try:
+            async for item in stream:
+                news.put_nowait((k, item, None))
+        except Exception as e:  # handed to the reader, who raises it
+            news.put_nowait((k, None, e))
+        finally:
+            news.put_nowait((k, end, None))
+
+    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            k, item, error = await news.get()
+            if error is not None:
+                raise error
+            if item is end:
+                left -= 1
+                continue
+            yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            if hasattr(s, "aclose"):
+                await s.aclose()
 
 
 # ---- merging concurrent requests into one router call ---------------------------------------------
@@ -258,8 +344,14 @@ class IngressCore:
     # ---- generation --------------------------------------------------------------------------------
 
     def prompt_ids(self, p: GenerateParams) -> list[int]:
+        """The request's prompt as token ids (text tokenized, messages rendered with the chat
+        template), every parameter checked: a ServingError (4xx) for anything wrong."""
         check_generate_params(p)
-        if p.prompt is not None:
+        if p.stop and self.tokenizer is None:
+            raise invalid("this model has no tokenizer, so it cannot match stop strings; use stop_token_ids")
+        if p.messages is not None:
+            ids = chat_prompt_ids(self.tokenizer, p.messages)
+        elif p.prompt is not None:
             if not isinstance(p.prompt, str):
                 raise invalid(f"prompt must be a string, got {type(p.prompt).__name__}")
             if self.tokenizer is None:
@@ -274,42 +366,66 @@ class IngressCore:
             ids = list(ids)
         with invalid_on_value_error():
             check_token_ids([ids], self.spec.vocab_size, "prompt token ids")
+            if p.stop_token_ids:
+                check_token_ids([list(p.stop_token_ids)], self.spec.vocab_size, "stop_token_ids")
         check_size(len(ids) + p.max_tokens, self.settings.max_request_tokens, "prompt + max_tokens")
         return ids
 
     async def generate(self, p: GenerateParams) -> AsyncIterator[GenerateChunk]:
-        """Stream one completion; leaving early (client gone) cancels it in the router.
+        """Stream the request's `n` choices (their chunks interleaved, each with its `index`);
+        leaving early (client gone) cancels them in the router. Choice i of a seeded request uses
+        seed + i, so each is reproducible and they differ from each other.
 
         Tokens arrive through the replica's one multiplexed `generation_events` stream (see
-        `_pump`), not one Ray stream per request.
+        `_pump`), not one Ray stream per request; the n copies are separate sequences in the
+        router's continuous batch, so they run together.
         """
         ids = self.prompt_ids(p)
+        if p.n == 1:
+            async with contextlib.aclosing(self._generate_one(ids, p, 0)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        copies = [
+            self._generate_one(ids, dataclasses.replace(p, seed=None if p.seed is None else p.seed + i), i)
+            for i in range(p.n)
+        ]
+        async with contextlib.aclosing(merge_streams(copies)) as chunks:
+            async for _, chunk in chunks:
+                yield chunk
+
+    async def _generate_one(
+        self, ids: list[int], p: GenerateParams, index: int
+    ) -> AsyncIterator[GenerateChunk]:
         request_id = uuid.uuid4().hex
         req = OpenGeneration(ids, p, asyncio.Queue())
         self._open[request_id] = req
-        text = TextStream(self.tokenizer) if self.tokenizer is not None else None
-        finished = False
+        text = CompletionText(self.tokenizer, ids, p.stop, p.stop_token_ids, p.logprobs is not None)
+        finished = router_finished = False
         try:
             self._ensure_pump()
             with contextlib.suppress(RayActorError):  # the pump sees it die too, and re-submits
                 await self._submit(request_id, req)
             while not finished:
-                tokens, finish, error = await req.news.get()
+                tokens, finish, error, logprobs = await req.news.get()
                 if error is not None:
                     raise _as_serving_error(error)
+                router_finished = finish is not None
+                tokens, delta, lps, finish = text.feed(tokens, finish, logprobs)
                 req.tokens += tokens
                 finished = finish is not None
-                delta = text.push(tokens, final=finished) if text else ""
                 yield GenerateChunk(
                     token_ids=tokens,
                     text=delta,
                     finish_reason=finish,
                     prompt_tokens=len(ids),
                     completion_tokens=len(req.tokens),
+                    index=index,
+                    logprobs=lps,
                 )
         finally:
             self._open.pop(request_id, None)
-            if not finished:
+            if not router_finished:  # the client left, or a stop string ended the text here
                 self.router.cancel_generation.remote(request_id)
 
     async def _submit(self, request_id: str, req: OpenGeneration) -> None:
@@ -325,6 +441,7 @@ class IngressCore:
                 p.seed,
                 self._subscriber,
                 done,
+                **sampling_options(p),
             )
 
     def _ensure_pump(self) -> None:
@@ -342,10 +459,10 @@ class IngressCore:
                 refs = self.router.generation_events.options(num_returns="streaming").remote(self._subscriber)
                 with _raise_actor_errors():
                     async for ref in refs:
-                        for request_id, tokens, finish, error in await ref:
+                        for request_id, tokens, finish, error, logprobs in await ref:
                             req = self._open.get(request_id)
                             if req is not None:
-                                req.news.put_nowait((tokens, finish, error))
+                                req.news.put_nowait((tokens, finish, error, logprobs))
             except RayActorError as e:
                 log.warning("generation event stream lost (%s)", _first_line(e))
                 try:
@@ -369,14 +486,14 @@ class IngressCore:
             except ServingError as e:
                 if "already in use" in e.message:
                     continue  # its first submission reached the restarted router
-                req.news.put_nowait(([], None, e))
+                req.news.put_nowait(([], None, e, None))
 
     def _fail_open(self, e: BaseException) -> None:
         err = (
             e if isinstance(e, ServingError) else ServingError("unavailable", f"generation stream lost: {e}")
         )
         for req in list(self._open.values()):
-            req.news.put_nowait(([], None, err))
+            req.news.put_nowait(([], None, err, None))
 
     # ---- cluster ------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from moe_serving.errors import ServingError, invalid
 from moe_serving.tensors import tensor_from_proto, tensor_to_proto
-from moe_serving.types import GenerateChunk, GenerateParams
+from moe_serving.types import GenerateChunk, GenerateParams, TokenLogprob
 from moe_serving.v1 import moe_service_pb2 as pb
 from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 
@@ -59,24 +59,53 @@ __all__ = [
 
 
 def generate_params(request: pb.GenerateRequest) -> GenerateParams:
-    """GenerateParams of a GenerateRequest (defaults applied; exactly one prompt form checked)."""
+    """GenerateParams of a GenerateRequest (defaults applied; exactly one prompt form checked; the
+    values themselves are checked by the backend, as for HTTP)."""
     prompt = request.prompt or None
     ids = list(request.prompt_token_ids) or None
-    if (prompt is None) == (ids is None):
+    messages = [{"role": m.role, "content": m.content} for m in request.messages] or None
+    forms = [name for name, x in (("prompt", prompt), ("prompt_token_ids", ids), ("messages", messages)) if x]
+    if len(forms) != 1:
         raise invalid(
-            "set exactly one of prompt and prompt_token_ids" + (" (both are set)" if prompt else "")
+            "set exactly one of prompt, prompt_token_ids and messages"
+            + (f" ({'both ' if len(forms) == 2 else ''}{' and '.join(forms)} are set)" if forms else "")
         )
     if request.max_tokens < 0:
         raise invalid(
             f"max_tokens must be >= 0 (0: the default, {DEFAULT_MAX_TOKENS}), got {request.max_tokens}"
         )
     # Unset fields keep GenerateParams' defaults, the same ones the HTTP API applies.
-    given = {
-        name: getattr(request, name) for name in ("temperature", "top_p", "seed") if request.HasField(name)
-    }
+    optional = (
+        "temperature",
+        "top_p",
+        "seed",
+        "logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    )
+    given = {name: getattr(request, name) for name in optional if request.HasField(name)}
     if request.max_tokens:
         given["max_tokens"] = request.max_tokens
-    return GenerateParams(prompt=prompt, prompt_token_ids=ids, **given)
+    if request.n:
+        given["n"] = request.n
+    return GenerateParams(
+        prompt=prompt,
+        prompt_token_ids=ids,
+        messages=messages,
+        stop=tuple(request.stop),
+        stop_token_ids=tuple(request.stop_token_ids),
+        min_tokens=request.min_tokens,
+        ignore_eos=request.ignore_eos,
+        **given,
+    )
+
+
+def _logprob_to_proto(lp: TokenLogprob, out: pb.TokenLogprob) -> None:
+    out.token_id, out.token, out.logprob = int(lp.token_id), lp.token, float(lp.logprob)
+    out.bytes, out.text_offset = bytes(lp.bytes), int(lp.text_offset)
+    for alt in lp.top_logprobs:
+        _logprob_to_proto(alt, out.top_logprobs.add())
 
 
 def _generate_response(chunk: GenerateChunk) -> pb.GenerateResponse:
@@ -84,7 +113,10 @@ def _generate_response(chunk: GenerateChunk) -> pb.GenerateResponse:
         token_ids=[int(t) for t in chunk.token_ids],
         text=chunk.text or "",
         finish_reason=chunk.finish_reason or "",
+        index=int(chunk.index),
     )
+    for lp in chunk.logprobs or []:
+        _logprob_to_proto(lp, resp.logprobs.add())
     if chunk.finish_reason:
         resp.usage.prompt_tokens = int(chunk.prompt_tokens)
         resp.usage.completion_tokens = int(chunk.completion_tokens)

@@ -1,7 +1,9 @@
 """The HTTP ingress: a Ray Serve deployment with a FastAPI app in front of the Router actor.
 
-Routes: OpenAI-compatible `POST /v1/completions` (text or token-id prompts, SSE streaming) and
-`GET /v1/models`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
+Routes: OpenAI-compatible `POST /v1/completions` (text or token-id prompts) and
+`POST /v1/chat/completions` (messages rendered with the model's chat template), both streamed (SSE)
+or not, with `n`, `stop`, `logprobs` and penalties (request parsing and answer formats in
+`openai_api`), and `GET /v1/models`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
 lists, or msgpack `{dtype, shape, data}` maps when Content-Type or Accept is application/msgpack);
 `GET /v1/cluster`, `POST /v1/cluster/scale`, `POST /v1/cluster/rebalance`, `GET /healthz`,
 `GET /metrics`. Every error is a JSON `{"error": {...}}` body with a 4xx/5xx status, never a
@@ -19,7 +21,6 @@ import dataclasses
 import json
 import logging
 import time
-import uuid
 
 import msgpack
 import torch
@@ -31,14 +32,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moe_models.spec import spec_from_pretrained
 from moe_serving import tensors
 from moe_serving.errors import ServingError, invalid
-from moe_serving.types import GenerateChunk, GenerateParams
+from moe_serving.types import GenerateParams
 from router_service.config import EngineConfig
 from router_service.default_model import ensure_default_model
+from router_service.serving import openai_api
 from router_service.serving.core import (
     IngressCore,
     check_forward_request,
     check_moe_request,
     check_size,
+    merge_streams,
 )
 from router_service.serving.metrics import CONTENT_TYPE, Metrics
 from router_service.serving.settings import ServingSettings
@@ -153,10 +156,6 @@ def _tensor_out(key: str, t: torch.Tensor, binary: bool) -> Response:
 def _json(obj) -> JSONResponse:
     """A JSON answer of a dict that may hold ints as keys or tensors (str() of what JSON lacks)."""
     return JSONResponse(json.loads(json.dumps(obj, default=str)))
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
 
 
 @serve.deployment(name="MoEIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
@@ -348,124 +347,46 @@ class MoEIngress:
     @app.post("/v1/completions")
     async def http_completions(self, request: Request):
         body, _ = await _read_body(request)
-        params, stream, usage_in_stream = self._completion_request(body)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        # Tokenised and checked once, here, so that bad input answers 4xx before a stream starts.
+        return await self._openai(openai_api.parse_completion(body, self.settings.model_name))
+
+    @app.post("/v1/chat/completions")
+    async def http_chat_completions(self, request: Request):
+        body, _ = await _read_body(request)
+        return await self._openai(openai_api.parse_chat(body, self.settings.model_name))
+
+    # ---- OpenAI answers -------------------------------------------------------------------------------
+
+    async def _openai(self, req: openai_api.OpenAIRequest):
+        # Tokenised (chat templates applied) and checked once, here, so that bad input answers 4xx
+        # before a stream starts.
+        prompts = [self.core.prompt_ids(p) for p in req.params]
         params = [
-            dataclasses.replace(p, prompt=None, prompt_token_ids=self.core.prompt_ids(p)) for p in params
+            dataclasses.replace(p, prompt=None, messages=None, prompt_token_ids=ids)
+            for p, ids in zip(req.params, prompts, strict=True)
         ]
-        if stream:
-            gen = self.generate(params[0], "http")
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        chunks = merge_streams([self.generate(p, "http") for p in params])
+        if req.stream:
             return StreamingResponse(
-                self._sse_stream(gen, cid, created, usage_in_stream), media_type="text/event-stream"
+                self._sse_stream(req, chunks, prompt_tokens), media_type="text/event-stream"
             )
-        results = await asyncio.gather(*(self._collect(p) for p in params))
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for i, (text, token_ids, finish, usage) in enumerate(results):
-            choices.append(
-                {"index": i, "text": text, "token_ids": token_ids, "logprobs": None, "finish_reason": finish}
-            )
-            prompt_tokens += usage[0]
-            completion_tokens += usage[1]
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": self.settings.model_name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        choices: dict[int, openai_api.Choice] = {}
+        async with contextlib.aclosing(chunks):
+            async for k, c in chunks:
+                choices.setdefault(k * req.n + c.index, openai_api.Choice()).add(c)
+        return openai_api.whole_answer(req, self.settings.model_name, choices, prompt_tokens)
 
-    # ---- completions helpers --------------------------------------------------------------------------
-
-    def _completion_request(self, body: dict):
-        """OpenAI completion fields -> GenerateParams per prompt (unsupported options refused)."""
-        if "prompt" not in body:
-            raise invalid("missing field 'prompt'")
-        model = body.get("model")
-        if model is not None and model != self.settings.model_name:
-            raise ServingError(
-                "not_found",
-                f"model {model!r} is not served here; this server serves {self.settings.model_name!r}",
-            )
-        for key, ok in (
-            ("n", (None, 1)),
-            ("best_of", (None, 1)),
-            ("echo", (None, False)),
-            ("logprobs", (None,)),
-            ("suffix", (None,)),
-        ):
-            if body.get(key) not in ok:
-                raise invalid(f"{key}={body.get(key)!r} is not supported by this server")
-        prompt = body["prompt"]
-        if isinstance(prompt, str) or (
-            isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
-        ):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
-            prompts = prompt
-        else:
-            raise invalid("prompt must be a string, a list of token ids, or a list of either")
-        # Absent (or null) fields keep GenerateParams' defaults, the same ones gRPC applies.
-        given = {
-            k: body[k] for k in ("max_tokens", "temperature", "top_p", "seed") if body.get(k) is not None
-        }
-        params = [
-            GenerateParams(
-                prompt=p if isinstance(p, str) else None,
-                prompt_token_ids=None if isinstance(p, str) else p,
-                **given,
-            )
-            for p in prompts
-        ]
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise invalid(f"stream must be true or false, got {stream!r}")
-        if stream and len(params) > 1:
-            raise invalid("a streamed completion takes one prompt")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise invalid("stream_options must be an object")
-        return params, stream, bool(options.get("include_usage"))
-
-    async def _collect(self, p: GenerateParams):
-        text, ids, finish, usage = [], [], None, (0, 0)
-        async with contextlib.aclosing(self.generate(p, "http")) as chunks:
-            async for c in chunks:
-                text.append(c.text)
-                ids += c.token_ids
-                finish = c.finish_reason
-                usage = (c.prompt_tokens, c.completion_tokens)
-        return "".join(text), ids, finish, usage
-
-    async def _sse_stream(self, gen, cid: str, created: int, include_usage: bool):
-        base = {"id": cid, "object": "text_completion", "created": created, "model": self.settings.model_name}
-        last: GenerateChunk | None = None
+    async def _sse_stream(self, req: openai_api.OpenAIRequest, chunks, prompt_tokens: int):
+        answer = openai_api.StreamAnswer(req, self.settings.model_name, prompt_tokens)
         try:
-            async for c in gen:
-                last = c
-                choice = {
-                    "index": 0,
-                    "text": c.text,
-                    "token_ids": c.token_ids,
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                }
-                yield _sse({**base, "choices": [choice]})
-            if include_usage and last is not None:
-                usage = {
-                    "prompt_tokens": last.prompt_tokens,
-                    "completion_tokens": last.completion_tokens,
-                    "total_tokens": last.prompt_tokens + last.completion_tokens,
-                }
-                yield _sse({**base, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            for event in answer.start():
+                yield event
+            async for k, c in chunks:
+                yield answer.chunk(k * req.n + c.index, c)
+            for event in answer.end():
+                yield event
         except ServingError as e:
-            yield _sse(e.to_json())
+            yield openai_api.sse(e.to_json())
             yield "data: [DONE]\n\n"
         finally:
-            await gen.aclose()
+            await chunks.aclose()

@@ -1,0 +1,302 @@
+"""OpenAI's completions and chat completions formats: request bodies -> GenerateParams, and
+GenerateChunks -> answers, streamed (server-sent events) or whole. Pure functions, no Ray.
+
+Every field of a request is either used or refused with a 400 that names it: an option this server
+does not implement (tools, logit_bias, echo, ...) is never silently ignored. Usage counts each
+prompt once and every choice's completion tokens (so n > 1 adds up the n completions), as OpenAI
+and vLLM do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from moe_serving.errors import ServingError, invalid
+from moe_serving.types import GenerateChunk, GenerateParams, TokenLogprob
+
+# Fields both endpoints take (beyond their prompt) and the GenerateParams field each one sets.
+_SAMPLING = {
+    "max_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "n": "n",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_tokens",
+    "ignore_eos": "ignore_eos",
+}
+_COMMON = {"model", "stream", "stream_options", "stop", "stop_token_ids", "user", *_SAMPLING}
+COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"}
+CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format"}
+
+
+@dataclass
+class OpenAIRequest:
+    """A parsed request: one GenerateParams per prompt (n choices each), and how to answer."""
+
+    params: list[GenerateParams]
+    stream: bool
+    include_usage: bool
+    chat: bool
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    @property
+    def n(self) -> int:
+        return self.params[0].n
+
+
+def _refuse_unknown(body: dict, allowed: set[str], endpoint: str) -> None:
+    unknown = sorted(k for k, v in body.items() if k not in allowed and v is not None)
+    if unknown:
+        raise invalid(f"{endpoint} on this server does not support: {', '.join(unknown)}")
+
+
+def _check_model(body: dict, served: str) -> None:
+    model = body.get("model")
+    if model is not None and model != served:
+        raise ServingError("not_found", f"model {model!r} is not served here; this server serves {served!r}")
+
+
+def _sampling(body: dict) -> dict:
+    """GenerateParams fields of the sampling options present (absent or null: the defaults)."""
+    given = {dst: body[src] for src, dst in _SAMPLING.items() if body.get(src) is not None}
+    stop = body.get("stop")
+    if stop is not None:
+        given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        given["stop_token_ids"] = tuple(ids) if isinstance(ids, list) else ids
+    return given
+
+
+def _streaming(body: dict) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid(f"stream must be true or false, got {stream!r}")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise invalid("stream_options must be an object")
+    return stream, bool(options.get("include_usage"))
+
+
+def parse_completion(body: dict, served: str) -> OpenAIRequest:
+    """POST /v1/completions: text or token-id prompts (one or a list), n choices each."""
+    _refuse_unknown(body, COMPLETION_FIELDS, "/v1/completions")
+    _check_model(body, served)
+    if "prompt" not in body:
+        raise invalid("missing field 'prompt'")
+    n = body.get("n") or 1
+    for key, ok in (("best_of", (None, 1, n)), ("echo", (None, False)), ("suffix", (None,))):
+        if body.get(key) not in ok:
+            raise invalid(f"{key}={body.get(key)!r} is not supported by this server")
+    prompt = body["prompt"]
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+    ):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        prompts = prompt
+    else:
+        raise invalid("prompt must be a string, a list of token ids, or a list of either")
+    given = _sampling(body)
+    if body.get("logprobs") is not None:
+        given["logprobs"] = body["logprobs"]
+    params = [
+        GenerateParams(
+            prompt=p if isinstance(p, str) else None,
+            prompt_token_ids=None if isinstance(p, str) else p,
+            **given,
+        )
+        for p in prompts
+    ]
+    return OpenAIRequest(params, *_streaming(body), chat=False)
+
+
+def parse_chat(body: dict, served: str) -> OpenAIRequest:
+    """POST /v1/chat/completions: one conversation, n choices."""
+    _refuse_unknown(body, CHAT_FIELDS, "/v1/chat/completions")
+    _check_model(body, served)
+    if "messages" not in body:
+        raise invalid("missing field 'messages'")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise invalid(f"response_format={fmt!r} is not supported by this server (only {{'type': 'text'}})")
+    given = _sampling(body)
+    if body.get("max_completion_tokens") is not None:
+        if body.get("max_tokens") not in (None, body["max_completion_tokens"]):
+            raise invalid("give max_completion_tokens or max_tokens (deprecated), not both")
+        given["max_tokens"] = body["max_completion_tokens"]
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise invalid(
+            f"logprobs must be true or false for chat (top_logprobs says how many), got {logprobs!r}"
+        )
+    if top is not None and not logprobs:
+        raise invalid("top_logprobs needs logprobs: true")
+    if logprobs:
+        given["logprobs"] = 0 if top is None else top
+    params = GenerateParams(messages=body["messages"], **given)
+    return OpenAIRequest([params], *_streaming(body), chat=True)
+
+
+# ---- answers --------------------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_logprobs(lps: list[TokenLogprob]) -> dict:
+    """The completions API's logprobs object (legacy format) for these tokens; text_offset counts
+    characters from the start of the choice's text."""
+    return {
+        "tokens": [lp.token for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{alt.token: alt.logprob for alt in lp.top_logprobs} for lp in lps],
+        "text_offset": [lp.text_offset for lp in lps],
+    }
+
+
+def chat_logprobs(lps: list[TokenLogprob]) -> dict:
+    """The chat API's logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def entry(lp: TokenLogprob) -> dict:
+        return {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes}
+
+    return {"content": [{**entry(lp), "top_logprobs": [entry(a) for a in lp.top_logprobs]} for lp in lps]}
+
+
+@dataclass
+class Choice:
+    """One choice gathered from its chunks (non-streamed answers)."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, c: GenerateChunk) -> None:
+        self.text.append(c.text)
+        self.token_ids += c.token_ids
+        if c.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + c.logprobs
+        self.finish_reason = c.finish_reason or self.finish_reason
+        self.completion_tokens = c.completion_tokens
+
+
+def whole_answer(req: OpenAIRequest, served: str, choices: dict[int, Choice], prompt_tokens: int) -> dict:
+    """The non-streamed answer of all choices (indexed prompt * n + choice)."""
+    out = []
+    for i in sorted(choices):
+        c = choices[i]
+        text = "".join(c.text)
+        if req.chat:
+            lp = chat_logprobs(c.logprobs) if c.logprobs is not None else None
+            out.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                    "token_ids": c.token_ids,  # an extension, as in the completions choices
+                }
+            )
+        else:
+            lp = completion_logprobs(c.logprobs) if c.logprobs is not None else None
+            out.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "token_ids": c.token_ids,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+    return {
+        "id": req.id,
+        "object": "chat.completion" if req.chat else "text_completion",
+        "created": req.created,
+        "model": served,
+        "choices": out,
+        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices.values())),
+    }
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class StreamAnswer:
+    """Server-sent events of a streamed answer: `chunk(index, c)` per GenerateChunk, `end()` last
+    (the usage event when asked for, then [DONE])."""
+
+    def __init__(self, req: OpenAIRequest, served: str, prompt_tokens: int):
+        self.req = req
+        self.base = {
+            "id": req.id,
+            "object": "chat.completion.chunk" if req.chat else "text_completion",
+            "created": req.created,
+            "model": served,
+        }
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens: dict[int, int] = {}
+
+    def start(self) -> list[str]:
+        """Chat's opening events: each choice's assistant role."""
+        if not self.req.chat:
+            return []
+        return [
+            sse(
+                {
+                    **self.base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+            for i in range(self.req.n * len(self.req.params))
+        ]
+
+    def chunk(self, index: int, c: GenerateChunk) -> str:
+        self.completion_tokens[index] = c.completion_tokens
+        if self.req.chat:
+            lp = chat_logprobs(c.logprobs) if c.logprobs is not None else None
+            choice = {
+                "index": index,
+                "delta": {"content": c.text} if c.text else {},
+                "logprobs": lp,
+                "token_ids": c.token_ids,
+            }
+        else:
+            lp = completion_logprobs(c.logprobs) if c.logprobs is not None else None
+            choice = {"index": index, "text": c.text, "token_ids": c.token_ids, "logprobs": lp}
+        choice["finish_reason"] = c.finish_reason
+        return sse({**self.base, "choices": [choice]})
+
+    def end(self) -> list[str]:
+        out = []
+        if self.req.include_usage:
+            total = usage(self.prompt_tokens, sum(self.completion_tokens.values()))
+            out.append(sse({**self.base, "choices": [], "usage": total}))
+        return [*out, "data: [DONE]\n\n"]
