@@ -16,10 +16,15 @@ names to keep in sync.
 
 Where dequantization happens: `Checkpoint` returns every quantized weight dequantized to fp32 (its
 scale read with it and recorded in `keys_read`), and the router and the workers copy it into the
-serving dtype as they do for any checkpoint: dequantize at load. Keeping FP8 storage and
-dequantizing a tile at a time on the fly was measured against it on a CPU (`python -m
-bench.fp8_experts`, docs/performance.md "FP8 checkpoints"): converting FP8 to fp32 costs more than
-the matmul it feeds at every batch size measured, so on CPU FP8 storage only trades speed for memory.
+serving dtype as they do for any checkpoint: dequantize at load. Keeping FP8 in memory and
+dequantizing a tile at a time in the expert kernel was measured against it on this project's 2-core
+AMD EPYC (`python -m bench.fp8_experts --rows 1,8,64 --reps 5 --threads 1`, docs/performance.md "FP8
+checkpoints"): with the fastest FP8 -> fp32 conversion we found (a bit trick, 4.7 G elements/s; torch's
+own float8 cast does 0.34) it ran at 0.60x / 0.64x / 0.84x the speed of fp32 weights dequantized at
+load for 1 / 8 / 64 rows per expert, against 2.30x / 3.49x / 2.06x for bf16 at load (native bf16) and
+1.18x / 1.11x / 0.97x for bf16 at load computed by the `upcast` kernel (CPUs without native bf16). The
+conversion costs more than the bytes it saves, so on CPU FP8 storage would only trade speed for
+memory; serve `dtype="bfloat16"` to halve what fp32 takes.
 """
 
 from __future__ import annotations
