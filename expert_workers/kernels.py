@@ -28,7 +28,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from moe_models.spec import ExpertFn
+
 KERNELS = ("grouped_mm", "loop", "onednn", "upcast")
+PLAIN = ExpertFn()  # down(silu(gate(x)) * up(x))
 KERNEL_ENV = "MOE_EXPERT_KERNEL"  # overrides "auto" when set (the explicit argument wins)
 UPCAST_TILE_ROWS = 256  # [256, 2048] fp32 = 2 MiB: stays in L2/L3 between the convert and the mm
 UPCAST_WHOLE_MIN_ROWS = 256  # from this many rows one full-size product beats tiles (~8% at 384 rows)
@@ -227,29 +230,65 @@ def _linear_upcast(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _linear(kernel: str, x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T for one expert's 2-D weight w in `kernel`'s layout; x: [n, K] -> [n, N]."""
+def _linear(kernel: str, x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b) for one expert's 2-D weight w in `kernel`'s layout; x: [n, K] -> [n, N]."""
     if kernel == "onednn":
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     if kernel == "upcast" and w.dtype != torch.float32:
-        return _linear_upcast(x, w)
+        out = _linear_upcast(x, w)
+        return out if b is None else out.add_(b.float())
+    if b is not None:
+        return torch.addmm(b.to(x.dtype), x, w.t())
     return torch.mm(x, w.t())
 
 
-def swiglu_experts(kernel: str, x: torch.Tensor, counts: list[int], w13, w2) -> torch.Tensor:
+_ACTS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def glu(h: torch.Tensor, fn: ExpertFn = PLAIN) -> torch.Tensor:
+    """The gated unit on [n, 2I] gate-then-up projections -> [n, I], in the family's variant."""
+    inter = h.shape[1] // 2
+    gate, up = h[:, :inter], h[:, inter:]
+    if fn.style == "gpt_oss":
+        gate = gate.clamp(max=fn.limit)
+        up = up.clamp(min=-fn.limit, max=fn.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * fn.alpha))
+    if fn.limit is not None:
+        gate = gate.clamp(max=fn.limit)
+        up = up.clamp(min=-fn.limit, max=fn.limit)
+    return _ACTS[fn.act](gate) * up
+
+
+def swiglu_experts(
+    kernel: str,
+    x: torch.Tensor,
+    counts: list[int],
+    w13,
+    w2,
+    fn: ExpertFn = PLAIN,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Expert FFN of every row of x, rows sorted by expert.
 
     # S = routed rows, E = local experts, H = hidden, I = expert inter dim
     x: [S, H], counts: E ints summing to S, w13: [E, 2I, H] (gate rows then up rows), w2: [E, H, I]
-    (for "onednn": lists of E packed [2I, H] / [H, I] weights). Returns [S, H] in x's dtype, except
-    "upcast", which computes and returns fp32.
+    (for "onednn": lists of E packed [2I, H] / [H, I] weights); biases b13 [E, 2I], b2 [E, H] or
+    None. Returns [S, H] in x's dtype, except "upcast", which computes and returns fp32.
     """
     if kernel == "grouped_mm":
-        inter = w2.shape[-1]
         offs = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         h = _grouped_mm(x, w13.transpose(1, 2), offs)  # [S, 2I]
-        h = F.silu(h[:, :inter]) * h[:, inter:]  # [S, I]
-        return _grouped_mm(h, w2.transpose(1, 2), offs)  # [S, H]
+        repeats = torch.tensor(counts, device=x.device)
+        if b13 is not None:
+            h = h + b13.repeat_interleave(repeats, dim=0)
+        out = _grouped_mm(glu(h, fn), w2.transpose(1, 2), offs)  # [S, H]
+        return out if b2 is None else out + b2.repeat_interleave(repeats, dim=0)
     if kernel == "upcast":
         x = x.float()
     out = torch.empty_like(x)
@@ -257,18 +296,14 @@ def swiglu_experts(kernel: str, x: torch.Tensor, counts: list[int], w13, w2) -> 
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        h = _linear(kernel, x[start : start + n], w13[e])  # [n, 2I]
-        inter = h.shape[1] // 2
-        h = F.silu(h[:, :inter]) * h[:, inter:]  # [n, I]
-        out[start : start + n] = _linear(kernel, h, w2[e])  # [n, H]
+        h = _linear(kernel, x[start : start + n], w13[e], None if b13 is None else b13[e])  # [n, 2I]
+        out[start : start + n] = _linear(kernel, glu(h, fn), w2[e], None if b2 is None else b2[e])  # [n, H]
         start += n
     return out
 
 
-def swiglu_dense(x: torch.Tensor, w13, w2, kernel: str = "loop") -> torch.Tensor:
+def swiglu_dense(x: torch.Tensor, w13, w2, kernel: str = "loop", fn: ExpertFn = PLAIN) -> torch.Tensor:
     """One SwiGLU FFN (the fused shared experts). x: [N, H], w13: [2I, H], w2: [H, I] in `kernel`'s layout."""
     if kernel == "upcast":
         x = x.float()
-    h = _linear(kernel, x, w13)  # [N, 2I]
-    inter = h.shape[1] // 2
-    return _linear(kernel, F.silu(h[:, :inter]) * h[:, inter:], w2)  # [N, H]
+    return _linear(kernel, glu(_linear(kernel, x, w13), fn), w2)  # [N, H]

@@ -22,6 +22,7 @@ from expert_workers.kernels import (
     swiglu_experts,
 )
 from moe_models.checkpoint import Checkpoint
+from moe_models.expert_layout import read_experts, read_shared
 from moe_models.spec import ModelSpec, spec_from_pretrained
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,17 @@ class LayerExperts:
     expert_ids: list[int]
     w13: torch.Tensor | list[torch.Tensor]  # [E_local, 2I, H]
     w2: torch.Tensor | list[torch.Tensor]  # [E_local, H, I]
+    b13: torch.Tensor | None = None  # [E_local, 2I] biases (gpt-oss), gate then up
+    b2: torch.Tensor | None = None  # [E_local, H]
 
     def weights(self, i: int):
         """Slot i's (w13 [2I, H], w2 [H, I]) in the kernel's layout (views of the stack, or the
         packed tensors themselves)."""
         return self.w13[i], self.w2[i]
+
+    def biases(self, i: int):
+        """Slot i's (b13 [2I], b2 [H]), or (None, None)."""
+        return (None, None) if self.b13 is None else (self.b13[i], self.b2[i])
 
 
 def _tensors(w) -> list[torch.Tensor]:
@@ -197,14 +204,14 @@ class ExpertWorker:
             self._latest = max(self.layouts) if self.layouts else None
 
     def _held(self, layer: int) -> dict[int, tuple]:
-        """Expert id -> its weights in some layout of this worker, for `layer`."""
+        """Expert id -> its (weights, biases) in some layout of this worker, for `layer`."""
         out: dict[int, tuple] = {}
         for layout in self.layouts.values():
             lx = layout.get(layer)
             if lx is None:
                 continue
             for i, e in enumerate(lx.expert_ids):
-                out.setdefault(e, lx.weights(i))
+                out.setdefault(e, (lx.weights(i), lx.biases(i)))
         return out
 
     def _load_layer(self, layer: int, expert_ids: list[int], stats: dict) -> LayerExperts:
@@ -222,52 +229,35 @@ class ExpertWorker:
             )
         held = self._held(layer)
         to_read = list(dict.fromkeys(e for e in expert_ids if e not in held))  # unique, in slot order
-        reader = self._read_experts(layer, to_read)
+        reader = read_experts(self.checkpoint, spec, layer, to_read)
         stack = ExpertStackBuilder(self.kernel, len(expert_ids), inter, h, self.dtype, self.device)
+        b13 = b2 = None
+        if spec.expert_fn.bias:  # small: plain stacked tensors whatever the kernel
+            b13 = torch.empty(len(expert_ids), 2 * inter, dtype=self.dtype, device=self.device)
+            b2 = torch.empty(len(expert_ids), h, dtype=self.dtype, device=self.device)
         for i, e in enumerate(expert_ids):
             if e in held:
-                stack.put(i, *held[e])
+                weights, biases = held[e]
+                stack.put(i, *weights)
+                if b13 is not None:
+                    b13[i].copy_(biases[0])
+                    b2[i].copy_(biases[1])
                 stats["experts_reused"] += 1
                 continue
+            w = next(reader)
             gate, up, down = stack.slot(i)
-            for dst, t in zip((gate, up, down), next(reader), strict=True):
+            for dst, t in zip((gate, up, down), (w.gate, w.up, w.down), strict=True):
                 dst.copy_(t)
             stack.done(i)
-            held[e] = stack.weights(i)  # a second slot of the same expert reuses it
+            if b13 is not None:
+                b13[i, :inter].copy_(w.gate_bias)
+                b13[i, inter:].copy_(w.up_bias)
+                b2[i].copy_(w.down_bias)
+            # a second slot of the same expert reuses it
+            held[e] = (stack.weights(i), (None, None) if b13 is None else (b13[i], b2[i]))
             stats["experts_read"] += 1
         w13, w2 = stack.finish()
-        return LayerExperts(expert_ids, w13, w2)
-
-    def _read_experts(self, layer: int, expert_ids: list[int]):
-        """Yield (gate [I, H], up [I, H], down [H, I]) of each expert, in order, reading only them."""
-        spec, names, ck = self.spec, self.spec.names, self.checkpoint
-        h, inter = spec.hidden_size, spec.moe_intermediate_size
-        if not expert_ids:
-            return
-        per_expert = [names.expert_keys(layer, e) for e in expert_ids]
-        fused_gate_up, fused_down = names.fused_expert_keys(layer)
-        if per_expert[0][0] not in ck and fused_gate_up in ck:
-            rows = zip(
-                ck.read_rows(fused_gate_up, expert_ids), ck.read_rows(fused_down, expert_ids), strict=True
-            )
-            for gate_up, down in rows:
-                if gate_up.shape != (2 * inter, h) or down.shape != (h, inter):
-                    raise ValueError(
-                        f"{fused_gate_up} / {fused_down} rows have shapes {tuple(gate_up.shape)} / "
-                        f"{tuple(down.shape)}, expected {(2 * inter, h)} / {(h, inter)}"
-                    )
-                yield gate_up[:inter], gate_up[inter:], down
-            return
-        keys = [k for trio in per_expert for k in trio]
-        shapes = ((inter, h), (inter, h), (h, inter))
-        trio: list[torch.Tensor] = []
-        for j, (_, t) in enumerate(ck.iter_tensors(keys)):
-            if tuple(t.shape) != shapes[j % 3]:
-                raise ValueError(f"{keys[j]} has shape {tuple(t.shape)}, expected {shapes[j % 3]}")
-            trio.append(t)
-            if len(trio) == 3:
-                yield tuple(trio)
-                trio = []
+        return LayerExperts(expert_ids, w13, w2, b13, b2)
 
     def _load_shared(self, layer: int) -> tuple:
         """The layer's fused shared experts (every worker holds a replica), or (None, None)."""
@@ -277,11 +267,8 @@ class ExpertWorker:
         h, si = spec.hidden_size, spec.shared_intermediate_size
         shared_w13 = torch.empty(2 * si, h, dtype=self.dtype, device=self.device)
         shared_w2 = torch.empty(h, si, dtype=self.dtype, device=self.device)
-        dsts = (shared_w13[:si], shared_w13[si:], shared_w2)
-        keys = spec.names.shared_keys(layer)
-        for (key, t), dst in zip(self.checkpoint.iter_tensors(keys), dsts, strict=True):
-            if t.shape != dst.shape:
-                raise ValueError(f"{key} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
+        gate, up, down = read_shared(self.checkpoint, spec, layer)
+        for dst, t in zip((shared_w13[:si], shared_w13[si:], shared_w2), (gate, up, down), strict=True):
             dst.copy_(t)
         return prepack_dense(self.kernel, shared_w13), prepack_dense(self.kernel, shared_w2)
 
@@ -304,14 +291,20 @@ class ExpertWorker:
         x = batch.x.to(self.device, self.dtype, non_blocking=True)  # [N, H]
         pair_rows = batch.pair_rows.to(self.device)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=self.device)  # [N, H]
+        fn = self.spec.expert_fn
         if pair_rows.numel():
             xs = x.index_select(0, pair_rows)  # [P, H], sorted by local slot
-            ys = swiglu_experts(self.kernel, xs, batch.expert_counts.tolist(), lx.w13, lx.w2)  # [P, H]
             weights = batch.pair_weights.to(self.device, torch.float32)
-            out.index_add_(0, pair_rows, ys.float() * weights[:, None])
+            if fn.scale_input:  # Llama 4: the expert sees weight * x, in the serving dtype
+                xs = xs * weights[:, None].to(xs.dtype)
+            counts = batch.expert_counts.tolist()
+            ys = swiglu_experts(self.kernel, xs, counts, lx.w13, lx.w2, fn, lx.b13, lx.b2)  # [P, H]
+            out.index_add_(0, pair_rows, ys.float() if fn.scale_input else ys.float() * weights[:, None])
         if batch.shared_rows is not None and batch.shared_rows.numel() and shared_w13 is not None:
             rows = batch.shared_rows.to(self.device)
-            ys = swiglu_dense(x.index_select(0, rows), shared_w13, shared_w2, self.kernel).float()  # [NS, H]
+            ys = swiglu_dense(
+                x.index_select(0, rows), shared_w13, shared_w2, self.kernel, fn
+            ).float()  # [NS, H]
             if batch.shared_weights is not None:
                 ys = ys * batch.shared_weights.to(self.device, torch.float32)[:, None]
             out.index_add_(0, rows, ys)
@@ -330,7 +323,7 @@ class ExpertWorker:
         seen: dict[int, int] = {}
         for layout in self.layouts.values():
             for lx in layout.values():
-                for t in _tensors(lx.w13) + _tensors(lx.w2):
+                for t in _tensors(lx.w13) + _tensors(lx.w2) + _tensors(lx.b13) + _tensors(lx.b2):
                     seen[_identity(t)] = t.numel() * t.element_size()
         for pair in self.shared.values():
             for t in pair:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-SUPPORTED_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen2_moe", "qwen3_moe", "mixtral")
+# Families whose gate rule is re-derived op for op in router_service/stages/gating.py ("builtin").
+BUILTIN_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen2_moe", "qwen3_moe", "mixtral")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,24 @@ class GatingSpec:
     routed_scaling_factor: float = 1.0
     # qwen2/qwen3 cast the top-k weights back to the logits dtype (bf16 when serving in bf16).
     weights_in_logits_dtype: bool = False
+
+
+@dataclass(frozen=True)
+class ExpertFn:
+    """What one routed (and shared) expert computes from its gate/up/down projections.
+
+    glu: down(act(gate(x)) * up(x)), gate and up clamped when `limit` is set (DeepSeek-V4: gate to
+    <= limit, up to [-limit, limit]). gpt_oss: both clamped, then down((up + 1) * gate *
+    sigmoid(alpha * gate)). `bias`: the projections have biases (gpt-oss). `scale_input`: the gate
+    weight scales the expert's input instead of its output (Llama 4).
+    """
+
+    act: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    style: Literal["glu", "gpt_oss"] = "glu"
+    limit: float | None = None
+    alpha: float = 1.0
+    bias: bool = False
+    scale_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,21 @@ class ModelSpec:
     gating: GatingSpec
     names: CheckpointNames
     hidden_act: str = "silu"
+    expert_fn: ExpertFn = ExpertFn()
+    # "builtin": the router re-derives the gate (gating.py); "block": the MoE block of transformers
+    # stays in the router model and runs its own router, only its experts go to the workers.
+    gate_source: Literal["builtin", "block"] = "builtin"
+    moe_module_path: str = "mlp"  # the decoder layer's attribute holding the MoE block
+    # "own": the block's forward runs with its experts replaced; "llama4": the block feeds its
+    # experts a dense score-scaled input, so the router replaces the whole block (moe_layer.py).
+    block_forward: Literal["own", "llama4"] = "own"
+    shared_module_path: str | None = None  # the block's attribute holding the shared experts
+    # LongCat-Flash's "zero-computation" experts: ids >= num_experts pass x through (times the
+    # weight); the router computes them, they are never placed on a worker.
+    num_zero_experts: int = 0
+    # Fused expert tensors stored as [E, H, 2I] / [E, I, H] (x @ W), and gate/up interleaved by column.
+    fused_transposed: bool = False
+    fused_interleaved: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -126,11 +160,7 @@ def load_hf_config(model_dir: str | Path):
 
     quantization_from_config(raw, model_dir)  # an FP8 / quantized checkpoint we cannot read: refused now
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ConfigError(
-            f"unsupported model_type {model_type!r} in {model_dir}/config.json; "
-            f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+    check_family(model_type, f"{model_dir}/config.json")
     try:
         return AutoConfig.from_pretrained(str(model_dir))
     except (TypeError, ValueError, KeyError) as e:
@@ -146,9 +176,29 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def check_family(model_type, where: str) -> None:
+    """Refuse a model_type we do not serve, naming why when it is a known MoE family."""
+    from moe_models.families import SUPPORTED_FAMILIES, UNSUPPORTED_FAMILIES
+
+    if model_type in UNSUPPORTED_FAMILIES:
+        raise ConfigError(
+            f"model_type {model_type!r} in {where} is not served: {UNSUPPORTED_FAMILIES[model_type]}"
+        )
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ConfigError(
+            f"unsupported model_type {model_type!r} in {where}; "
+            f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+
 def spec_from_hf_config(cfg) -> ModelSpec:
     """Build and validate the spec; the only place that reads family-specific config keys."""
     t = cfg.model_type
+    if t not in BUILTIN_FAMILIES:
+        from moe_models.families import spec_from_block_model
+
+        check_family(t, "the model config")
+        return spec_from_block_model(cfg)
     n_layers = cfg.num_hidden_layers
     if t in ("deepseek_v3", "deepseek_v2"):
         num_experts = cfg.n_routed_experts
@@ -228,8 +278,8 @@ def spec_from_hf_config(cfg) -> ModelSpec:
             logits_in_fp32=False,
             norm_topk_prob=True,
         )
-    else:  # load_hf_config already refused it; kept for direct callers
-        raise ConfigError(f"unsupported model_type {t!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    else:  # pragma: no cover - spec_from_hf_config sent every other family to families.py
+        raise ConfigError(f"unsupported model_type {t!r}")
 
     g = gating
     _require(g.num_experts >= 1, f"number of routed experts must be >= 1, got {g.num_experts}")

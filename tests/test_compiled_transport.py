@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 import torch
-from tiny_models import FAMILIES, VOCAB
+from tiny_models import TRANSPORT_CASES, VOCAB
 
 from expert_workers.worker import ExpertBatch
 from router_service import Engine
@@ -29,8 +29,7 @@ def ray_cluster():
     del os.environ["MOE_COMPILED_GET_TIMEOUT_S"]
 
 
-@pytest.mark.parametrize("num_workers", [2, 3])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, num_workers", TRANSPORT_CASES)
 def test_identical_to_local(family, num_workers, tiny_model_dir):
     d = tiny_model_dir(family)
     ids = torch.randint(3, VOCAB, (2, 9))

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from tiny_models import FAMILIES
+from tiny_models import BUILTIN_VARIANTS, FAMILIES
 from transformers import AutoModelForCausalLM
 
 from router_service import Engine
@@ -29,17 +29,24 @@ def test_sequences_joining_and_leaving_equal_transformers_alone(tiny_model_dir, 
     want = [hf_greedy(model, p, n) for p, n in zip(PROMPTS, limits, strict=True)]
     batch = DecodeBatch(model, set(), torch.device("cpu"))
     seqs = [Sequence(p, SamplingParams(n)) for p, n in zip(PROMPTS, limits, strict=True)]
-    batch.add(seqs[:1])
-    batch.step()
-    batch.add(seqs[1:2])  # joins a running batch with a longer prompt: the old rows get left-padded
-    batch.step()
-    batch.step()
-    batch.add(seqs[2:])
-    while len(batch):
-        batch.step()
-        batch.evict({id(s) for s in batch.seqs if s.finish_reason})
+    # (sequences, the step they arrive at); the second joins a running batch with a longer prompt,
+    # so the old rows get left-padded. Caches that cannot merge (linear attention, conv, compressed
+    # attention: Qwen3-Next, LFM2, DeepSeek-V4, ...) make arrivals wait until the batch drains, as
+    # the scheduler does.
+    arrivals = [(seqs[:1], 0), (seqs[1:2], 1), (seqs[2:], 3)]
+    joined_running = step = 0
+    while arrivals or len(batch):
+        while arrivals and arrivals[0][1] <= step and batch.can_join():
+            joined_running += bool(len(batch))
+            batch.add(arrivals.pop(0)[0])
+        if len(batch):
+            batch.step()
+            batch.evict({id(s) for s in batch.seqs if s.finish_reason})
+        step += 1
     assert [s.generated for s in seqs] == want
     assert all(s.finish_reason == "length" for s in seqs)
+    if family in BUILTIN_VARIANTS:  # full-attention caches: both later arrivals joined a running batch
+        assert joined_running == 2
 
 
 def test_seeded_sampling_does_not_depend_on_batch_company():

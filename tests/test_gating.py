@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES
+from tiny_models import BUILTIN_VARIANTS
 from transformers import AutoModelForCausalLM
 
 from moe_models.spec import spec_from_pretrained
@@ -11,7 +11,7 @@ from router_service.stages.gating import route
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", BUILTIN_VARIANTS)
 def test_route_matches_transformers_gate(family, tokens, dtype, tiny_model_dir):
     d = tiny_model_dir(family)
     spec = spec_from_pretrained(d)

@@ -1,5 +1,7 @@
 """Placement maps, Plan (a token goes to a worker once; shared experts run once) and Combine."""
 
+import types
+
 import pytest
 import torch
 from conftest import rel_err
@@ -68,10 +70,12 @@ def run_plan(x, routing, placement, w13, w2, shared, shared_weights):
 def bare_worker(ids, w13, w2, shared, dtype):
     """An ExpertWorker holding experts `ids` of layer 0 as layout 0, weights set directly (no checkpoint)."""
     from expert_workers.worker import ExpertWorker, LayerExperts
+    from moe_models.spec import ExpertFn
 
     worker = ExpertWorker.__new__(ExpertWorker)
     worker.device, worker.dtype, worker.kernel, worker.num_threads = torch.device("cpu"), dtype, "loop", None
     worker.worker_id = 0
+    worker.spec = types.SimpleNamespace(expert_fn=ExpertFn())  # plain SwiGLU; the rest of a spec is unused
     worker.layouts = {0: {0: LayerExperts(ids, w13[ids], w2[ids])}}
     worker.shared = {0: shared or (None, None)}
     worker._latest = 0

@@ -7,10 +7,12 @@ flip in bf16 between two equally valid summation orders).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
@@ -119,23 +121,173 @@ def _configs() -> dict:
     }
 
 
-FAMILIES = tuple(_configs())
+def _block_configs() -> dict:
+    """The block families (moe_models/families.py): transformers' own MoE block runs in the router.
+
+    Small enough to be quick, big enough that every family's features take part: groups, shared
+    experts and their gates, dense first layers, hash routing (DeepSeek-V4's first layer), zero
+    experts (LongCat), biases and clamped SwiGLU (gpt-oss), router-scaled input (Llama 4), hybrid
+    linear-attention / conv layers (Qwen3-Next, Qwen3.5, LFM2).
+    """
+    moe = dict(intermediate_size=64, moe_intermediate_size=16)
+    linear = dict(
+        layer_types=["linear_attention", "full_attention"],
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+    )
+    mla = {**MLA, "num_key_value_heads": 4}
+    grouped = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1)
+    kw = {
+        "deepseek_v32": dict(**mla, **moe, **grouped, num_hidden_layers=3, n_group=2, topk_group=1),
+        "deepseek_v4": dict(
+            intermediate_size=16,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            head_dim=16,
+            mlp_layer_types=["hash_moe", "moe", "moe"],
+        ),
+        "glm4_moe": dict(**moe, **grouped, num_hidden_layers=3, n_group=2, topk_group=1, head_dim=8),
+        "glm4_moe_lite": dict(**mla, **moe, **grouped, num_hidden_layers=3, n_group=2, topk_group=1),
+        "qwen3_next": dict(
+            **moe,
+            **linear,
+            num_hidden_layers=2,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+        ),
+        "qwen3_5_moe_text": dict(
+            **linear,
+            num_hidden_layers=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+        ),
+        "gpt_oss": dict(
+            num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8
+        ),
+        "minimax_m2": dict(
+            num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8
+        ),
+        "llama4_text": dict(
+            num_hidden_layers=2,
+            intermediate_size=16,
+            intermediate_size_mlp=32,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            head_dim=8,
+        ),
+        "ernie4_5_moe": dict(
+            **moe, num_hidden_layers=3, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1
+        ),
+        "hunyuan_v1_moe": dict(
+            num_hidden_layers=2,
+            intermediate_size=16,
+            num_experts=8,
+            moe_topk=2,
+            num_shared_expert=1,
+            head_dim=8,
+        ),
+        "dots1": dict(**moe, **grouped, num_hidden_layers=3, head_dim=8),
+        "longcat_flash": dict(
+            **mla,
+            num_layers=2,
+            ffn_hidden_size=64,
+            expert_ffn_hidden_size=16,
+            n_routed_experts=8,
+            zero_expert_num=2,
+            moe_topk=2,
+            head_dim=8,
+        ),
+        "olmoe": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+        "flex_olmo": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+        "granitemoe": dict(
+            num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2
+        ),
+        "granitemoeshared": dict(
+            num_hidden_layers=2,
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_intermediate_size=24,
+        ),
+        "phimoe": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+        "solar_open": dict(
+            **moe,
+            num_hidden_layers=2,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            head_dim=8,
+        ),
+        "exaone_moe": dict(
+            **moe, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, head_dim=8
+        ),
+        "lfm2_moe": dict(
+            **moe,
+            num_hidden_layers=3,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_dense_layers=1,
+            layer_types=["conv", "full_attention", "conv"],
+        ),
+        "cohere2_moe": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+    }
+    return {t: AutoConfig.for_model(t, **{**COMMON, **k}) for t, k in kw.items()}
+
+
+BUILTIN_VARIANTS = tuple(_configs())  # the hand-written gates (router_service/stages/gating.py)
+BLOCK_VARIANTS = tuple(_block_configs())
+FAMILIES = BUILTIN_VARIANTS + BLOCK_VARIANTS
+# Block families the Ray transports are tested on (every family runs on the local transport, whose
+# results the Ray transports reproduce bit for bit): one for each distinct thing a worker or the
+# router's block path does: biases, interleaved transposed tensors and clamped SwiGLU (gpt-oss),
+# router-scaled input and the replaced block (Llama 4), hash routing and w1/w2/w3 under `ffn`
+# (DeepSeek-V4), zero experts (LongCat), input_linear / output_linear (Granite), a gated shared
+# expert next to linear attention (Qwen3-Next).
+TRANSPORT_BLOCK_VARIANTS = (
+    "gpt_oss",
+    "llama4_text",
+    "deepseek_v4",
+    "longcat_flash",
+    "granitemoe",
+    "qwen3_next",
+)
+# (variant, workers) pairs for the Ray transport tests: builtin families at 2 and 3 workers, the
+# block families above at 3.
+TRANSPORT_CASES = [(f, n) for f in BUILTIN_VARIANTS for n in (2, 3)] + [
+    (f, 3) for f in TRANSPORT_BLOCK_VARIANTS
+]
+ROUTER_WEIGHT = re.compile(
+    r"\.(mlp|block_sparse_moe|feed_forward)\.(gate|router)(\.layer|\.classifier)?\.weight$"
+)
 
 
 def make_tiny_model(
     variant: str, outdir: str | Path, seed: int = 0, max_shard_size: str | None = None
 ) -> Path:
     """Build, perturb and save one tiny checkpoint; returns its directory."""
-    cfg = _configs()[variant]
+    cfg = {**_configs(), **_block_configs()}[variant]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if ROUTER_WEIGHT.search(name):
                 param.normal_(0.0, 0.5)
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.uniform_(-0.1, 0.1)
+        for name, t in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                t.uniform_(-0.1, 0.1)
+            if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: k distinct experts per token id
+                experts = model.config.num_local_experts
+                t.copy_(torch.stack([torch.randperm(experts)[: t.shape[1]] for _ in range(t.shape[0])]))
     outdir = Path(outdir)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(outdir, **kwargs)

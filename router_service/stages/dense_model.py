@@ -15,16 +15,58 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from moe_models.checkpoint import Checkpoint, CheckpointError
 from moe_models.spec import ModelSpec
-from router_service.stages.moe_layer import DistributedMoE, ExpertDispatcher
+from router_service.stages.moe_layer import (
+    DistributedMoE,
+    ExpertDispatcher,
+    RemoteExperts,
+    RemoteLlama4Moe,
+    SharedOnWorkers,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _checkpoint_key(spec: ModelSpec, key: str) -> str:
-    """Model state-dict key -> checkpoint key (mixtral keeps its MoE block as `block_sparse_moe`)."""
-    if spec.names.moe_module != "mlp" and ".mlp." in key:
-        return key.replace(".mlp.", f".{spec.names.moe_module}.", 1)
-    return key
+def _saved_names(model: PreTrainedModel):
+    """Model key -> the key `save_pretrained` writes (and published checkpoints use): transformers'
+    own renamings for the family, reversed, as its save does (e.g. Granite's `router.weight` is
+    `router.layer.weight` on disk, Mixtral's `mlp` is `block_sparse_moe`)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    conversions = [
+        c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)
+    ]
+    renamings = [
+        r for r in (c.reverse_transform() for c in conversions[::-1]) if isinstance(r, WeightRenaming)
+    ]
+    return lambda key: apply_renamings(key, renamings)
+
+
+def _checkpoint_key(spec: ModelSpec, key: str, ckpt: Checkpoint, saved_name) -> str:
+    """The checkpoint's key for model key `key`: as is, or under its saved name."""
+    if key in ckpt:
+        return key
+    if spec.names.moe_module != "mlp" and ".mlp." in key:  # builtin Mixtral: `block_sparse_moe`
+        renamed = key.replace(".mlp.", f".{spec.names.moe_module}.", 1)
+        if renamed in ckpt:
+            return renamed
+    return saved_name(key)
+
+
+def install_remote_experts(model: PreTrainedModel, spec: ModelSpec, dispatcher: ExpertDispatcher) -> None:
+    """Replace what the workers compute in every MoE layer of `model` (built on the meta device)."""
+    layers = model.model.layers
+    for layer in spec.moe_layers:
+        if spec.gate_source == "builtin":
+            layers[layer].mlp = DistributedMoE(layer, layers[layer].mlp, dispatcher)
+            continue
+        block = getattr(layers[layer], spec.moe_module_path)
+        if spec.block_forward == "llama4":
+            setattr(layers[layer], spec.moe_module_path, RemoteLlama4Moe(layer, block, dispatcher))
+            continue
+        block.experts = RemoteExperts(layer, block, dispatcher)
+        if spec.shared_module_path:
+            setattr(block, spec.shared_module_path, SharedOnWorkers())
 
 
 @torch.no_grad()
@@ -38,15 +80,14 @@ def build_router_model(
 ) -> PreTrainedModel:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    layers = model.model.layers
-    for layer in spec.moe_layers:
-        layers[layer].mlp = DistributedMoE(layer, layers[layer].mlp, dispatcher)
+    install_remote_experts(model, spec, dispatcher)
     model.to_empty(device=device)
 
     ckpt = Checkpoint(model_dir)
     state = model.state_dict(keep_vars=True)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if hf_config.tie_word_embeddings else set()
-    wanted = {key: _checkpoint_key(spec, key) for key in state}
+    saved_name = _saved_names(model)
+    wanted = {key: _checkpoint_key(spec, key, ckpt, saved_name) for key in state}
     missing = [key for key, ck in wanted.items() if ck not in ckpt and key not in tied]
     if missing:
         raise CheckpointError(f"checkpoint {model_dir} lacks non-expert tensors {missing[:5]}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_models.spec import ModelSpec
-from router_service.stages.gating import route
+from router_service.stages.gating import Routing, route
 from router_service.stages.load_stats import ExpertLoad
 from router_service.stages.placement import Placement
 from router_service.stages.plan import combine, pairs_on, plan, shared_choice
@@ -47,24 +47,40 @@ class ExpertDispatcher:
         self._first_layer = spec.moe_layers[0]
 
     def moe(self, layer: int, x: torch.Tensor, block: DistributedMoE) -> torch.Tensor:
-        """x: [T, H] -> [T, H], the MoE block's output (routed + shared experts)."""
+        """x: [T, H] -> [T, H], the MoE block's output (routed + shared experts), builtin gate."""
+        if x.shape[0] == 0:
+            return torch.zeros_like(x)
+        routing = route(
+            self.spec.gating, x, block.gate.weight, getattr(block.gate, "e_score_correction_bias", None)
+        )
+        return self.dispatch(layer, x, routing, shared_scale(block, x))
+
+    def dispatch(
+        self, layer: int, x: torch.Tensor, routing: Routing, shared_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [T, H] and its routing -> [T, H], the routed experts' weighted sum plus the shared
+        experts (scaled by `shared_weights` [T], None meaning 1), computed by the workers."""
         if x.shape[0] == 0:
             return torch.zeros_like(x)
         if layer == self._first_layer:
             self.passes += 1
         placement = self.placement  # the same for the whole pass unless workers are lost
-        routing = route(
-            self.spec.gating, x, block.gate.weight, getattr(block.gate, "e_score_correction_bias", None)
-        )
-        self.load.record(layer, routing.ids)
-        shared_weights = None
-        if block.shared_expert_gate is not None:
-            # qwen2_moe: sigmoid(shared_expert_gate(x)) scales the shared expert, computed as transformers does.
-            shared_weights = F.sigmoid(block.shared_expert_gate(x)).squeeze(-1).float()  # [T]
+        pair_mask = zero_part = None  # pairs still to compute: None = every pair
+        if self.spec.num_zero_experts:  # LongCat: ids >= E pass x through, computed here
+            real = routing.ids < self.spec.num_experts
+            zero_w = torch.where(real, 0.0, routing.weights.float()).sum(-1, keepdim=True)  # [T, 1]
+            zero_part = (torch.arange(x.shape[0], device=x.device), zero_w * x.float())
+            routing = Routing(torch.where(real, routing.ids, 0), routing.weights)
+            pair_mask = real.cpu()
+            self.load.record(layer, routing.ids[real])
+        else:
+            self.load.record(layer, routing.ids)
         with_shared = self.spec.shared_intermediate_size > 0
-        work = plan(routing, placement, layer, x, with_shared, shared_weights)
+        work = plan(routing, placement, layer, x, with_shared, shared_weights, pair_mask)
         partials, lost = self._run(layer, placement, work)
-        pair_mask = shared_mask = None  # what is still to compute: None = everything
+        if zero_part is not None:
+            partials.append(zero_part)
+        shared_mask = None  # the tokens whose shared experts are still to compute: None = all
         attempts = 0
         while lost:  # re-send only what the lost workers had, over a placement without them
             attempts += 1
@@ -94,6 +110,64 @@ class ExpertDispatcher:
         for w in ordered:
             self.worker_tokens[w] += work[w][0].numel()
         return [(work[w][0], result.partials[w]) for w in ordered], result.lost
+
+
+def shared_scale(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """[T] scale of the shared experts: sigmoid(shared_expert_gate(x)) where the block has that gate
+    (Qwen2/Qwen3-Next/Qwen3.5), computed as transformers does; None (1) otherwise."""
+    gate = getattr(block, "shared_expert_gate", None)
+    if gate is None:
+        return None
+    return F.sigmoid(gate(x)).squeeze(-1).float()
+
+
+class RemoteExperts(nn.Module):
+    """Stands in for a transformers MoE block's `experts` (block families): the block runs its own
+    router and calls `experts(x, ids, weights)`; the workers compute the routed experts and, in the
+    same round trip, the shared experts, whose module in the block is a `SharedOnWorkers` (zeros),
+    so the block's own combination (a sum, Cohere's average, Qwen's sigmoid gate) stays exact."""
+
+    def __init__(self, layer: int, block: nn.Module, dispatcher: ExpertDispatcher):
+        super().__init__()
+        self.layer = layer
+        self.__dict__["_block"] = block  # not a submodule: the block holds us
+        self._dispatcher = dispatcher
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        routing = Routing(
+            top_k_index.reshape(x.shape[0], -1).to(torch.int32), top_k_weights.float().reshape(x.shape[0], -1)
+        )
+        out = self._dispatcher.dispatch(self.layer, x, routing, shared_scale(self._block, x))
+        return out.view(hidden_states.shape)
+
+
+class SharedOnWorkers(nn.Module):
+    """The block's shared-experts module on the router: the workers add the shared experts to the
+    routed output (RemoteExperts), so here they contribute zeros."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+class RemoteLlama4Moe(nn.Module):
+    """Llama 4's MoE block: its router gives sigmoid scores of the top-k and the block feeds every
+    expert `score * x` (a dense [E * T, H] product); here only the chosen pairs go to the workers,
+    which scale the input by the weight (ExpertFn.scale_input) and add the shared expert."""
+
+    def __init__(self, layer: int, block: nn.Module, dispatcher: ExpertDispatcher):
+        super().__init__()
+        self.layer = layer
+        self.router = block.router
+        self.hidden_dim = block.hidden_dim
+        self._dispatcher = dispatcher
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        scores, logits = self.router(x)  # [T, E] each
+        ids = torch.topk(logits, self.router.top_k, dim=1).indices  # the router's own top-k call
+        routing = Routing(ids.to(torch.int32), scores.gather(1, ids).float())
+        return self._dispatcher.dispatch(self.layer, x, routing), logits
 
 
 class DistributedMoE(nn.Module):

@@ -1,0 +1,190 @@
+"""The MoE families served, and how a "block" family's spec is read off transformers' own model.
+
+Five families have a hand-written gate (router_service/stages/gating.py, the DESIGN table). Every
+other family is a *block* family: the router keeps transformers' MoE block, so its own router module
+picks the experts (whatever its rule: groups, biases, hash routing by token id, softmax over the
+top-k, ...) and its own forward combines the shared experts; only the block's `experts` module goes
+to the workers. Adding such a family is one `BlockFamily` entry below plus its tiny test config:
+what the spec needs (which layers are MoE, expert count and sizes, the activation, biases, shared
+experts) is read from the model transformers builds on the meta device, so it is exactly what the
+reference computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_models.spec import (
+    BUILTIN_FAMILIES,
+    CheckpointNames,
+    ConfigError,
+    ExpertFn,
+    GatingSpec,
+    ModelSpec,
+)
+
+
+@dataclass(frozen=True)
+class BlockFamily:
+    """What cannot be read off the model: how the experts' tensors are laid out and called."""
+
+    # gate_up_proj stored [E, H, 2I] and down_proj [E, I, H] (x @ W) instead of [E, 2I, H] / [E, H, I]
+    transposed: bool = False
+    # gate and up interleaved column by column in gate_up_proj (gpt-oss) instead of gate then up
+    interleaved: bool = False
+    style: str = "glu"  # ExpertFn.style
+    # The block calls its experts on input scaled by the gate weights (Llama 4), see ExpertFn.
+    scale_input: bool = False
+    block_forward: str = "own"  # ModelSpec.block_forward
+    examples: str = ""  # published checkpoints, for docs/models.md
+
+
+BLOCK_FAMILIES: dict[str, BlockFamily] = {
+    "deepseek_v32": BlockFamily(examples="deepseek-ai/DeepSeek-V3.2-Exp"),
+    "deepseek_v4": BlockFamily(examples="deepseek-ai/DeepSeek-V4"),
+    "glm4_moe": BlockFamily(examples="zai-org/GLM-4.5, GLM-4.6, GLM-4.7"),
+    "glm4_moe_lite": BlockFamily(examples="zai-org/GLM-4.7-Flash"),
+    "qwen3_next": BlockFamily(examples="Qwen/Qwen3-Next-80B-A3B-Instruct"),
+    "qwen3_5_moe_text": BlockFamily(examples="Qwen/Qwen3.5-MoE (text part)"),
+    "gpt_oss": BlockFamily(
+        transposed=True, interleaved=True, style="gpt_oss", examples="openai/gpt-oss-20b, 120b"
+    ),
+    "minimax_m2": BlockFamily(examples="MiniMaxAI/MiniMax-M2"),
+    "llama4_text": BlockFamily(
+        transposed=True, scale_input=True, block_forward="llama4", examples="meta-llama/Llama-4-Scout (text)"
+    ),
+    "ernie4_5_moe": BlockFamily(examples="baidu/ERNIE-4.5-21B-A3B-PT"),
+    "hunyuan_v1_moe": BlockFamily(examples="tencent/Hunyuan-A13B-Instruct"),
+    "dots1": BlockFamily(examples="rednote-hilab/dots.llm1.inst"),
+    "longcat_flash": BlockFamily(examples="meituan-longcat/LongCat-Flash-Chat"),
+    "olmoe": BlockFamily(examples="allenai/OLMoE-1B-7B-0924"),
+    "flex_olmo": BlockFamily(examples="allenai/FlexOlmo-7x7B-1T"),
+    "granitemoe": BlockFamily(examples="ibm-granite/granite-3.1-3b-a800m-instruct"),
+    "granitemoeshared": BlockFamily(examples="ibm-research/moe-7b-1b-active-shared-experts"),
+    "phimoe": BlockFamily(examples="microsoft/Phi-3.5-MoE-instruct"),
+    "solar_open": BlockFamily(examples="upstage/Solar-Open"),
+    "exaone_moe": BlockFamily(examples="LGAI-EXAONE/K-EXAONE"),
+    "lfm2_moe": BlockFamily(examples="LiquidAI/LFM2-8B-A1B"),
+    "cohere2_moe": BlockFamily(examples="CohereLabs/command-a-moe"),
+}
+
+# MoE families of transformers we know of and refuse, with the reason (shown before any weight is
+# read). Filled as families are tried and found wanting; see docs/models.md.
+UNSUPPORTED_FAMILIES: dict[str, str] = {}
+
+SUPPORTED_FAMILIES = (*BUILTIN_FAMILIES, *BLOCK_FAMILIES)
+
+SHARED_MODULES = ("shared_experts", "shared_expert", "shared_mlp")
+
+
+def _act_name(act) -> str:
+    """ExpertFn.act of an experts module's `act_fn` (a transformers activation module or function)."""
+    import torch.nn.functional as F
+    from torch import nn
+    from transformers import activations as A
+
+    if act is None or act is F.silu or isinstance(act, (A.SiLUActivation, nn.SiLU)):
+        return "silu"
+    if isinstance(act, (A.GELUTanh, A.NewGELUActivation)):
+        return "gelu_tanh"
+    if isinstance(act, A.GELUActivation) and not getattr(act, "use_gelu_python", False):
+        return "gelu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    raise ConfigError(f"expert activation {act!r} is not supported (silu, gelu, gelu_tanh, relu are)")
+
+
+def moe_blocks(model) -> tuple[list[int], str]:
+    """(the MoE layers, the decoder layer's attribute holding the block) of a transformers model."""
+    from torch import nn
+
+    layers, path = [], None
+    for i, layer in enumerate(model.model.layers):
+        for name, child in layer.named_children():
+            if isinstance(getattr(child, "experts", None), nn.Module):
+                if path not in (None, name):
+                    raise ConfigError(f"MoE blocks under two names in one model: {path!r}, {name!r}")
+                layers.append(i)
+                path = name
+    if not layers:
+        raise ConfigError("this config has no MoE layer (no block with experts) to serve")
+    return layers, path
+
+
+def spec_from_block_model(cfg) -> ModelSpec:
+    """The spec of a block family, read off the model transformers builds for `cfg` (meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t = cfg.model_type
+    fam = BLOCK_FAMILIES[t]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    moe_layers, path = moe_blocks(model)
+    block = getattr(model.model.layers[moe_layers[0]], path)
+    experts = block.experts
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if fam.transposed:  # [E, H, 2I], [E, I, H]
+        hidden, inter = gate_up.shape[1], down.shape[1]
+    else:  # [E, 2I, H], [E, H, I]
+        hidden, inter = gate_up.shape[2], down.shape[2]
+    num_experts = down.shape[0]  # LongCat's gate_up also has rows for its zero experts
+    zero = int(getattr(experts, "zero_expert_num", 0) or 0)
+    if hidden != cfg.hidden_size or gate_up.shape[-1 if fam.transposed else 1] != 2 * inter:
+        raise ConfigError(
+            f"{t}: experts of shapes {tuple(gate_up.shape)} / {tuple(down.shape)} do not fit "
+            f"hidden_size {cfg.hidden_size}"
+        )
+    act = "silu" if fam.style == "gpt_oss" else _act_name(getattr(experts, "act_fn", None))
+    fn = ExpertFn(
+        act=act,
+        style=fam.style,
+        limit=float(experts.limit) if getattr(experts, "limit", None) is not None else None,
+        alpha=float(getattr(experts, "alpha", 1.0)),
+        bias=hasattr(experts, "gate_up_proj_bias"),
+        scale_input=fam.scale_input,
+    )
+    shared_path = next(
+        (n for n in SHARED_MODULES if isinstance(getattr(block, n, None), torch.nn.Module)), None
+    )
+    shared_inter = 0
+    if shared_path is not None:
+        shared = getattr(block, shared_path)
+        params = dict(shared.named_parameters())
+        if "gate_proj.weight" in params:
+            shared_inter = params["gate_proj.weight"].shape[0]
+        elif "input_linear.weight" in params:
+            shared_inter = params["input_linear.weight"].shape[0] // 2
+        else:
+            raise ConfigError(f"{t}: shared experts with parameters {sorted(params)} are not supported")
+        if any(n.endswith("bias") for n in params):
+            raise ConfigError(f"{t}: shared experts with biases are not supported")
+        shared_act = _act_name(getattr(shared, "act_fn", getattr(shared, "activation", None)))
+        if shared_act != fn.act:
+            raise ConfigError(f"{t}: shared experts use {shared_act}, routed experts {fn.act}")
+    router = getattr(block, "gate", None) or getattr(block, "router", None)
+    top_k = int(getattr(router, "top_k", getattr(cfg, "num_experts_per_tok", 0)) or 0)
+    if not 1 <= top_k <= num_experts + zero:
+        raise ConfigError(f"{t}: top_k {top_k} must be between 1 and the number of experts ({num_experts})")
+    gating = GatingSpec(num_experts=num_experts, top_k=top_k, scoring="softmax", logits_in_fp32=False)
+    return ModelSpec(
+        model_type=t,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        moe_layers=tuple(moe_layers),
+        moe_intermediate_size=inter,
+        shared_intermediate_size=shared_inter,
+        has_shared_gate=isinstance(getattr(block, "shared_expert_gate", None), torch.nn.Module),
+        gating=gating,
+        names=CheckpointNames(path, "gate_proj", "up_proj", "down_proj", shared_path),
+        hidden_act=fn.act,
+        expert_fn=fn,
+        gate_source="block",
+        moe_module_path=path,
+        shared_module_path=shared_path,
+        num_zero_experts=zero,
+        block_forward=fam.block_forward,
+        fused_transposed=fam.transposed,
+        fused_interleaved=fam.interleaved,
+    )
