@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 from transformers import DeepseekV2Config, DeepseekV3Config, Qwen3MoeConfig
@@ -24,16 +25,32 @@ from router_service.stages.gating import route
 TINY_FFN = dict(intermediate_size=8, moe_intermediate_size=8)  # only the gate is timed
 SHAPES = {
     "deepseek_v3": lambda: DeepseekV3Config(
-        hidden_size=7168, n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
-        norm_topk_prob=True, routed_scaling_factor=2.5, num_hidden_layers=2, first_k_dense_replace=1,
+        hidden_size=7168,
+        n_routed_experts=256,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
         **TINY_FFN,
     ),
     "deepseek_v2_lite": lambda: DeepseekV2Config(
-        hidden_size=2048, n_routed_experts=64, num_experts_per_tok=6, topk_method="greedy",
-        num_hidden_layers=2, first_k_dense_replace=1, **TINY_FFN,
+        hidden_size=2048,
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        topk_method="greedy",
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        **TINY_FFN,
     ),
     "qwen3_moe": lambda: Qwen3MoeConfig(
-        hidden_size=2048, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=1,
+        hidden_size=2048,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        num_hidden_layers=1,
         **TINY_FFN,
     ),
 }
@@ -85,8 +102,8 @@ def main() -> None:
                 assert torch.equal(ours.ids.long().sort(-1).values, ids.long().sort(-1).values), name
                 a = b = float("inf")
                 for _ in range(3):  # alternate, so both see the same machine load
-                    a = min(a, best_ms(lambda: route(spec.gating, x, weight, bias), args.repeats // 3))
-                    b = min(b, best_ms(lambda: gate(x), args.repeats // 3))
+                    a = min(a, best_ms(partial(route, spec.gating, x, weight, bias), args.repeats // 3))
+                    b = min(b, best_ms(partial(gate, x), args.repeats // 3))
             print(f"{name:<18} {t:>6} {a:>11.3f} {b:>10.3f} {a / b:>15.2f}")
 
 
