@@ -37,6 +37,51 @@ def test_worker_reads_exactly_its_experts(family, sharded, tiny_model_dir, tmp_p
     assert torch.equal(lx.w2[1], ref[down_k])
 
 
+@pytest.mark.parametrize(
+    "family, kind",
+    [
+        ("olmoe", "per_expert"),  # gate_proj / up_proj / down_proj
+        ("deepseek_v4", "per_expert"),  # w1 / w3 / w2 under `ffn`, shared experts too
+        ("gpt_oss", "fused"),  # [E, H, 2I] interleaved, with biases
+        ("llama4_text", "fused"),  # [E, H, 2I] under `feed_forward`, shared expert
+        ("granitemoe", "linear_io"),  # input_linear / output_linear under `block_sparse_moe`
+    ],
+)
+@pytest.mark.parametrize("sharded", [False, True])
+def test_block_family_worker_reads_exactly_its_experts(family, kind, sharded, tiny_model_dir, tmp_path):
+    """Each published layout: a worker reads its own experts' tensors (fused ones row by row) and the
+    shared experts, nothing else; the router reads no expert tensor."""
+    from tiny_models import make_tiny_model
+
+    from moe_models.expert_layout import find_expert_layout, shared_keys
+
+    d = make_tiny_model(family, tmp_path / "m", max_shard_size="20KB") if sharded else tiny_model_dir(family)
+    spec = spec_from_pretrained(d)
+    mine = {layer: [1, 4, 5] for layer in spec.moe_layers}
+    worker = ExpertWorker(0, str(d), mine, spec=spec, kernel="loop")
+    ck = Checkpoint(d)
+    expected = set()
+    for layer, ids in mine.items():
+        lay = find_expert_layout(ck, spec, layer)
+        assert lay.kind == kind
+        for e in ids:
+            keys = lay.expert_keys(e)
+            if kind != "per_expert":
+                keys = [f"{k}[{e}]" for k in keys]
+                if spec.expert_fn.bias:
+                    keys += [f"{k.removesuffix(f'[{e}]')}_bias[{e}]" for k in keys]
+            expected |= set(keys)
+        if spec.shared_intermediate_size:
+            expected |= set(shared_keys(ck, spec, layer))
+    assert sorted(worker.checkpoint.keys_read) == sorted(expected)
+    with Engine.from_pretrained(d, num_workers=2) as engine:
+        names = engine.router.model.state_dict()
+        assert not any(".experts." in n or n.endswith(("gate_up_proj", "down_proj")) for n in names)
+        assert not any(n.split(".")[-2] in ("input_linear", "output_linear") for n in names)
+        if spec.shared_module_path:
+            assert not any(f".{spec.shared_module_path}." in n for n in names)
+
+
 def test_router_holds_no_expert_weight_and_workers_split_them(tiny_model_dir, monkeypatch):
     d = tiny_model_dir("deepseek_v3")
     spec = spec_from_pretrained(d)
