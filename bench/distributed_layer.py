@@ -59,16 +59,17 @@ def _worker_compute(worker, layer, batch, reps):
 def _router_spans(router, layer, x, reps, with_workers=True):
     """Inside the Router (actor or local object): the MoE block's time and its parts, in ms (min of reps).
 
-    layer_ms: the block as the model runs it (DistributedMoE.forward: route, plan, dispatch, combine);
+    layer_ms: the block as the model runs it (its own router, then RemoteExperts: plan, dispatch,
+    combine);
     route_plan_ms / run_layer_ms / combine_ms: the same steps timed one by one;
     worker_ms: each worker's own forward on its batch, measured in its own process (all at once).
     """
     import time as _time
 
     import torch as _torch
-    import torch.nn.functional as _F
 
-    from router_service.stages.gating import route
+    from router_service.stages.gating import Routing
+    from router_service.stages.moe_layer import shared_scale
     from router_service.stages.plan import combine, plan
 
     d = router.dispatcher
@@ -84,12 +85,9 @@ def _router_spans(router, layer, x, reps, with_workers=True):
 
         def steps():
             t0 = _time.perf_counter()
-            routing = route(
-                d.spec.gating, x, block.gate.weight, getattr(block.gate, "e_score_correction_bias", None)
-            )
-            sw = None
-            if block.shared_expert_gate is not None:
-                sw = _F.sigmoid(block.shared_expert_gate(x)).squeeze(-1).float()
+            _, weights, ids = block.gate(x)  # the family's own router (DeepSeek-V2's here)
+            routing = Routing(ids.to(_torch.int32), weights.float())
+            sw = shared_scale(block, x)
             work = plan(routing, d.placement, layer, x, d.spec.shared_intermediate_size > 0, sw)
             batches = {w: b for w, (_, b) in work.items()}
             t1 = _time.perf_counter()
@@ -319,7 +317,7 @@ def bench_forward(args, transports: list[str]) -> tuple[list[dict], dict]:
 
     from router_service.default_model import default_model_dir
 
-    model_dir = default_model_dir()
+    model_dir = default_model_dir("tiny")  # the figures in docs/performance.md are the random tiny preset's
     torch.manual_seed(2)
     shapes = [(1, 16), (8, 32)]
     ids = {s: torch.randint(0, 256, s) for s in shapes}

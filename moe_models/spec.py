@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-# Families whose gate rule is re-derived op for op in router_service/stages/gating.py ("builtin").
+# The first families served; their configs get extra checks here (checked_builtin_config), so a bad
+# value is named before transformers trips over it.
 BUILTIN_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen2_moe", "qwen3_moe", "mixtral")
 
 
@@ -23,24 +24,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class GatingSpec:
-    """The family's gate rule, mirrored op for op from `transformers` (see gating.py)."""
+    """How many experts a token picks from (the rule itself is the family's own router module,
+    which runs in the router: moe_models/families.py)."""
 
     num_experts: int
     top_k: int
-    scoring: Literal["softmax", "sigmoid"]
-    # deepseek_v2/v3 compute the gate logits in fp32 whatever the serving dtype; qwen/mixtral do not.
-    logits_in_fp32: bool
-    # None: plain top-k; "max": V2 group_limited_greedy; "top2_sum": V3 groups ranked by sum of top-2.
-    group_rule: Literal["max", "top2_sum"] | None = None
-    n_group: int = 1
-    topk_group: int = 1
-    has_correction_bias: bool = False
-    norm_topk_prob: bool = False
-    # Added to the top-k sum before normalising (deepseek_v3 uses 1e-20; the others divide plainly).
-    norm_eps: float = 0.0
-    routed_scaling_factor: float = 1.0
-    # qwen2/qwen3 cast the top-k weights back to the logits dtype (bf16 when serving in bf16).
-    weights_in_logits_dtype: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,15 +92,12 @@ class ModelSpec:
     moe_intermediate_size: int
     # Fused width of the shared experts (n_shared * I for deepseek); 0 when the family has none.
     shared_intermediate_size: int
-    # qwen2_moe scales its shared expert by sigmoid(shared_expert_gate(x)).
+    # Qwen2/Qwen3-Next/Qwen3.5 scale their shared expert by sigmoid(shared_expert_gate(x)).
     has_shared_gate: bool
     gating: GatingSpec
     names: CheckpointNames
     hidden_act: str = "silu"
     expert_fn: ExpertFn = ExpertFn()
-    # "builtin": the router re-derives the gate (gating.py); "block": the MoE block of transformers
-    # stays in the router model and runs its own router, only its experts go to the workers.
-    gate_source: Literal["builtin", "block"] = "builtin"
     moe_module_path: str = "mlp"  # the decoder layer's attribute holding the MoE block
     # "own": the block's forward runs with its experts replaced; "llama4": the block feeds its
     # experts a dense score-scaled input, so the router replaces the whole block (moe_layer.py).
@@ -193,130 +178,60 @@ def check_family(model_type, where: str) -> None:
 
 def spec_from_hf_config(cfg) -> ModelSpec:
     """Build and validate the spec; the only place that reads family-specific config keys."""
-    t = cfg.model_type
-    if t not in BUILTIN_FAMILIES:
-        from moe_models.families import spec_from_block_model
+    from moe_models.families import spec_from_block_model
 
-        check_family(t, "the model config")
-        return spec_from_block_model(cfg)
-    n_layers = cfg.num_hidden_layers
+    check_family(cfg.model_type, "the model config")
+    if cfg.model_type in BUILTIN_FAMILIES:
+        check_builtin_config(cfg)
+    return spec_from_block_model(cfg)
+
+
+def check_builtin_config(cfg) -> None:
+    """Values of a DeepSeek-V2/V3, Qwen2/3-MoE or Mixtral config that transformers would take and
+    then fail on, or compute nonsense with, refused with their names."""
+    t = cfg.model_type
+    groups = None  # (n_group, topk_group, ranked by the top-2 sum)
     if t in ("deepseek_v3", "deepseek_v2"):
-        num_experts = cfg.n_routed_experts
-        moe_layers = tuple(range(cfg.first_k_dense_replace, n_layers))
-        shared = cfg.moe_intermediate_size * (cfg.n_shared_experts or 0)
-        names = CheckpointNames(
-            "mlp", "gate_proj", "up_proj", "down_proj", "shared_experts" if shared else None
-        )
+        num_experts, moe_inter = cfg.n_routed_experts, cfg.moe_intermediate_size
         if t == "deepseek_v3":
-            gating = GatingSpec(
-                num_experts=num_experts,
-                top_k=cfg.num_experts_per_tok,
-                scoring="sigmoid",
-                logits_in_fp32=True,
-                group_rule="top2_sum",
-                n_group=cfg.n_group,
-                topk_group=cfg.topk_group,
-                has_correction_bias=True,
-                norm_topk_prob=bool(cfg.norm_topk_prob),
-                norm_eps=1e-20,
-                routed_scaling_factor=float(cfg.routed_scaling_factor),
-            )
+            groups = (cfg.n_group, cfg.topk_group, True)
         else:
             method = cfg.topk_method
             _require(
                 method in ("greedy", "group_limited_greedy"),
                 f"deepseek_v2 topk_method {method!r} is not supported (use 'greedy' or 'group_limited_greedy')",
             )
-            grouped = method == "group_limited_greedy"
-            # transformers' DeepseekV2 gate never normalises the top-k weights (norm_topk_prob is ignored
-            # there); we follow the reference so the served logits equal it.
-            gating = GatingSpec(
-                num_experts=num_experts,
-                top_k=cfg.num_experts_per_tok,
-                scoring="softmax",
-                logits_in_fp32=True,
-                group_rule="max" if grouped else None,
-                n_group=cfg.n_group if grouped else 1,
-                topk_group=cfg.topk_group if grouped else 1,
-                routed_scaling_factor=float(cfg.routed_scaling_factor),
-            )
-        moe_inter = cfg.moe_intermediate_size
-        has_shared_gate = False
+            if method == "group_limited_greedy":
+                groups = (cfg.n_group, cfg.topk_group, False)
     elif t in ("qwen2_moe", "qwen3_moe"):
-        num_experts = cfg.num_experts
+        num_experts, moe_inter = cfg.num_experts, cfg.moe_intermediate_size
         _require(num_experts > 0, f"{t} with num_experts={num_experts} has no MoE layer to serve")
         step = cfg.decoder_sparse_step
         _require(step >= 1, f"decoder_sparse_step must be >= 1, got {step}")
-        moe_layers = tuple(
-            i for i in range(n_layers) if i not in (cfg.mlp_only_layers or []) and (i + 1) % step == 0
-        )
-        moe_inter = cfg.moe_intermediate_size
-        shared = cfg.shared_expert_intermediate_size if t == "qwen2_moe" else 0
-        has_shared_gate = t == "qwen2_moe"
-        names = CheckpointNames(
-            "mlp", "gate_proj", "up_proj", "down_proj", "shared_expert" if shared else None
-        )
-        gating = GatingSpec(
-            num_experts=num_experts,
-            top_k=cfg.num_experts_per_tok,
-            scoring="softmax",
-            logits_in_fp32=False,
-            norm_topk_prob=bool(cfg.norm_topk_prob),
-            weights_in_logits_dtype=True,
-        )
-    elif t == "mixtral":
-        num_experts = cfg.num_local_experts
-        moe_layers = tuple(range(n_layers))
-        moe_inter = cfg.intermediate_size
-        shared = 0
-        has_shared_gate = False
-        names = CheckpointNames("block_sparse_moe", "w1", "w3", "w2", None)
-        gating = GatingSpec(
-            num_experts=num_experts,
-            top_k=cfg.num_experts_per_tok,
-            scoring="softmax",
-            logits_in_fp32=False,
-            norm_topk_prob=True,
-        )
-    else:  # pragma: no cover - spec_from_hf_config sent every other family to families.py
-        raise ConfigError(f"unsupported model_type {t!r}")
-
-    g = gating
-    _require(g.num_experts >= 1, f"number of routed experts must be >= 1, got {g.num_experts}")
+    else:  # mixtral
+        num_experts, moe_inter = cfg.num_local_experts, cfg.intermediate_size
+    top_k = cfg.num_experts_per_tok
+    _require(num_experts >= 1, f"number of routed experts must be >= 1, got {num_experts}")
     _require(
-        g.top_k is not None and 1 <= g.top_k <= g.num_experts,
-        f"num_experts_per_tok={g.top_k} must be between 1 and the number of experts ({g.num_experts})",
+        top_k is not None and 1 <= top_k <= num_experts,
+        f"num_experts_per_tok={top_k} must be between 1 and the number of experts ({num_experts})",
     )
-    if g.group_rule is not None:
+    if groups is not None:
+        n_group, topk_group, top2 = groups
         _require(
-            g.n_group is not None and g.n_group >= 1 and g.num_experts % g.n_group == 0,
-            f"n_group={g.n_group} must divide the number of experts ({g.num_experts})",
+            n_group is not None and n_group >= 1 and num_experts % n_group == 0,
+            f"n_group={n_group} must divide the number of experts ({num_experts})",
         )
         _require(
-            g.topk_group is not None and 1 <= g.topk_group <= g.n_group,
-            f"topk_group={g.topk_group} must be between 1 and n_group={g.n_group}",
+            topk_group is not None and 1 <= topk_group <= n_group,
+            f"topk_group={topk_group} must be between 1 and n_group={n_group}",
         )
-        per_group = g.num_experts // g.n_group
+        per_group = num_experts // n_group
         _require(
-            g.topk_group * per_group >= g.top_k,
-            f"topk_group={g.topk_group} groups of {per_group} experts cannot hold top-{g.top_k} choices",
+            topk_group * per_group >= top_k,
+            f"topk_group={topk_group} groups of {per_group} experts cannot hold top-{top_k} choices",
         )
-        if g.group_rule == "top2_sum":
+        if top2:
             _require(per_group >= 2, f"groups of {per_group} expert(s) cannot be ranked by their top-2 sum")
-    act = getattr(cfg, "hidden_act", "silu")
-    _require(act == "silu", f"hidden_act={act!r}: only SwiGLU experts (hidden_act='silu') are supported")
     _require(moe_inter >= 1, f"expert intermediate size must be >= 1, got {moe_inter}")
     _require(cfg.hidden_size >= 1, f"hidden_size must be >= 1, got {cfg.hidden_size}")
-    return ModelSpec(
-        model_type=t,
-        hidden_size=cfg.hidden_size,
-        vocab_size=cfg.vocab_size,
-        num_hidden_layers=n_layers,
-        moe_layers=moe_layers,
-        moe_intermediate_size=moe_inter,
-        shared_intermediate_size=shared,
-        has_shared_gate=has_shared_gate,
-        gating=gating,
-        names=names,
-        hidden_act=act,
-    )

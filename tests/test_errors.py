@@ -108,7 +108,7 @@ def _copy_with_config(src, dst, **changes):
         (dict(num_experts_per_tok=99), "num_experts_per_tok=99"),
         (dict(n_group=5), "n_group=5 must divide"),
         (dict(topk_group=9), "topk_group=9"),
-        (dict(hidden_act="gelu"), "only SwiGLU"),
+        (dict(hidden_act="mish"), "expert activation .*Mish.* is not supported"),
     ],
 )
 def test_config_errors_name_the_problem(tiny_model_dir, tmp_path, changes, match):

@@ -1,8 +1,8 @@
 """The router's half of the model: the `transformers` model minus its routed and shared experts.
 
-The model is built on the `meta` device (no memory), every MoE block is swapped for a
-`DistributedMoE`, and only then is storage allocated and filled, tensor by tensor, from the
-checkpoint's non-expert keys. Attention, RoPE, masks and the KV cache stay `transformers`' own, so
+The model is built on the `meta` device (no memory), every MoE block's experts (and shared experts)
+are swapped for their remote stand-ins (moe_layer.py), and only then is storage allocated and
+filled, tensor by tensor, from the checkpoint's non-expert keys. Attention, RoPE, masks and the KV cache stay `transformers`' own, so
 they stay as correct as the reference.
 """
 
@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from moe_models.checkpoint import Checkpoint, CheckpointError
 from moe_models.spec import ModelSpec
 from router_service.stages.moe_layer import (
-    DistributedMoE,
     ExpertDispatcher,
     RemoteExperts,
     RemoteLlama4Moe,
@@ -42,24 +41,15 @@ def _saved_names(model: PreTrainedModel):
     return lambda key: apply_renamings(key, renamings)
 
 
-def _checkpoint_key(spec: ModelSpec, key: str, ckpt: Checkpoint, saved_name) -> str:
+def _checkpoint_key(key: str, ckpt: Checkpoint, saved_name) -> str:
     """The checkpoint's key for model key `key`: as is, or under its saved name."""
-    if key in ckpt:
-        return key
-    if spec.names.moe_module != "mlp" and ".mlp." in key:  # builtin Mixtral: `block_sparse_moe`
-        renamed = key.replace(".mlp.", f".{spec.names.moe_module}.", 1)
-        if renamed in ckpt:
-            return renamed
-    return saved_name(key)
+    return key if key in ckpt else saved_name(key)
 
 
 def install_remote_experts(model: PreTrainedModel, spec: ModelSpec, dispatcher: ExpertDispatcher) -> None:
     """Replace what the workers compute in every MoE layer of `model` (built on the meta device)."""
     layers = model.model.layers
     for layer in spec.moe_layers:
-        if spec.gate_source == "builtin":
-            layers[layer].mlp = DistributedMoE(layer, layers[layer].mlp, dispatcher)
-            continue
         block = getattr(layers[layer], spec.moe_module_path)
         if spec.block_forward == "llama4":
             setattr(layers[layer], spec.moe_module_path, RemoteLlama4Moe(layer, block, dispatcher))
@@ -87,7 +77,7 @@ def build_router_model(
     state = model.state_dict(keep_vars=True)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if hf_config.tie_word_embeddings else set()
     saved_name = _saved_names(model)
-    wanted = {key: _checkpoint_key(spec, key, ckpt, saved_name) for key in state}
+    wanted = {key: _checkpoint_key(key, ckpt, saved_name) for key in state}
     missing = [key for key, ck in wanted.items() if ck not in ckpt and key not in tied]
     if missing:
         raise CheckpointError(f"checkpoint {model_dir} lacks non-expert tensors {missing[:5]}")

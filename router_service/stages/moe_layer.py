@@ -1,11 +1,13 @@
-"""The distributed MoE layer: Route -> Plan -> Dispatch -> Combine, in place of transformers' block.
+"""The distributed MoE layer: Route -> Plan -> Dispatch -> Combine, inside transformers' own block.
 
-`DistributedMoE` is the `nn.Module` that replaces each MoE block inside the `transformers` model; it
-keeps the block's own gate parameters (so their names, dtypes and loading are transformers') and
-hands the math to `ExpertDispatcher`, which holds the current placement and the transport. The
-dispatcher's `moe` is the router's hot path: a handful of tensor ops and one call per worker with
-work. When the transport reports workers lost, it asks for a recovery placement and sends only the
-lost workers' pairs (and shared-expert rows) there, so the layer, and the pass, still finish.
+Every MoE block of the `transformers` model stays in the router model, with its own router (Route)
+and its own forward; `RemoteExperts` takes the place of its `experts` module and hands the chosen
+(ids, weights) to `ExpertDispatcher`, which holds the current placement and the transport, and
+`SharedOnWorkers` takes the place of its shared experts, which the workers compute in the same round
+trip. The dispatcher's `dispatch` is the router's hot path: a handful of tensor ops and one call per
+worker with work. When the transport reports workers lost, it asks for a recovery placement and
+sends only the lost workers' pairs (and shared-expert rows) there, so the layer, and the pass,
+still finish.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_models.spec import ModelSpec
-from router_service.stages.gating import Routing, route
+from router_service.stages.gating import Routing
 from router_service.stages.load_stats import ExpertLoad
 from router_service.stages.placement import Placement
 from router_service.stages.plan import combine, pairs_on, plan, shared_choice
@@ -45,15 +47,6 @@ class ExpertDispatcher:
         self.passes = 0  # forward passes that reached the first MoE layer
         self.worker_tokens: collections.Counter[int] = collections.Counter()  # token rows sent, by worker
         self._first_layer = spec.moe_layers[0]
-
-    def moe(self, layer: int, x: torch.Tensor, block: DistributedMoE) -> torch.Tensor:
-        """x: [T, H] -> [T, H], the MoE block's output (routed + shared experts), builtin gate."""
-        if x.shape[0] == 0:
-            return torch.zeros_like(x)
-        routing = route(
-            self.spec.gating, x, block.gate.weight, getattr(block.gate, "e_score_correction_bias", None)
-        )
-        return self.dispatch(layer, x, routing, shared_scale(block, x))
 
     def dispatch(
         self, layer: int, x: torch.Tensor, routing: Routing, shared_weights: torch.Tensor | None = None
@@ -168,19 +161,3 @@ class RemoteLlama4Moe(nn.Module):
         ids = torch.topk(logits, self.router.top_k, dim=1).indices  # the router's own top-k call
         routing = Routing(ids.to(torch.int32), scores.gather(1, ids).float())
         return self._dispatcher.dispatch(self.layer, x, routing), logits
-
-
-class DistributedMoE(nn.Module):
-    """Drop-in for a transformers MoE block; holds only the gate (and qwen2's shared-expert gate)."""
-
-    def __init__(self, layer: int, original: nn.Module, dispatcher: ExpertDispatcher):
-        super().__init__()
-        self.layer = layer
-        self.gate = original.gate
-        self.shared_expert_gate = getattr(original, "shared_expert_gate", None)
-        self._dispatcher = dispatcher  # plain attribute: not a submodule, not in the state dict
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
-        return self._dispatcher.moe(self.layer, x, self).view(shape)
