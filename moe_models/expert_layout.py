@@ -27,6 +27,10 @@ from moe_models.spec import ModelSpec
 
 BLOCK_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
 PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+# The shared experts' module and projections as checkpoints name them (transformers renames some on
+# load: Hunyuan-V3 `shared_mlp`, Laguna `shared_expert`, Hunyuan-V4 `linear_gate` for gate_proj).
+SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
+SHARED_TRIOS = (*PER_EXPERT_NAMES, ("linear_gate", "up_proj", "down_proj"))
 
 
 @dataclass(frozen=True)
@@ -147,11 +151,12 @@ def _read_per_expert(ck, lay: ExpertLayout, expert_ids, h: int, inter: int, bias
 
 def shared_keys(ck: Checkpoint, spec: ModelSpec, layer: int) -> tuple[str, ...]:
     """The checkpoint keys of `layer`'s shared experts: (gate, up, down) or (input_linear, output_linear)."""
-    names = dict.fromkeys(n for n in (spec.names.shared_module, spec.shared_module_path) if n)
+    own = [n for n in (spec.names.shared_module, spec.shared_module_path) if n]
+    names = dict.fromkeys((*own, *SHARED_NAMES))
     for prefix in _prefixes(spec, layer):
         for name in names:
             base = f"{prefix}.{name}"
-            for trio in PER_EXPERT_NAMES:
+            for trio in SHARED_TRIOS:
                 if f"{base}.{trio[0]}.weight" in ck:
                     return tuple(f"{base}.{n}.weight" for n in trio)
             if f"{base}.input_linear.weight" in ck:

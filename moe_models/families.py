@@ -1,10 +1,11 @@
-"""The MoE families served, and how a "block" family's spec is read off transformers' own model.
+"""The MoE families served, and how a family's spec is read off transformers' own model.
 
-Five families have a hand-written gate (router_service/stages/gating.py, the DESIGN table). Every
-other family is a *block* family: the router keeps transformers' MoE block, so its own router module
-picks the experts (whatever its rule: groups, biases, hash routing by token id, softmax over the
-top-k, ...) and its own forward combines the shared experts; only the block's `experts` module goes
-to the workers. Adding such a family is one `BlockFamily` entry below plus its tiny test config:
+The router keeps transformers' MoE block of every family, so its own router module picks the
+experts (whatever its rule: groups, biases, hash routing by token id, softmax over the top-k, ...)
+and its own forward combines the shared experts; only the block's `experts` module goes to the
+workers. (The first five families once had a hand-written gate; it measured no faster than their
+own routers, docs/performance.md "Gate", and was retired.) Adding a family is one `BlockFamily`
+entry below plus its tiny test config:
 what the spec needs (which layers are MoE, expert count and sizes, the activation, biases, shared
 experts) is read from the model transformers builds on the meta device, so it is exactly what the
 reference computes.
@@ -36,6 +37,9 @@ class BlockFamily:
     # The block calls its experts on input scaled by the gate weights (Llama 4), see ExpertFn.
     scale_input: bool = False
     block_forward: str = "own"  # ModelSpec.block_forward
+    # The block scales the routed experts' sum before adding the shared experts (Laguna, MiniMax-M3:
+    # x routed_scaling_factor), so the shared experts stay in the router's block.
+    shared_on_router: bool = False
     examples: str = ""  # published checkpoints, for docs/models.md
 
 
@@ -66,6 +70,28 @@ BLOCK_FAMILIES: dict[str, BlockFamily] = {
     "exaone_moe": BlockFamily(examples="LGAI-EXAONE/K-EXAONE"),
     "lfm2_moe": BlockFamily(examples="LiquidAI/LFM2-8B-A1B"),
     "cohere2_moe": BlockFamily(examples="CohereLabs/command-a-moe"),
+    "afmoe": BlockFamily(examples="arcee-ai/Trinity-Mini"),
+    "axk1": BlockFamily(examples="skt/A.X-K1"),
+    "axk2": BlockFamily(examples="skt/A.X-K2"),
+    "beam": BlockFamily(examples="reflection/Beam-1.0-501B-A23B"),
+    "dots3_note_text": BlockFamily(examples="dots-studio/dots3-note-prev (text part)"),
+    "flint": BlockFamily(examples="RecursiveSI/flint"),
+    "glm_moe_dsa": BlockFamily(examples="zai-org/GLM-5"),
+    "granitemoe_swa": BlockFamily(examples="IBM Granite MoE with sliding-window attention"),
+    "granitemoehybrid": BlockFamily(examples="ibm-granite/granite-4.0-h-tiny"),
+    "hy_v3": BlockFamily(examples="tencent/Hy3-preview"),
+    "hy_v4": BlockFamily(examples="tencent/Hy4-preview"),
+    "jamba": BlockFamily(examples="ai21labs/Jamba-v0.1"),
+    "kolibri1": BlockFamily(examples="Aleph-Alpha/Kolibri-1"),
+    "laguna": BlockFamily(shared_on_router=True, examples="poolside/laguna-XS.2"),
+    "mellum": BlockFamily(examples="JetBrains/Mellum2-12B-A2.5B-Base"),
+    "mimo_v2_flash": BlockFamily(examples="XiaomiMiMo/MiMo-V2-Flash"),
+    "minimax": BlockFamily(examples="MiniMaxAI/MiniMax-Text-01-hf"),
+    "minimax_m3_vl_text": BlockFamily(
+        style="gpt_oss", shared_on_router=True, examples="MiniMax-M3-VL (text part)"
+    ),
+    "qwen4_exp_text": BlockFamily(examples="Qwen/Qwen4-Exp (text part)"),
+    "zaya": BlockFamily(examples="Zyphra/ZAYA1-8B"),
 }
 
 # MoE families of transformers we know of and refuse, with the reason (shown before any weight is
@@ -94,6 +120,42 @@ def _act_name(act) -> str:
     raise ConfigError(f"expert activation {act!r} is not supported (silu, gelu, gelu_tanh, relu are)")
 
 
+def _shared_on_workers(shared, fn: ExpertFn) -> int:
+    """The fused width of a block's shared experts when the workers can compute them with the routed
+    experts' function `fn` (a SwiGLU FFN of 2-D weights: gate/up/down, input/output_linear, no
+    biases, the same activation and clamp), else 0: they then stay in the router's
+    block, loaded with the dense weights, and run as transformers runs them (Hunyuan-V4's unclamped
+    shared expert next to clamped routed ones, Inkling's shared experts gated per token)."""
+    params = {n: tuple(p.shape) for n, p in shared.named_parameters()}
+    if any(len(shape) != 2 for shape in params.values()):
+        return 0
+    if set(params) == {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}:
+        inter = params["gate_proj.weight"][0]
+    elif set(params) in (
+        {"input_linear.weight", "output_linear.weight"},
+        {"gate_up_proj.weight", "down_proj.weight"},
+    ):
+        inter = (
+            params["input_linear.weight" if "input_linear.weight" in params else "gate_up_proj.weight"][0]
+            // 2
+        )
+    else:
+        return 0
+    if fn.style == "gpt_oss":
+        act = "silu" if hasattr(shared, "swiglu_alpha") or hasattr(shared, "alpha") else None
+    else:
+        try:
+            act = _act_name(getattr(shared, "act_fn", getattr(shared, "activation", None)))
+        except ConfigError:
+            return 0
+    limit = next((v for n in ("limit", "swiglu_limit") if (v := getattr(shared, n, None)) is not None), None)
+    alpha = next((v for n in ("alpha", "swiglu_alpha") if (v := getattr(shared, n, None)) is not None), 1.0)
+    same_limit = (limit is None) == (fn.limit is None) and (limit is None or float(limit) == fn.limit)
+    if act != fn.act or not same_limit or float(alpha) != fn.alpha:
+        return 0
+    return inter
+
+
 def moe_blocks(model) -> tuple[list[int], str]:
     """(the MoE layers, the decoder layer's attribute holding the block) of a transformers model."""
     from torch import nn
@@ -117,7 +179,7 @@ def spec_from_block_model(cfg) -> ModelSpec:
     from transformers import AutoModelForCausalLM
 
     t = cfg.model_type
-    fam = BLOCK_FAMILIES[t]
+    fam = BLOCK_FAMILIES.get(t, BlockFamily())  # the builtin five need no flags
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     moe_layers, path = moe_blocks(model)
@@ -136,37 +198,31 @@ def spec_from_block_model(cfg) -> ModelSpec:
             f"hidden_size {cfg.hidden_size}"
         )
     act = "silu" if fam.style == "gpt_oss" else _act_name(getattr(experts, "act_fn", None))
+    # The SwiGLU clamp and gpt-oss's alpha: `limit` / `alpha` (DeepSeek-V4, gpt-oss) or
+    # `swiglu_limit` / `swiglu_alpha` (Hunyuan-V4, MiniMax-M3).
+    limit = next((v for n in ("limit", "swiglu_limit") if (v := getattr(experts, n, None)) is not None), None)
+    alpha = next((v for n in ("alpha", "swiglu_alpha") if (v := getattr(experts, n, None)) is not None), 1.0)
     fn = ExpertFn(
         act=act,
         style=fam.style,
-        limit=float(experts.limit) if getattr(experts, "limit", None) is not None else None,
-        alpha=float(getattr(experts, "alpha", 1.0)),
+        limit=float(limit) if limit is not None else None,
+        alpha=float(alpha),
         bias=hasattr(experts, "gate_up_proj_bias"),
         scale_input=fam.scale_input,
     )
     shared_path = next(
         (n for n in SHARED_MODULES if isinstance(getattr(block, n, None), torch.nn.Module)), None
     )
-    shared_inter = 0
-    if shared_path is not None:
-        shared = getattr(block, shared_path)
-        params = dict(shared.named_parameters())
-        if "gate_proj.weight" in params:
-            shared_inter = params["gate_proj.weight"].shape[0]
-        elif "input_linear.weight" in params:
-            shared_inter = params["input_linear.weight"].shape[0] // 2
-        else:
-            raise ConfigError(f"{t}: shared experts with parameters {sorted(params)} are not supported")
-        if any(n.endswith("bias") for n in params):
-            raise ConfigError(f"{t}: shared experts with biases are not supported")
-        shared_act = _act_name(getattr(shared, "act_fn", getattr(shared, "activation", None)))
-        if shared_act != fn.act:
-            raise ConfigError(f"{t}: shared experts use {shared_act}, routed experts {fn.act}")
+    shared_inter = (
+        _shared_on_workers(getattr(block, shared_path), fn) if shared_path and not fam.shared_on_router else 0
+    )
+    if not shared_inter:  # none, or computed by the block itself in the router (loaded there)
+        shared_path = None
     router = getattr(block, "gate", None) or getattr(block, "router", None)
     top_k = int(getattr(router, "top_k", getattr(cfg, "num_experts_per_tok", 0)) or 0)
     if not 1 <= top_k <= num_experts + zero:
         raise ConfigError(f"{t}: top_k {top_k} must be between 1 and the number of experts ({num_experts})")
-    gating = GatingSpec(num_experts=num_experts, top_k=top_k, scoring="softmax", logits_in_fp32=False)
+    gating = GatingSpec(num_experts=num_experts, top_k=top_k)
     return ModelSpec(
         model_type=t,
         hidden_size=cfg.hidden_size,
@@ -180,7 +236,6 @@ def spec_from_block_model(cfg) -> ModelSpec:
         names=CheckpointNames(path, "gate_proj", "up_proj", "down_proj", shared_path),
         hidden_act=fn.act,
         expert_fn=fn,
-        gate_source="block",
         moe_module_path=path,
         shared_module_path=shared_path,
         num_zero_experts=zero,

@@ -139,6 +139,11 @@ def _block_configs() -> dict:
     )
     mla = {**MLA, "num_key_value_heads": 4}
     grouped = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1)
+    two = dict(num_hidden_layers=2)
+    dense_sparse = dict(mlp_layer_types=["dense", "sparse"])  # layer 0 dense, layer 1 MoE
+    indexed = dict(  # DeepSeek-V3.2-style sparse attention indexer
+        index_head_dim=16, index_topk=4, index_n_heads=2, layer_types=["indexed_attention"] * 2
+    )
     kw = {
         "deepseek_v32": dict(**mla, **moe, **grouped, num_hidden_layers=3, n_group=2, topk_group=1),
         "deepseek_v4": dict(
@@ -240,11 +245,208 @@ def _block_configs() -> dict:
             layer_types=["conv", "full_attention", "conv"],
         ),
         "cohere2_moe": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+        # Families added with transformers 5.2x: plain SwiGLU experts under each family's own block.
+        "afmoe": dict(**moe, **two, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, head_dim=8),
+        "axk1": dict(
+            **mla,
+            **moe,
+            **two,
+            **dense_sparse,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            head_dim=8,
+        ),
+        "axk2": dict(
+            **mla,
+            **moe,
+            **two,
+            **dense_sparse,
+            **indexed,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            head_dim=8,
+        ),
+        "beam": dict(
+            **moe,
+            **two,
+            **dense_sparse,
+            num_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.0,
+            head_dim=8,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,
+        ),
+        "dots3_note_text": dict(
+            **mla,
+            **moe,
+            **two,
+            **dense_sparse,
+            index_head_dim=16,
+            index_topk=4,
+            index_n_heads=2,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            head_dim=8,
+            shared_experts_intermediate_size=24,
+            sliding_window=4,
+            layer_types=["indexed_attention", "sliding_attention"],
+        ),
+        "flint": dict(
+            **moe,
+            **two,
+            num_experts=8,
+            num_experts_per_tok=2,
+            shared_expert_intermediate_size=24,
+            mlp_only_layers=[0],
+            head_dim=8,
+            layer_types=["full_attention", "sliding_attention"],
+            sliding_window=4,
+        ),
+        "glm_moe_dsa": dict(
+            **mla,
+            **moe,
+            **two,
+            **dense_sparse,
+            **indexed,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            head_dim=8,
+        ),
+        "granitemoe_swa": dict(**two, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+        # Mamba-2 layers (transformers' torch path on CPU) next to attention.
+        "granitemoehybrid": dict(
+            **two,
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_intermediate_size=24,
+            layer_types=["mamba", "attention"],
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_chunk_size=8,
+        ),
+        "hy_v3": dict(
+            **moe,
+            **two,
+            **dense_sparse,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_shared_experts=1,
+            head_dim=8,
+        ),
+        # Clamped SwiGLU (a limit the tiny activations reach); the unclamped shared expert stays in the router.
+        "hy_v4": dict(
+            **mla,
+            **moe,
+            **two,
+            **dense_sparse,
+            **indexed,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            head_dim=8,
+            swiglu_limit=0.3,
+        ),
+        # Mamba layers, MoE every second layer.
+        "jamba": dict(
+            **two,
+            intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            attn_layer_period=2,
+            attn_layer_offset=0,
+            mamba_dt_rank=8,
+            mamba_d_state=8,
+        ),
+        "kolibri1": dict(
+            **two,
+            moe_intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_expert_intermediate_size=24,
+            head_dim=8,
+        ),
+        # Routed sum scaled before the shared expert is added: the shared expert stays in the router.
+        "laguna": dict(
+            **moe,
+            **two,
+            **dense_sparse,
+            num_experts=8,
+            num_experts_per_tok=2,
+            shared_expert_intermediate_size=24,
+            moe_routed_scaling_factor=2.5,
+            head_dim=8,
+            layer_types=["full_attention"] * 2,
+        ),
+        "mellum": dict(**moe, **two, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
+        "mimo_v2_flash": dict(
+            **moe,
+            **two,
+            **dense_sparse,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            v_head_dim=8,
+            sliding_window=4,
+            layer_types=["full_attention", "sliding_attention"],
+        ),
+        "minimax": dict(**two, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
+        # gpt-oss's clamped gate (not interleaved, no biases); routed sum scaled before the shared experts.
+        "minimax_m3_vl_text": dict(
+            **two,
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            dense_intermediate_size=32,
+            shared_intermediate_size=24,
+            swiglu_limit=0.3,
+            routed_scaling_factor=2.0,
+            index_head_dim=8,
+            mlp_layer_types=["sparse"] * 2,
+            layer_types=["full_attention"] * 2,
+        ),
+        "qwen4_exp_text": dict(
+            **linear,
+            **two,
+            moe_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            shared_expert_intermediate_size=24,
+            head_dim=8,
+            indexer_n_heads=2,
+            indexer_kv_heads=1,
+            indexer_head_dim=8,
+            indexer_budget=4,
+            indexer_compress_ratio=2,
+        ),
+        # Top-1 routing with a router that carries state from layer to layer.
+        "zaya": dict(
+            **two,
+            moe_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=1,
+            head_dim=8,
+            router_hidden_size=16,
+            layer_types=["hybrid"] * 2,
+        ),
     }
     return {t: AutoConfig.for_model(t, **{**COMMON, **k}) for t, k in kw.items()}
 
 
-BUILTIN_VARIANTS = tuple(_configs())  # the hand-written gates (router_service/stages/gating.py)
+BUILTIN_VARIANTS = tuple(_configs())  # the first five families, one variant per gating rule
 BLOCK_VARIANTS = tuple(_block_configs())
 FAMILIES = BUILTIN_VARIANTS + BLOCK_VARIANTS
 # Block families the Ray transports are tested on (every family runs on the local transport, whose
