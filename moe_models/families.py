@@ -81,12 +81,12 @@ BLOCK_FAMILIES: dict[str, BlockFamily] = {
     "granitemoehybrid": BlockFamily(examples="ibm-granite/granite-4.0-h-tiny"),
     "hy_v3": BlockFamily(examples="tencent/Hy3-preview"),
     "hy_v4": BlockFamily(examples="tencent/Hy4-preview"),
+    "inkling_text": BlockFamily(examples="thinkingmachines/Inkling (text part)"),
     "jamba": BlockFamily(examples="ai21labs/Jamba-v0.1"),
     "kolibri1": BlockFamily(examples="Aleph-Alpha/Kolibri-1"),
     "laguna": BlockFamily(shared_on_router=True, examples="poolside/laguna-XS.2"),
     "mellum": BlockFamily(examples="JetBrains/Mellum2-12B-A2.5B-Base"),
     "mimo_v2_flash": BlockFamily(examples="XiaomiMiMo/MiMo-V2-Flash"),
-    "minimax": BlockFamily(examples="MiniMaxAI/MiniMax-Text-01-hf"),
     "minimax_m3_vl_text": BlockFamily(
         style="gpt_oss", shared_on_router=True, examples="MiniMax-M3-VL (text part)"
     ),
@@ -96,7 +96,62 @@ BLOCK_FAMILIES: dict[str, BlockFamily] = {
 
 # MoE families of transformers we know of and refuse, with the reason (shown before any weight is
 # read). Filled as families are tried and found wanting; see docs/models.md.
-UNSUPPORTED_FAMILIES: dict[str, str] = {}
+_MULTIMODAL = "multimodal checkpoint (vision/audio encoders + text): only text-only checkpoints are served"
+_NO_CAUSAL_LM = "transformers has no text-only causal LM class for it (multimodal model)"
+_SOFTCAP = "experts use a softcapped SwiGLU (softcap(gate) * sigmoid(gate) * softcap(up)), not computed by the workers"
+_CONCAT = (
+    "its checkpoint stores tensors that transformers concatenates or splits on load (linear attention's "
+    "q/k/v conv1d, in_proj); the router loads tensors as stored or renamed only (not yet)"
+)
+UNSUPPORTED_FAMILIES: dict[str, str] = {
+    # Text families of transformers, not served (yet).
+    "nemotron_h": "experts are non-gated ReLU^2 MLPs (up/down only, optional latent projection) in a Mamba-2 "
+    "hybrid; the workers compute gated (SwiGLU-like) experts only",
+    "jetmoe": "mixture of attention heads (MoA) next to MoE MLPs with an output bias: attention experts cannot go "
+    "to FFN expert workers",
+    "dbrx": "its layers are transformer.blocks and its experts flat [E*I, H] w1/v1/w2 tensors under "
+    "ffn.experts.mlp, a layout the router and workers do not read (not yet)",
+    "gemma4_text": "the experts sit in the decoder layer itself next to a dense MLP, with their own norms, "
+    "not in a MoE block (not yet)",
+    "gemma4": "multimodal checkpoint; its text model (gemma4_text) is not served either: experts in the decoder "
+    "layer itself (not yet)",
+    "aria_text": "experts stored as fc1 / fc2 [E, H, 2I] / [E, I, H] tensors, a layout the workers do not read "
+    "(not yet)",
+    "aria": "multimodal checkpoint; its text model (aria_text) is not served either: fc1 / fc2 expert layout",
+    "kimi_linear": _CONCAT,
+    "bailing_hybrid": _CONCAT,
+    "lara_mini": _CONCAT,
+    "inkling2_text": _SOFTCAP,
+    "inkling2_loop_text": _SOFTCAP,
+    "inkling2": f"{_MULTIMODAL}; its text model (inkling2_text) is not served either: {_SOFTCAP}",
+    "inkling2_loop": f"{_MULTIMODAL}; its text model (inkling2_loop_text) is not served either: {_SOFTCAP}",
+    "minimax": "its lightning-attention layers need their own cache class (MiniMaxCache), which the "
+    "continuous batcher does not build (not yet)",
+    "muse_spark_text": "experts apply a post-expert RMSNorm before the gate weight, not computed by the workers",
+    # Multimodal checkpoints whose text model is served: serve a text-only export of it.
+    "dots3_note": f"{_MULTIMODAL}; its text model (dots3_note_text) is served",
+    "qwen4_exp": f"{_MULTIMODAL}; its text model (qwen4_exp_text) is served",
+    "minimax_m3_vl": f"{_MULTIMODAL}; its text model (minimax_m3_vl_text) is served",
+    "inkling_mm_model": f"{_MULTIMODAL}; its text model (inkling_text) is served",
+    "qwen3_vl_moe": f"{_MULTIMODAL}; its text model is the Qwen3-MoE block family (qwen3_vl_moe_text, not yet)",
+    "qwen3_omni_moe": f"{_MULTIMODAL} (thinker-talker speech model)",
+    "glm4v_moe": f"{_MULTIMODAL}; its text model (glm4v_moe_text) has no causal LM class in transformers",
+    "ernie4_5_vl_moe": f"{_MULTIMODAL}; its text model (ernie4_5_vl_moe_text) has no causal LM class in transformers",
+    "hy_v4_vl": _MULTIMODAL,
+    "deepseek_ocr2": _MULTIMODAL,
+    "unlimited_ocr": _MULTIMODAL,
+    "glm5_next": _NO_CAUSAL_LM,
+    "mistral4": _NO_CAUSAL_LM,
+    "mistral_large4": _NO_CAUSAL_LM,
+    "muse_spark": _NO_CAUSAL_LM,
+    "step3p5": _NO_CAUSAL_LM,
+    "step3p7": _NO_CAUSAL_LM,
+    # Not decoder-only language models.
+    "nllb-moe": "encoder-decoder model: only decoder-only causal LMs are served",
+    "switch_transformers": "encoder-decoder model: only decoder-only causal LMs are served",
+    "diffusion_gemma": "diffusion (non-autoregressive) language model: only causal LMs are served",
+    "openai_privacy_filter": "token classifier, not a causal LM",
+}
 
 SUPPORTED_FAMILIES = (*BUILTIN_FAMILIES, *BLOCK_FAMILIES)
 

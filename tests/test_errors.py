@@ -7,7 +7,8 @@ import pytest
 import torch
 from tiny_models import VOCAB
 
-from moe_models.spec import ConfigError
+from moe_models.families import UNSUPPORTED_FAMILIES
+from moe_models.spec import ConfigError, spec_from_pretrained
 from router_service import Engine
 from router_service.runtime.transport import WorkerError
 
@@ -133,3 +134,12 @@ def test_worker_failure_names_worker_and_layer(tiny_model_dir):
             e.forward(torch.randint(3, VOCAB, (2, 16)))
         worker.layers[2] = weights
         assert e.forward(torch.tensor([[3, 4]])).shape == (1, 2, VOCAB)
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED_FAMILIES))
+def test_unsupported_family_refused_with_its_reason(tmp_path, model_type):
+    """A known MoE family we do not serve is refused from config.json alone, naming why."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ConfigError) as err:
+        spec_from_pretrained(tmp_path)
+    assert UNSUPPORTED_FAMILIES[model_type] in str(err.value) and repr(model_type) in str(err.value)

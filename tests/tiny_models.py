@@ -357,6 +357,10 @@ def _block_configs() -> dict:
             head_dim=8,
             swiglu_limit=0.3,
         ),
+        # Shared experts gated per token by the router (they stay in the router's block).
+        "inkling_text": dict(
+            **moe, **two, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, head_dim=8
+        ),
         # Mamba layers, MoE every second layer.
         "jamba": dict(
             **two,
@@ -402,7 +406,6 @@ def _block_configs() -> dict:
             sliding_window=4,
             layer_types=["full_attention", "sliding_attention"],
         ),
-        "minimax": dict(**two, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
         # gpt-oss's clamped gate (not interleaved, no biases); routed sum scaled before the shared experts.
         "minimax_m3_vl_text": dict(
             **two,

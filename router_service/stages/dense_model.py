@@ -75,7 +75,11 @@ def build_router_model(
 
     ckpt = Checkpoint(model_dir)
     state = model.state_dict(keep_vars=True)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if hf_config.tie_word_embeddings else set()
+    tied = (
+        set(getattr(model, "all_tied_weights_keys", {}) or {})
+        if getattr(hf_config, "tie_word_embeddings", False)
+        else set()
+    )
     saved_name = _saved_names(model)
     wanted = {key: _checkpoint_key(key, ckpt, saved_name) for key in state}
     missing = [key for key, ck in wanted.items() if ck not in ckpt and key not in tied]
