@@ -1,18 +1,28 @@
-"""The built-in default model: a tiny DeepSeek-V3-architecture checkpoint made locally, no download.
+"""The built-in default model: a small DeepSeek-V3-architecture checkpoint, no download.
 
-`make_default_model(outdir)` writes a Hugging Face checkpoint (config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json) that exercises every part of the V3 MoE path the engine
-serves: a dense first layer, 32 routed experts in 4 groups of which a token may use 2, top-4 with a
-non-zero `e_score_correction_bias`, one shared expert, `norm_topk_prob` and `routed_scaling_factor`
-2.5. It is small enough (about 10M parameters) that loading and generating take well under a
-second on a laptop CPU.
+The default ("trained") is a 2.3M-parameter V3 model (MLA, a dense first layer, then MoE layers of
+16 routed experts, top-4 within 2 of 4 groups, one shared expert, sigmoid gate with
+`e_score_correction_bias`) trained on the Python standard library's own sources by
+`python -m router_service.train_default_model`. Its weights are committed in
+`router_service/builtin_model/` (4.6 MB in bf16) rather than rebuilt on first use: training is
+deterministic but takes minutes on a 2-core CPU, and a first `moe-serve generate` should take
+seconds. It writes Python-looking text, answers through the chat template in
+`router_service.serving.chat`, and its router has a trained model's skewed expert load. See
+docs/models.md, "The built-in default model", for the figures.
 
-The weights are random (seeded, so every build is the same bytes), so the model's text is gibberish:
-it is there to show the serving path working end to end, not to say anything sensible. Point
-`moe-serve generate --model DIR` at a real checkpoint for that.
+The random presets ("tiny", "medium" and their "-skewed" variants) are built on first use from a
+seed (the same bytes every time): they exercise every part of the V3 MoE path the engine serves at
+fixed shapes for tests and benchmarks: a dense first layer, 32 routed experts in 4 groups of which
+a token may use 2, top-4 with a non-zero `e_score_correction_bias`, one shared expert,
+`norm_topk_prob` and `routed_scaling_factor` 2.5; their text is gibberish.
+
+`default_model_dir(preset)` puts a preset into the cache (`$MOE_SERVING_CACHE`, else
+~/.cache/moe-serving): for "trained" a copy of the committed files, so every node of a cluster finds
+the model at the same cache path whatever its install path.
 
 The tokenizer is byte-level (GPT-2's ByteLevel pre-tokenizer and decoder, no merges): one token per
 UTF-8 byte, id = byte value, plus `<pad>`, `<bos>` and `<eos>`, so any text round-trips exactly.
+Every built-in model ships `DEFAULT_CHAT_TEMPLATE`.
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
-"""Bump when the architecture, weights or tokenizer change, so caches built by older code are not reused."""
-DEFAULT_MODEL_NAME = f"default-deepseek-v3-tiny-v{FORMAT_VERSION}"
+FORMAT_VERSION = 2
+"""Bump when the architecture, weights or tokenizer change (the committed trained weights included),
+so caches built by older code are not reused."""
 CACHE_ENV = "MOE_SERVING_CACHE"
 SEED = 0
+TRAINED = "trained"  # the default preset: the committed trained checkpoint
+BUILTIN_MODEL_DIR = Path(__file__).parent / "builtin_model"
 
 NUM_BYTES = 256
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -100,21 +112,28 @@ HOT_BIAS = 0.5
 
 
 def preset_names() -> list[str]:
-    return sorted([*PRESETS, *(p + SKEWED for p in PRESETS)])
+    return sorted([TRAINED, *PRESETS, *(p + SKEWED for p in PRESETS)])
 
 
-def _base_preset(preset: str) -> str:
-    base = preset.removesuffix(SKEWED)
-    if base not in PRESETS:
+def model_name(preset: str = TRAINED) -> str:
+    """The cache entry's name of a preset, e.g. "default-deepseek-v3-trained-v2"."""
+    if preset not in preset_names():
         raise ValueError(f"unknown model preset {preset!r}; choose one of {preset_names()}")
-    return base
+    return f"default-deepseek-v3-{preset}-v{FORMAT_VERSION}"
+
+
+DEFAULT_MODEL_NAME = model_name()
 
 
 def default_config(preset: str = "tiny"):
-    """The DeepSeek-V3 config of the default model: V3's routing rules at a toy size (or a preset)."""
+    """The DeepSeek-V3 config of a preset: the random ones' V3 routing rules at a toy size, or the
+    committed trained model's."""
     from transformers import DeepseekV3Config
 
-    return DeepseekV3Config(**{**TINY_CONFIG, **PRESETS[_base_preset(preset)]})
+    model_name(preset)  # validates
+    if preset == TRAINED:
+        return DeepseekV3Config.from_pretrained(BUILTIN_MODEL_DIR)
+    return DeepseekV3Config(**{**TINY_CONFIG, **PRESETS[preset.removesuffix(SKEWED)]})
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -130,9 +149,12 @@ def byte_to_unicode() -> dict[int, str]:
 
 
 def make_tokenizer():
-    """A byte-level `PreTrainedTokenizerFast`: token id = UTF-8 byte value, `<bos>` prepended."""
+    """A byte-level `PreTrainedTokenizerFast`: token id = UTF-8 byte value, `<bos>` prepended, with
+    the built-in chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
+    from router_service.serving.chat import DEFAULT_CHAT_TEMPLATE
 
     vocab = {ch: b for b, ch in byte_to_unicode().items()}
     vocab.update({tok: NUM_BYTES + i for i, tok in enumerate(SPECIAL_TOKENS)})
@@ -152,17 +174,22 @@ def make_tokenizer():
         padding_side="left",  # decoder-only: prompts end where generation starts
         clean_up_tokenization_spaces=False,
         model_max_length=2048,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
     )
 
 
-def make_default_model(outdir: str | Path, seed: int = SEED, preset: str = "tiny") -> Path:
-    """Write the default model into `outdir` (created if missing); the same bytes on every call.
+def make_default_model(outdir: str | Path, seed: int = SEED, preset: str = TRAINED) -> Path:
+    """Write a built-in model into `outdir` (created if missing); the same bytes on every call.
 
+    "trained" copies the committed checkpoint (`seed` unused); a random preset is built from `seed`.
     Returns `outdir`. The global torch RNG is left as it was.
     """
     from transformers import AutoModelForCausalLM
 
     outdir = Path(outdir)
+    if preset == TRAINED:
+        shutil.copytree(BUILTIN_MODEL_DIR, outdir, dirs_exist_ok=True)
+        return outdir
     cfg = default_config(preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -195,15 +222,14 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moe-serving")
 
 
-def default_model_path(preset: str = "tiny") -> Path:
-    """Where the cached default model (or a preset of its architecture) lives; maybe not built yet."""
-    _base_preset(preset)
-    name = DEFAULT_MODEL_NAME if preset == "tiny" else DEFAULT_MODEL_NAME.replace("tiny", preset)
-    return cache_root() / name
+def default_model_path(preset: str = TRAINED) -> Path:
+    """Where the cached default model (or another preset) lives; maybe not built yet."""
+    return cache_root() / model_name(preset)
 
 
-def default_model_dir(preset: str = "tiny") -> Path:
-    """The cached default model, built on first use (a few seconds; "medium": a minute, 6.6 GB).
+def default_model_dir(preset: str = TRAINED) -> Path:
+    """The cached default model (or another preset), put there on first use ("trained": a copy,
+    well under a second; "tiny": a few seconds; "medium": a minute, 6.6 GB).
 
     The model is built in a temporary directory next to the cache entry and renamed into place, so a
     crash never leaves a half-written model and two processes racing to build it both end up using
@@ -228,7 +254,7 @@ def default_model_dir(preset: str = "tiny") -> Path:
 
 
 def ensure_default_model(path: str | Path) -> None:
-    """Build the default model (or a preset of it) at `path` if `path` is where it is cached and it is
+    """Build the default model (or another preset) at `path` if `path` is where it is cached and it is
     not there yet; anything else is left alone. Every process that reads a checkpoint calls this, so
     on a cluster each node builds the built-in model the first time it needs it (the bytes are the
     same everywhere: it is seeded)."""
