@@ -190,17 +190,18 @@ def test_completion_text_leaves_out_a_stop_tokens_text(tokenizer):
 
 def test_chat_template_renders_and_its_absence_is_a_clear_400(tokenizer):
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
-    with pytest.raises(ServingError) as e:
-        chat_prompt_ids(tokenizer, messages)
-    assert e.value.http_status == 400 and "chat template" in e.value.message
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # the built-in model ships one
+    ids = chat_prompt_ids(tokenizer, messages)
+    assert tokenizer.decode(ids) == "<bos>user: Hi\nassistant:"
+    with pytest.raises(ServingError, match="only text parts"):
+        chat_prompt_ids(tokenizer, [{"role": "user", "content": [{"type": "image_url"}]}])
+    tokenizer.chat_template = None  # a checkpoint without a template
     try:
-        ids = chat_prompt_ids(tokenizer, messages)
-        assert tokenizer.decode(ids) == "<bos>user: Hi\nassistant:"
-        with pytest.raises(ServingError, match="only text parts"):
-            chat_prompt_ids(tokenizer, [{"role": "user", "content": [{"type": "image_url"}]}])
+        with pytest.raises(ServingError) as e:
+            chat_prompt_ids(tokenizer, messages)
+        assert e.value.http_status == 400 and "chat template" in e.value.message
     finally:
-        tokenizer.chat_template = None
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
 def test_parsing_maps_options_and_refuses_unsupported_ones_by_name():
