@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 import torch
-from tiny_models import TRANSPORT_CASES, VOCAB
+from tiny_models import COMPILED_CASES, VOCAB
 
 from expert_workers.worker import ExpertBatch
 from router_service import Engine
@@ -29,7 +29,7 @@ def ray_cluster():
     del os.environ["MOE_COMPILED_GET_TIMEOUT_S"]
 
 
-@pytest.mark.parametrize("family, num_workers", TRANSPORT_CASES)
+@pytest.mark.parametrize("family, num_workers", COMPILED_CASES)
 def test_identical_to_local(family, num_workers, tiny_model_dir):
     d = tiny_model_dir(family)
     ids = torch.randint(3, VOCAB, (2, 9))

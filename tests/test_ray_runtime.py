@@ -6,7 +6,7 @@ import pytest
 import ray
 import torch
 from conftest import rel_err
-from tiny_models import TRANSPORT_CASES, VOCAB
+from tiny_models import RAY_CASES, VOCAB
 from transformers import AutoModelForCausalLM
 
 from moe_models.spec import spec_from_pretrained
@@ -33,7 +33,7 @@ def padded_batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("family, num_workers", TRANSPORT_CASES)
+@pytest.mark.parametrize("family, num_workers", RAY_CASES)
 def test_ray_transport_equals_local_and_transformers(family, num_workers, tiny_model_dir):
     d = tiny_model_dir(family)
     ids, mask = padded_batch()
