@@ -1,6 +1,7 @@
 # One image for every container of docker-compose.yml (the Ray head, the Ray worker nodes, the
-# server): this project and its dependencies in a virtual environment, no model weights (checkpoints
-# come from a volume; the built-in model is built on first start, into $MOE_SERVING_CACHE).
+# server): this project and its dependencies in a virtual environment, and no checkpoint but the
+# 4.6 MB built-in model that ships in the package (checkpoints come from a volume; the built-in model
+# is copied on first start into $MOE_SERVING_CACHE).
 #
 #   docker build -t moe-serving .                                  # CPU torch, on python:3.11-slim
 #   docker build -t moe-serving:cuda \
