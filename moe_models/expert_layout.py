@@ -61,15 +61,14 @@ class ExpertLayout:
 
 
 def _prefixes(spec: ModelSpec, layer: int) -> list[str]:
-    names = dict.fromkeys((spec.names.moe_module, spec.moe_module_path, *BLOCK_NAMES))
+    names = dict.fromkeys((spec.moe_module_path, *BLOCK_NAMES))
     return [f"model.layers.{layer}.{n}" for n in names]
 
 
 def find_expert_layout(ck: Checkpoint, spec: ModelSpec, layer: int) -> ExpertLayout:
     """The layout of `layer`'s routed experts in `ck`, from its keys (no tensor is read)."""
     for prefix in _prefixes(spec, layer):
-        own = (spec.names.gate_proj, spec.names.up_proj, spec.names.down_proj)
-        for names in dict.fromkeys((own, *PER_EXPERT_NAMES)):
+        for names in PER_EXPERT_NAMES:
             if f"{prefix}.experts.0.{names[0]}.weight" in ck:
                 return ExpertLayout("per_expert", prefix, names)
         if f"{prefix}.experts.gate_up_proj" in ck:
@@ -151,8 +150,7 @@ def _read_per_expert(ck, lay: ExpertLayout, expert_ids, h: int, inter: int, bias
 
 def shared_keys(ck: Checkpoint, spec: ModelSpec, layer: int) -> tuple[str, ...]:
     """The checkpoint keys of `layer`'s shared experts: (gate, up, down) or (input_linear, output_linear)."""
-    own = [n for n in (spec.names.shared_module, spec.shared_module_path) if n]
-    names = dict.fromkeys((*own, *SHARED_NAMES))
+    names = dict.fromkeys((*([spec.shared_module_path] if spec.shared_module_path else []), *SHARED_NAMES))
     for prefix in _prefixes(spec, layer):
         for name in names:
             base = f"{prefix}.{name}"

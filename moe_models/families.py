@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_models.expert_layout import SHARED_NAMES
 from moe_models.spec import (
     BUILTIN_FAMILIES,
-    CheckpointNames,
     ConfigError,
     ExpertFn,
     GatingSpec,
@@ -155,8 +155,6 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
 
 SUPPORTED_FAMILIES = (*BUILTIN_FAMILIES, *BLOCK_FAMILIES)
 
-SHARED_MODULES = ("shared_experts", "shared_expert", "shared_mlp")
-
 
 def _act_name(act) -> str:
     """ExpertFn.act of an experts module's `act_fn` (a transformers activation module or function)."""
@@ -173,6 +171,14 @@ def _act_name(act) -> str:
     if isinstance(act, nn.ReLU):
         return "relu"
     raise ConfigError(f"expert activation {act!r} is not supported (silu, gelu, gelu_tanh, relu are)")
+
+
+def _swiglu_params(module) -> tuple[float | None, float]:
+    """(clamp limit or None, gpt-oss alpha or 1.0) of an experts or MLP module: `limit` / `alpha`
+    (DeepSeek-V4, gpt-oss) or `swiglu_limit` / `swiglu_alpha` (Hunyuan-V4, MiniMax-M3)."""
+    limit = next((v for n in ("limit", "swiglu_limit") if (v := getattr(module, n, None)) is not None), None)
+    alpha = next((v for n in ("alpha", "swiglu_alpha") if (v := getattr(module, n, None)) is not None), 1.0)
+    return limit, alpha
 
 
 def _shared_on_workers(shared, fn: ExpertFn) -> int:
@@ -203,8 +209,7 @@ def _shared_on_workers(shared, fn: ExpertFn) -> int:
             act = _act_name(getattr(shared, "act_fn", getattr(shared, "activation", None)))
         except ConfigError:
             return 0
-    limit = next((v for n in ("limit", "swiglu_limit") if (v := getattr(shared, n, None)) is not None), None)
-    alpha = next((v for n in ("alpha", "swiglu_alpha") if (v := getattr(shared, n, None)) is not None), 1.0)
+    limit, alpha = _swiglu_params(shared)
     same_limit = (limit is None) == (fn.limit is None) and (limit is None or float(limit) == fn.limit)
     if act != fn.act or not same_limit or float(alpha) != fn.alpha:
         return 0
@@ -253,10 +258,7 @@ def spec_from_block_model(cfg) -> ModelSpec:
             f"hidden_size {cfg.hidden_size}"
         )
     act = "silu" if fam.style == "gpt_oss" else _act_name(getattr(experts, "act_fn", None))
-    # The SwiGLU clamp and gpt-oss's alpha: `limit` / `alpha` (DeepSeek-V4, gpt-oss) or
-    # `swiglu_limit` / `swiglu_alpha` (Hunyuan-V4, MiniMax-M3).
-    limit = next((v for n in ("limit", "swiglu_limit") if (v := getattr(experts, n, None)) is not None), None)
-    alpha = next((v for n in ("alpha", "swiglu_alpha") if (v := getattr(experts, n, None)) is not None), 1.0)
+    limit, alpha = _swiglu_params(experts)
     fn = ExpertFn(
         act=act,
         style=fam.style,
@@ -266,7 +268,7 @@ def spec_from_block_model(cfg) -> ModelSpec:
         scale_input=fam.scale_input,
     )
     shared_path = next(
-        (n for n in SHARED_MODULES if isinstance(getattr(block, n, None), torch.nn.Module)), None
+        (n for n in SHARED_NAMES if isinstance(getattr(block, n, None), torch.nn.Module)), None
     )
     shared_inter = (
         _shared_on_workers(getattr(block, shared_path), fn) if shared_path and not fam.shared_on_router else 0
@@ -286,10 +288,7 @@ def spec_from_block_model(cfg) -> ModelSpec:
         moe_layers=tuple(moe_layers),
         moe_intermediate_size=inter,
         shared_intermediate_size=shared_inter,
-        has_shared_gate=isinstance(getattr(block, "shared_expert_gate", None), torch.nn.Module),
         gating=gating,
-        names=CheckpointNames(path, "gate_proj", "up_proj", "down_proj", shared_path),
-        hidden_act=fn.act,
         expert_fn=fn,
         moe_module_path=path,
         shared_module_path=shared_path,

@@ -50,37 +50,6 @@ class ExpertFn:
 
 
 @dataclass(frozen=True)
-class CheckpointNames:
-    """How one family names its MoE tensors in a Hugging Face checkpoint."""
-
-    moe_module: str  # "mlp", or "block_sparse_moe" (mixtral)
-    gate_proj: str
-    up_proj: str
-    down_proj: str
-    shared_module: str | None  # "shared_experts" (deepseek), "shared_expert" (qwen2), None
-
-    def moe_prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.moe_module}"
-
-    def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
-        """(gate, up, down) weight keys of one routed expert, per-expert layout."""
-        p = f"{self.moe_prefix(layer)}.experts.{expert}"
-        return (f"{p}.{self.gate_proj}.weight", f"{p}.{self.up_proj}.weight", f"{p}.{self.down_proj}.weight")
-
-    def fused_expert_keys(self, layer: int) -> tuple[str, str]:
-        """(gate_up_proj [E, 2I, H], down_proj [E, H, I]) keys of the fused (transformers v5) layout."""
-        p = f"{self.moe_prefix(layer)}.experts"
-        return f"{p}.gate_up_proj", f"{p}.down_proj"
-
-    def shared_keys(self, layer: int) -> tuple[str, str, str]:
-        p = f"{self.moe_prefix(layer)}.{self.shared_module}"
-        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
-
-    def is_routed_expert_key(self, key: str) -> bool:
-        return ".experts." in key and f".{self.moe_module}." in key
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     """Everything the router and the workers need to know about a checkpoint."""
 
@@ -92,11 +61,7 @@ class ModelSpec:
     moe_intermediate_size: int
     # Fused width of the shared experts (n_shared * I for deepseek); 0 when the family has none.
     shared_intermediate_size: int
-    # Qwen2/Qwen3-Next/Qwen3.5 scale their shared expert by sigmoid(shared_expert_gate(x)).
-    has_shared_gate: bool
     gating: GatingSpec
-    names: CheckpointNames
-    hidden_act: str = "silu"
     expert_fn: ExpertFn = ExpertFn()
     moe_module_path: str = "mlp"  # the decoder layer's attribute holding the MoE block
     # "own": the block's forward runs with its experts replaced; "llama4": the block feeds its

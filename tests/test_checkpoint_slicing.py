@@ -172,15 +172,20 @@ def test_fused_expert_layout_is_read_row_by_row(tiny_model_dir, tmp_path):
 
     from safetensors.torch import save_file
 
+    from moe_models.expert_layout import ExpertLayout, find_expert_layout
+
     src = tiny_model_dir("deepseek_v3")
     spec = spec_from_pretrained(src)
     ck = Checkpoint(src)
     tensors = dict(ck.iter_tensors(list(ck.keys())))
+    fused_layouts = {}
     for layer in spec.moe_layers:
-        trios = [spec.names.expert_keys(layer, e) for e in range(spec.num_experts)]
+        per_expert = find_expert_layout(ck, spec, layer)
+        trios = [per_expert.expert_keys(e) for e in range(spec.num_experts)]
         gate_up = torch.stack([torch.cat([tensors.pop(g), tensors.pop(u)]) for g, u, _ in trios])
         down = torch.stack([tensors.pop(d) for _, _, d in trios])
-        fused_gu, fused_down = spec.names.fused_expert_keys(layer)
+        fused_layouts[layer] = ExpertLayout("fused", per_expert.prefix)
+        fused_gu, fused_down = fused_layouts[layer].expert_keys(0)
         tensors[fused_gu], tensors[fused_down] = gate_up.contiguous(), down.contiguous()
     fused = tmp_path / "fused"
     fused.mkdir()
@@ -188,7 +193,7 @@ def test_fused_expert_layout_is_read_row_by_row(tiny_model_dir, tmp_path):
     shutil.copy(src / "config.json", fused / "config.json")
 
     worker = ExpertWorker(0, str(fused), {spec.moe_layers[0]: [2, 9]}, spec=spec)
-    gu, dn = spec.names.fused_expert_keys(spec.moe_layers[0])
+    gu, dn = fused_layouts[spec.moe_layers[0]].expert_keys(0)
     routed = [k for k in worker.checkpoint.keys_read if ".experts." in k]
     assert sorted(routed) == [f"{dn}[2]", f"{dn}[9]", f"{gu}[2]", f"{gu}[9]"]
 

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config
 
 from expert_workers.worker import ExpertWorker
 from moe_models.checkpoint import Checkpoint, CheckpointError
+from moe_models.expert_layout import ExpertLayout, find_expert_layout, shared_keys
 from moe_models.quantization import dequantize_fp8_blocks, quantize_fp8_blocks
 from moe_models.spec import ConfigError, spec_from_pretrained
 from router_service import Engine
@@ -302,12 +303,18 @@ def test_worker_reads_only_its_experts_and_their_scales(tmp_path):
     spec = spec_from_pretrained(fp8_dir)
     mine = {layer: [1, 4, 5] for layer in spec.moe_layers}
     worker = ExpertWorker(0, str(fp8_dir), mine, spec=spec, kernel="loop")
-    weights = {k for layer, ids in mine.items() for e in ids for k in spec.names.expert_keys(layer, e)}
-    weights |= {k for layer in spec.moe_layers for k in spec.names.shared_keys(layer)}
+    ck = Checkpoint(ref_dir)  # the same names as the FP8 checkpoint, without the scales
+    weights = {
+        k
+        for layer, ids in mine.items()
+        for e in ids
+        for k in find_expert_layout(ck, spec, layer).expert_keys(e)
+    }
+    weights |= {k for layer in spec.moe_layers for k in shared_keys(ck, spec, layer)}
     assert sorted(worker.checkpoint.keys_read) == sorted(weights | {k + "_scale_inv" for k in weights})
     assert all(t.dtype == torch.float32 for lx in worker.layers.values() for t in (lx.w13, lx.w2))
     layer, inter = spec.moe_layers[0], spec.moe_intermediate_size
-    gate_k, up_k, down_k = spec.names.expert_keys(layer, 4)
+    gate_k, up_k, down_k = find_expert_layout(ck, spec, layer).expert_keys(4)
     ref = dict(Checkpoint(ref_dir).iter_tensors([gate_k, up_k, down_k]))
     lx = worker.layers[layer]
     assert torch.equal(lx.w13[1, :inter], ref[gate_k]) and torch.equal(lx.w13[1, inter:], ref[up_k])
@@ -320,9 +327,11 @@ def test_fused_fp8_expert_tensors_are_read_row_by_row(fp8_pair, tmp_path):
     fp8_dir, ref_dir = fp8_pair
     spec = spec_from_pretrained(fp8_dir)
     tensors = load_file(str(fp8_dir / "model.safetensors"))
+    ck = Checkpoint(ref_dir)  # the same names as the FP8 checkpoint, without the scales
+    per_expert = {layer: find_expert_layout(ck, spec, layer) for layer in spec.moe_layers}
     for layer in spec.moe_layers:
-        trios = [spec.names.expert_keys(layer, e) for e in range(spec.num_experts)]
-        fused_gu, fused_down = spec.names.fused_expert_keys(layer)
+        trios = [per_expert[layer].expert_keys(e) for e in range(spec.num_experts)]
+        fused_gu, fused_down = ExpertLayout("fused", per_expert[layer].prefix).expert_keys(0)
         for fused, parts in (
             (fused_gu, [(g, u) for g, u, _ in trios]),
             (fused_down, [(d,) for _, _, d in trios]),
@@ -338,10 +347,10 @@ def test_fused_fp8_expert_tensors_are_read_row_by_row(fp8_pair, tmp_path):
 
     layer = spec.moe_layers[0]
     worker = ExpertWorker(0, str(fused_dir), {layer: [2, 9]}, spec=spec, kernel="loop")
-    gu, dn = spec.names.fused_expert_keys(layer)
+    gu, dn = ExpertLayout("fused", per_expert[layer].prefix).expert_keys(0)
     routed = sorted(k for k in worker.checkpoint.keys_read if ".experts." in k)
     assert routed == sorted(f"{k}{s}[{e}]" for k in (gu, dn) for s in ("", "_scale_inv") for e in (2, 9))
-    gate_k, up_k, down_k = spec.names.expert_keys(layer, 9)
+    gate_k, up_k, down_k = per_expert[layer].expert_keys(9)
     ref = dict(Checkpoint(ref_dir).iter_tensors([gate_k, up_k, down_k]))
     lx = worker.layers[layer]
     assert torch.equal(lx.w13[1], torch.cat([ref[gate_k], ref[up_k]])) and torch.equal(lx.w2[1], ref[down_k])
