@@ -254,13 +254,11 @@ def glu(h: torch.Tensor, fn: ExpertFn = PLAIN) -> torch.Tensor:
     """The gated unit on [n, 2I] gate-then-up projections -> [n, I], in the family's variant."""
     inter = h.shape[1] // 2
     gate, up = h[:, :inter], h[:, inter:]
-    if fn.style == "gpt_oss":
-        gate = gate.clamp(max=fn.limit)
-        up = up.clamp(min=-fn.limit, max=fn.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * fn.alpha))
     if fn.limit is not None:
         gate = gate.clamp(max=fn.limit)
         up = up.clamp(min=-fn.limit, max=fn.limit)
+    if fn.style == "gpt_oss":
+        return (up + 1) * (gate * torch.sigmoid(gate * fn.alpha))
     return _ACTS[fn.act](gate) * up
 
 

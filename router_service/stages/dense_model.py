@@ -2,8 +2,8 @@
 
 The model is built on the `meta` device (no memory), every MoE block's experts (and shared experts)
 are swapped for their remote stand-ins (moe_layer.py), and only then is storage allocated and
-filled, tensor by tensor, from the checkpoint's non-expert keys. Attention, RoPE, masks and the KV cache stay `transformers`' own, so
-they stay as correct as the reference.
+filled, tensor by tensor, from the checkpoint's non-expert keys. Attention, RoPE, masks and the KV
+cache stay `transformers`' own, so they stay as correct as the reference.
 """
 
 from __future__ import annotations

@@ -115,10 +115,11 @@ def shared_scale(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 class RemoteExperts(nn.Module):
-    """Stands in for a transformers MoE block's `experts` (block families): the block runs its own
-    router and calls `experts(x, ids, weights)`; the workers compute the routed experts and, in the
-    same round trip, the shared experts, whose module in the block is a `SharedOnWorkers` (zeros),
-    so the block's own combination (a sum, Cohere's average, Qwen's sigmoid gate) stays exact."""
+    """Stands in for a transformers MoE block's `experts`: the block runs its own router and calls
+    `experts(x, ids, weights)`; the workers compute the routed experts and, in the same round trip,
+    the shared experts where they hold them (the block's module is then a `SharedOnWorkers`,
+    zeros), so the block's own combination (a sum, Cohere's average, Qwen's sigmoid gate) stays
+    exact."""
 
     def __init__(self, layer: int, block: nn.Module, dispatcher: ExpertDispatcher):
         super().__init__()
@@ -131,7 +132,9 @@ class RemoteExperts(nn.Module):
         routing = Routing(
             top_k_index.reshape(x.shape[0], -1).to(torch.int32), top_k_weights.float().reshape(x.shape[0], -1)
         )
-        out = self._dispatcher.dispatch(self.layer, x, routing, shared_scale(self._block, x))
+        on_workers = self._dispatcher.spec.shared_intermediate_size > 0  # else the block runs them
+        scale = shared_scale(self._block, x) if on_workers else None
+        out = self._dispatcher.dispatch(self.layer, x, routing, scale)
         return out.view(hidden_states.shape)
 
 
