@@ -339,6 +339,9 @@ def summarise(kind: str, n: int, st: RunStats) -> dict:
         "p50": pct([r.latency for r in ok], 0.5),
         "p99": pct([r.latency for r in ok], 0.99),
         "ttft50": pct([r.ttft for r in ok], 0.5),
+        # per-token latency of a request: its decode time over the tokens after the first
+        "tpot50": pct([(r.latency - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1], 0.5),
+        "tpot99": pct([(r.latency - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1], 0.99),
         "elapsed": st.elapsed,
         "mean_batch": sum(k * v for k, v in steps.items()) / total_steps if total_steps else float("nan"),
         "steps": steps,
@@ -352,6 +355,7 @@ async def run_load(args, url: str, avoid: set[int], vocab: int) -> tuple[list[di
 
     levels = [int(x) for x in args.concurrency.split(",") if x]
     kinds = [("short", 8, args.short_tokens), ("long", 64, args.long_tokens)]
+    kinds = [k for k in kinds if k[0] in args.kinds.split(",")]
     top = max(levels + [args.forward_clients])
     limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8)
     rows = []
@@ -380,21 +384,26 @@ async def run_load(args, url: str, avoid: set[int], vocab: int) -> tuple[list[di
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint dir (default: the built-in tiny DeepSeek-V3)")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the built-in model of --preset)")
     p.add_argument("--url", default=None, help="use this running server instead of starting one")
     p.add_argument(
         "--preset",
-        default="tiny",
-        choices=("tiny", "medium"),
-        help="without --model: the built-in model (tiny) or its DeepSeek-V2-Lite-expert-sized version "
-        "(medium: 6.6 GB, built and cached on first use)",
+        default="trained",
+        choices=("trained", "tiny", "medium"),
+        help="without --model: the built-in default model (trained), the random one of the same "
+        "architecture at hidden 256 (tiny) or its DeepSeek-V2-Lite-expert-sized version (medium: "
+        "6.6 GB, built and cached on first use)",
     )
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per (concurrency, kind) run")
-    p.add_argument("--transport", default="ray", choices=("ray", "compiled"))
+    p.add_argument("--transport", default="ray", choices=("ray", "compiled", "socket"))
     p.add_argument("--workers", type=int, default=2, help="expert workers of the started server")
+    p.add_argument(
+        "--micro-batch-min-tokens", default="auto", help="the server's setting: auto, off or an int"
+    )
     p.add_argument("--short-tokens", type=int, default=16, help="max_tokens of the short kind (8 prompt ids)")
     p.add_argument("--long-tokens", type=int, default=128, help="max_tokens of the long kind (64 prompt ids)")
+    p.add_argument("--kinds", default="short,long", help="which request kinds to run (short, long)")
     p.add_argument("--forward-clients", type=int, default=16)
     p.add_argument("--forward-duration", type=float, default=5.0, help="0 skips the /v1/forward run")
     p.add_argument(
@@ -452,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
             options=ServerOptions(http_port=0, grpc_port=0),
             progress="off",
             num_threads=args.threads,
+            micro_batch_min_tokens=mb if (mb := args.micro_batch_min_tokens) in ("auto", "off") else int(mb),
         )
         url = server.http_url
     try:
@@ -476,14 +486,16 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         "| N | kind | prompt + new | requests | req/s | gen tok/s | p50 latency s | p99 latency s "
-        "| p50 TTFT s | failures | mean decode batch | decode steps by batch size | prefills by size |"
+        "| p50 TTFT s | p50 / p99 per-token ms | failures | mean decode batch | decode steps by batch size "
+        "| prefills by size |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         plen, mt = (8, args.short_tokens) if r["kind"] == "short" else (64, args.long_tokens)
         print(
             f"| {r['n']} | {r['kind']} | {plen} + {mt} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} "
-            f"| {r['p50']:.3f} | {r['p99']:.3f} | {r['ttft50']:.3f} | {r['failures']} "
+            f"| {r['p50']:.3f} | {r['p99']:.3f} | {r['ttft50']:.3f} | {1e3 * r['tpot50']:.1f} / "
+            f"{1e3 * r['tpot99']:.1f} | {r['failures']} "
             f"| {r['mean_batch']:.2f} | {fmt_dist(r['steps'])} | {fmt_dist(r['prefills'])} |"
         )
     if fwd is not None:

@@ -24,6 +24,7 @@ from expert_workers.kernels import (
 from moe_models.checkpoint import Checkpoint
 from moe_models.expert_layout import read_experts, read_shared
 from moe_models.spec import ModelSpec, spec_from_pretrained
+from moe_serving import tracing
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,12 @@ class ExpertWorker:
         `batch.expert_counts` counts pairs per slot of `layout` (None: the latest loaded).
         Returns [N, H] in the serving dtype; accumulation is in fp32.
         """
+        with tracing.span(
+            "experts", {"layer": layer, "rows": batch.x.shape[0], "pairs": batch.pair_rows.numel()}
+        ):
+            return self._forward(layer, batch, layout)
+
+    def _forward(self, layer: int, batch: ExpertBatch, layout: int | None) -> torch.Tensor:
         self._use_threads()
         key = self._latest if layout is None else layout
         if key not in self.layouts:
@@ -314,6 +321,14 @@ class ExpertWorker:
         return out.to(self.dtype)
 
     # ---- introspection ---------------------------------------------------------------------------
+
+    def set_tracing(self, on: bool) -> None:
+        """Start (clearing) or stop recording step-trace spans in this worker's process."""
+        tracing.enable(on)
+
+    def take_trace(self) -> list[dict]:
+        """The spans recorded since `set_tracing(True)`, as trace events (see moe_serving.tracing)."""
+        return tracing.take()
 
     @property
     def layers(self) -> dict[int, LayerExperts]:

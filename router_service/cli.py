@@ -275,6 +275,15 @@ def generate_remote(args: argparse.Namespace) -> None:
             print(flush=True)  # end the line, also before an error that cut the stream short
 
 
+def _micro_batch_setting(value: str) -> int | str:
+    if value in ("auto", "off"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, 'auto' or 'off', got {value!r}") from None
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     g = p.add_argument_group("serving")
@@ -283,6 +292,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         choices=SERVED_TRANSPORTS,
         default=SERVER_DEFAULTS["transport"],
         help="how the router drives the workers (default: %(default)s)",
+    )
+    g.add_argument(
+        "--micro-batch-min-tokens",
+        metavar="N|auto|off",
+        type=_micro_batch_setting,
+        default="auto",
+        help="decode steps of at least N sequences run as two overlapped micro-batches "
+        "(docs/performance.md); default: %(default)s",
     )
     g.add_argument(
         "--ray-address",
@@ -491,6 +508,7 @@ def run_serve(args: argparse.Namespace) -> int:
             elastic=elastic_from_args(args),
             worker_resources=worker_resources_from_args(args),
             router_resources=args.router_resources,
+            micro_batch_min_tokens=args.micro_batch_min_tokens,
         )
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
         raise ValueError(e.strerror or str(e)) from e

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TRANSPORTS = ("local", "ray", "compiled")
+TRANSPORTS = ("local", "ray", "compiled", "socket")
 PLACEMENT_STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 
 
@@ -209,6 +209,25 @@ class ElasticConfig:
             )
 
 
+# From this hidden size up the router's dense work runs on every core of its machine (measured,
+# docs/performance.md "Router threads": hidden 2048, 16 sequences, 2 workers on 2 cores: decode step
+# 344 -> 303 ms with 2 router threads; hidden 128 and 256: 10.6 -> 14.2 and 17.4 -> 20.4 ms, worse,
+# since ops that small gain nothing from a second thread and its spinning takes the workers' core;
+# below it the router keeps the workers' count).
+# The router and the workers take turns within a step, so the router's threads do not compete with
+# the workers' compute. 1024 lies between the sizes measured.
+ROUTER_ALL_CORES_MIN_HIDDEN = 1024
+
+
+def router_threads_for(config: EngineConfig, hidden_size: int) -> int:
+    """The router's intra-op thread count: the configured one, else by model size."""
+    if config.router_threads is not None:
+        return config.router_threads
+    if hidden_size >= ROUTER_ALL_CORES_MIN_HIDDEN:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return config.num_threads
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The resolved settings an Engine runs with."""
@@ -229,11 +248,19 @@ class EngineConfig:
     # cores: 2 workers x 2 threads on 2 cores made decode steps 8-20x slower than 1 thread each
     # (OpenMP threads spin while waiting and take the cores from the other processes).
     num_threads: int | None = None
+    # Intra-op threads of the router's own (dense) work. None: `num_threads` when that was given (so
+    # transports compare bit for bit), else the router picks by model size (`router_threads_for`).
+    router_threads: int | None = None
     # Worker load progress: "bar", "log" (a line per layer) or "off"; "auto": a bar when the
     # caller's stderr is a terminal, else log lines.
     progress: str = "auto"
     # Generation batching (continuous batching in the router, see router_service/generation/scheduler.py).
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
+    # Micro-batch overlap (router_service/generation/overlap.py): decode steps of at least this many
+    # sequences run as two micro-batches, the router's dense work on one hiding the other's expert
+    # round trip. "auto": the threshold measured in docs/performance.md; "off": never; an int >= 2.
+    # Only the "ray" and "socket" transports overlap (the experts must run in other processes).
+    micro_batch_min_tokens: int | str = "auto"
     # Scaling, rebalancing, fault handling and autoscaling of the expert workers.
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     # The name of this deployment's Ray actors ("{cluster_name}:router", "{cluster_name}:worker-N");
@@ -252,6 +279,12 @@ class EngineConfig:
         if not isinstance(self.num_workers, int) or self.num_workers < 1:
             raise ValueError(f"num_workers must be a positive int, got {self.num_workers!r}")
         check_kernel_name(self.expert_kernel)  # before any actor starts
+        if self.router_threads is None and self.num_threads is not None:
+            object.__setattr__(self, "router_threads", self.num_threads)
+        if self.router_threads is not None and (
+            not isinstance(self.router_threads, int) or self.router_threads < 1
+        ):
+            raise ValueError(f"router_threads must be a positive int, got {self.router_threads!r}")
         if self.num_threads is None:
             threads = torch.get_num_threads()
             if self.transport != "local":
@@ -263,6 +296,9 @@ class EngineConfig:
             object.__setattr__(self, "progress", "bar" if sys.stderr.isatty() else "log")
         if self.progress not in ("bar", "log", "off"):
             raise ValueError(f"progress must be 'auto', 'bar', 'log' or 'off', got {self.progress!r}")
+        m = self.micro_batch_min_tokens
+        if m not in ("auto", "off") and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
+            raise ValueError(f"micro_batch_min_tokens must be 'auto', 'off' or an int >= 2, got {m!r}")
         if self.load_window < 1:
             raise ValueError(f"load_window must be >= 1, got {self.load_window}")
         bad = {k: v for k, v in self.router_resources.items() if not isinstance(v, int | float) or v < 0}

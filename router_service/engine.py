@@ -91,7 +91,9 @@ class Engine:
         ray_address: str | None = None,
         worker_resources: WorkerResources | dict | None = None,
         num_threads: int | None = None,
+        router_threads: int | None = None,
         progress: str = "auto",
+        micro_batch_min_tokens: int | str = "auto",
         batch_limits: BatchLimits | dict | None = None,
         redundant_experts: int = 0,
         elastic: ElasticConfig | dict | None = None,
@@ -101,7 +103,8 @@ class Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
 
         transport: "local" (workers in this process), "ray" (Router and ExpertWorker actors, plain
-        actor calls) or "compiled" (the same actors driven by a Ray Compiled Graph).
+        actor calls), "socket" (the same actors, each layer over a TCP connection per worker) or
+        "compiled" (the same actors driven by a Ray Compiled Graph).
         expert_kernel: the expert compute path, "auto" (by device, dtype and CPU flags; the
         MOE_EXPERT_KERNEL environment variable overrides "auto") or one of
         expert_workers.kernels.KERNELS: "grouped_mm", "loop", "onednn", "upcast".
@@ -110,6 +113,10 @@ class Engine:
         worker_resources: Ray resources per worker (`WorkerResources` or its fields as a dict).
         num_threads: torch intra-op threads of the router and of each worker (default: this
         process's); the same in every transport, so that transports agree bit for bit.
+        router_threads: the router's own threads (default: num_threads when given, else all cores;
+        the router computes while the workers wait and the other way round).
+        micro_batch_min_tokens: decode steps of at least this many sequences run as two overlapped
+        micro-batches ("auto": the measured default; "off"; an int >= 2); "ray" and "socket" only.
         progress: worker load progress with Ray transports: "bar", "log", "off" or "auto" (a bar on a
         terminal, else a log line per worker and layer).
         batch_limits: the continuous-batching limits of `generate_stream` (`BatchLimits` or a dict).
@@ -129,7 +136,9 @@ class Engine:
             expert_kernel=expert_kernel,
             worker_resources=worker_resources,
             num_threads=num_threads,
+            router_threads=router_threads,
             progress=progress,
+            micro_batch_min_tokens=micro_batch_min_tokens,
             batch_limits=batch_limits,
             redundant_experts=redundant_experts,
             elastic=elastic,
@@ -281,6 +290,15 @@ class Engine:
     def health(self) -> dict:
         """{"serving": bool, "reason": str, "workers": n, "target_workers": n, ...}."""
         return self._call("health")
+
+    def start_trace(self) -> None:
+        """Start recording timed spans of the router and every expert worker (docs/performance.md,
+        "Tracing a decode step")."""
+        self._call("start_trace")
+
+    def stop_trace(self) -> dict:
+        """Stop recording; a Chrome trace JSON object (open it in ui.perfetto.dev)."""
+        return self._call("stop_trace")
 
     def shutdown(self) -> None:
         if self._router is None:

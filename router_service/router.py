@@ -18,13 +18,16 @@ from collections.abc import Iterator
 import torch
 
 from moe_models.spec import load_hf_config, spec_from_hf_config
-from router_service.config import EngineConfig, resolve_device
+from moe_serving import tracing
+from router_service.config import EngineConfig, resolve_device, router_threads_for
 from router_service.default_model import ensure_default_model
 from router_service.generation.decoding import SamplingParams
+from router_service.generation.overlap import DEFAULT_MIN_TOKENS, MicroBatchRunner
 from router_service.generation.scheduler import GenerationScheduler, eos_ids
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
 from router_service.runtime.membership import Membership
 from router_service.runtime.transport import LocalTransport, Transport, WorkerSetup
+from router_service.stages import trace_hooks
 from router_service.stages.dense_model import build_router_model
 from router_service.stages.moe_layer import ExpertDispatcher
 
@@ -60,8 +63,9 @@ def make_transport(config: EngineConfig, setup: WorkerSetup) -> Transport:
         return LocalTransport(setup)
     from router_service.runtime.compiled_transport import CompiledTransport
     from router_service.runtime.ray_transport import RayTransport
+    from router_service.runtime.socket_transport import SocketTransport
 
-    cls = RayTransport if config.transport == "ray" else CompiledTransport
+    cls = {"ray": RayTransport, "compiled": CompiledTransport, "socket": SocketTransport}[config.transport]
     return cls(
         setup,
         config.worker_resources,
@@ -84,16 +88,20 @@ class Router:
         self.config = config
         # One model, many callers (actor threads, the generation loop): model calls take turns.
         # Holding it is also what makes a moment a pass boundary for the membership controller.
-        self.lock = ModelTurn(config.num_threads)
+        self.lock = ModelTurn(1)  # the thread count is set below, once the model's size is known
         self._scheduler: GenerationScheduler | None = None
         self._sinks: dict[str, queue.SimpleQueue] = {}
         self._sinks_lock = threading.Lock()
-        torch.set_num_threads(config.num_threads)  # a no-op in-process unless asked for
+        self._trace_hooks: list | None = None
+        self._traced: tuple[int, ...] = ()
         self.dtype = config.torch_dtype
         self.device = resolve_device(config.device)
         ensure_default_model(config.model_dir)  # the built-in model, if that is the one asked for
         hf_config = load_hf_config(config.model_dir)
         self.spec = spec_from_hf_config(hf_config)
+        self.threads = router_threads_for(config, self.spec.hidden_size)
+        self.lock.num_threads = self.threads
+        torch.set_num_threads(self.threads)  # a no-op in-process unless asked for
         setup = WorkerSetup(
             config.model_dir,
             self.spec,
@@ -206,9 +214,18 @@ class Router:
         if self._scheduler is None:
             eos = eos_ids(self.model.generation_config, self.model.config)
             self._scheduler = GenerationScheduler(
-                self.model, eos, self.device, self.lock, self.config.batch_limits
+                self.model, eos, self.device, self.lock, self.config.batch_limits, self._overlap_runner()
             )
         return self._scheduler
+
+    def _overlap_runner(self) -> MicroBatchRunner | None:
+        """The micro-batch runner decode steps overlap with, or None (off, or a transport whose
+        experts run in this process or cannot take two micro-batches at once)."""
+        setting = self.config.micro_batch_min_tokens
+        if setting == "off" or not getattr(self.dispatcher.transport, "overlaps", False):
+            return None
+        min_tokens = DEFAULT_MIN_TOKENS if setting == "auto" else setting
+        return MicroBatchRunner(self.dispatcher, self.threads, min_tokens)
 
     def generate_stream(
         self,
@@ -298,6 +315,35 @@ class Router:
         """Stop a `generate_stream` request (its client went away); unknown ids are ignored."""
         if self._scheduler is not None:
             self._scheduler.cancel(request_id)
+
+    # ---- step tracing -----------------------------------------------------------------------------
+
+    def start_trace(self) -> None:
+        """Record timed spans in this process and in every expert worker (see moe_serving.tracing)
+        until `stop_trace`; starting again clears what was recorded."""
+        tracing.set_process("router")
+        with self.lock:
+            if self._trace_hooks is None:
+                self._trace_hooks = trace_hooks.install(
+                    self.model, self.spec.moe_module_path, set(self.spec.moe_layers)
+                )
+            self._traced = self.dispatcher.placement.worker_ids
+            self.dispatcher.transport.trace(self._traced, True)
+            tracing.enable(True)
+
+    def stop_trace(self) -> dict:
+        """Stop recording; the router's and the workers' spans as one Chrome trace (a JSON object
+        Perfetto and chrome://tracing open), all on the machine's wall clock."""
+        with self.lock:
+            tracing.enable(False)
+            if self._trace_hooks is not None:
+                trace_hooks.remove(self._trace_hooks)
+                self._trace_hooks = None
+            transport = self.dispatcher.transport
+            workers = tuple(self._traced)
+            events = tracing.take() + transport.take_traces(workers)
+            transport.trace(workers, False)
+        return tracing.chrome_trace(events)
 
     # ---- membership -------------------------------------------------------------------------------
 

@@ -180,7 +180,7 @@ def test_killed_worker_changes_no_output_and_is_replaced(engines):
         transport = router.dispatcher.transport
         run = transport.run_layer
 
-        def run_layer(layer, work):
+        def run_layer(layer, work, **kw):
             if layer == 2 and 1 in transport._actors:
                 actor = transport._actors[1]
                 ray.kill(actor)
@@ -190,7 +190,7 @@ def test_killed_worker_changes_no_output_and_is_replaced(engines):
                     except ray.exceptions.RayActorError:
                         break
                     time.sleep(0.05)
-            return run(layer, work)
+            return run(layer, work, **kw)
 
         transport.run_layer = run_layer
 

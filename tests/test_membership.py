@@ -57,8 +57,8 @@ def test_local_scale_and_lost_workers_keep_the_outputs(tiny_model_dir):
         transport = router.dispatcher.transport
         real = transport.run_layer
 
-        def losing(layer, work):  # two workers vanish in the middle of a pass
-            result = real(layer, work)
+        def losing(layer, work, **kw):  # two workers vanish in the middle of a pass
+            result = real(layer, work, **kw)
             for w in list(result.partials)[:2]:
                 del result.partials[w]
                 result.lost[w] = "test"
@@ -76,8 +76,8 @@ def test_local_scale_and_lost_workers_keep_the_outputs(tiny_model_dir):
         assert events["workers_lost"] == 2 and events["failover"] == 1 and events["restore"] == 1
         assert rel_err(engine.forward(ids), want) < 1e-5
 
-        def all_lost(layer, work):
-            result = real(layer, work)
+        def all_lost(layer, work, **kw):
+            result = real(layer, work, **kw)
             result.lost = {w: "test" for w in result.partials}
             result.partials = {}
             return result

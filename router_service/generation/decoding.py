@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from moe_serving import tracing
+from router_service.generation.overlap import join_caches, split_bounds, split_cache
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -208,8 +211,9 @@ class DecodeBatch:
     Not thread-safe: the caller serialises calls (the router holds its lock around each step).
     """
 
-    def __init__(self, model, eos_token_ids: set[int], device: torch.device):
+    def __init__(self, model, eos_token_ids: set[int], device: torch.device, overlap=None):
         self.model = model
+        self.overlap = overlap  # a MicroBatchRunner: big enough steps run as overlapped micro-batches
         self.eos = eos_token_ids
         self.device = device
         self.seqs: list[Sequence] = []
@@ -246,9 +250,10 @@ class DecodeBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos_ids, cache=cache, use_cache=True
-        )
+        with tracing.span("model"):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos_ids, cache=cache, use_cache=True
+            )
         tokens, logprobs = self._sample(out.logits[:, -1].float(), new)
         last = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = mask.sum(-1)
@@ -260,17 +265,41 @@ class DecodeBatch:
         """One decode step for every live sequence. Returns (sequence, token, finish_reason,
         logprobs) per row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], dim=1)
-        out = self.model(
-            input_ids=self.last[:, None],
-            attention_mask=self.mask,
-            position_ids=self.pos[:, None],
-            cache=self.cache,
-            use_cache=True,
-        )
-        tokens, logprobs = self._sample(out.logits[:, -1].float(), self.seqs)
+        n = len(self.seqs)
+        with tracing.span("model"):
+            if self.overlap is not None and self.overlap.wanted(n) and _mergeable(self.cache):
+                logits = self._forward_overlapped(n)
+            else:
+                logits = self._forward(0, n, self.cache)
+        with tracing.span("sample"):
+            tokens, logprobs = self._sample(logits.float(), self.seqs)
         self.last = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self.pos = self.pos + 1
         return self._record(self.seqs, tokens, logprobs)
+
+    def _forward(self, lo: int, hi: int, cache) -> torch.Tensor:
+        """Last-position logits [hi - lo, V] of one decode step for rows [lo, hi), with `cache`."""
+        out = self.model(
+            input_ids=self.last[lo:hi, None],
+            attention_mask=self.mask[lo:hi],
+            position_ids=self.pos[lo:hi, None],
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    def _forward_overlapped(self, n: int) -> torch.Tensor:
+        """The step as micro-batches whose dense work and expert round trips overlap."""
+        bounds = split_bounds(n)
+        parts = [split_cache(self.cache, lo, hi) for lo, hi in bounds]
+        logits = self.overlap.run(
+            [
+                lambda lo=lo, hi=hi, c=c: self._forward(lo, hi, c)
+                for (lo, hi), c in zip(bounds, parts, strict=True)
+            ]
+        )
+        join_caches(self.cache, parts)
+        return torch.cat(logits)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
         """Next token per row of logits [B, V], and its log-probabilities where asked for."""

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 
+from moe_serving import tracing
 from router_service.config import BatchLimits
 from router_service.generation.decoding import DecodeBatch, SamplingParams, Sequence
 
@@ -36,8 +37,8 @@ class GenerationScheduler:
     the Router's `ModelTurn`) serialises model use with the router's other calls (forward,
     moe_forward), which run between steps."""
 
-    def __init__(self, model, eos_token_ids: set[int], device, lock, limits: BatchLimits):
-        self.batch = DecodeBatch(model, eos_token_ids, device)
+    def __init__(self, model, eos_token_ids: set[int], device, lock, limits: BatchLimits, overlap=None):
+        self.batch = DecodeBatch(model, eos_token_ids, device, overlap)
         self.lock = lock
         self.limits = limits
         self._cv = threading.Condition()
@@ -166,6 +167,8 @@ class GenerationScheduler:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.batch.overlap is not None:
+            self.batch.overlap.close()
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -211,11 +214,13 @@ class GenerationScheduler:
                     events = []
                     if new:
                         self.prefill_batches[len(new)] += 1
-                        events += self.batch.add(new)
+                        with tracing.span("prefill", {"sequences": len(new)}):
+                            events += self.batch.add(new)
                         self.batch.evict(self._finished())
                     if len(self.batch):
                         self.steps_by_batch_size[len(self.batch)] += 1
-                        events += self.batch.step()
+                        with tracing.span("decode step", {"sequences": len(self.batch)}):
+                            events += self.batch.step()
                         self.batch.evict(self._finished())
             except Exception as e:  # a worker error: every sequence in the batch gets it
                 log.exception("generation step failed; failing %d sequences", len(self.batch))
@@ -227,7 +232,7 @@ class GenerationScheduler:
                         self._live.discard(s.key)
                         self._cancelled.discard(s.key)
                 continue
-            with self._cv:
+            with self._cv, tracing.span("hand out"):
                 for s, token, finish, lp in events:
                     self._push(s.key, (token, finish, lp))
                     if finish is not None:

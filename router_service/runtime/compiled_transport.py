@@ -36,6 +36,7 @@ from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayTaskError
 
 from expert_workers.worker import ExpertBatch
+from moe_serving import tracing
 from router_service.runtime.ray_transport import RayTransport, kill_actor, pack_batch, unpack
 from router_service.runtime.transport import LayerResult, WorkerError
 
@@ -171,14 +172,21 @@ class CompiledTransport(RayTransport):
 
     # ---- the hot path ------------------------------------------------------------------------------
 
-    def run_layer(self, layer: int, work: dict[int, tuple[int, ExpertBatch]]) -> LayerResult:
+    overlaps = False  # one graph execution at a time: a step's batch runs whole
+
+    def run_layer(
+        self, layer: int, work: dict[int, tuple[int, ExpertBatch]], lane: int = 0, waiting=None
+    ) -> LayerResult:
         self._adopt()
         if self._dag is None or not set(work) <= set(self._members):
             return super().run_layer(layer, work)  # plain actor calls until the graph is ready
+        t0 = tracing.now_us()
         items = [(work[w][0], pack_batch(work[w][1])) if w in work else None for w in self._members]
         self._watch.begin([w for w in self._members if w in work])
         try:
             refs = self._dag.execute(layer, *items)
+            t1 = tracing.now_us()
+            tracing.record("submit", t0, t1, {"layer": layer})
             self.graph_layers += 1
             result = LayerResult()
             for i, ref in enumerate(refs):
@@ -200,6 +208,7 @@ class CompiledTransport(RayTransport):
                     # Copied out of the channel's buffer: a tensor viewing it would keep the channel
                     # busy for as long as anyone holds it, and the next execution would block on it.
                     result.partials[w] = unpack(partial).to(work[w][1].x.device, copy=True)
+            tracing.record("wait", t1, tracing.now_us(), {"layer": layer})
             return result
         except _BROKEN as e:  # a worker died (or hung past the timeout): plain calls finish the layer
             self.graph_breaks += 1

@@ -31,6 +31,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expert_workers.worker import ExpertBatch, ExpertWorker
+from moe_serving import tracing
 from moe_serving.tensors import from_raw, to_raw
 from router_service.config import WorkerResources
 from router_service.runtime.transport import (
@@ -101,7 +102,9 @@ class RayExpertWorker(ExpertWorker):
     def __init__(self, *args, progress: str = "bar", **kwargs):
         self._progress = progress
         self._bar = None
+        self._data_plane = None
         super().__init__(*args, **kwargs)
+        tracing.set_process(f"expert worker {self.worker_id}")
 
     @property
     def checkpoint(self):
@@ -147,6 +150,27 @@ class RayExpertWorker(ExpertWorker):
     def set_labels(self, labels: dict) -> None:
         super().set_labels(labels)
 
+    @ray.method(concurrency_group="control")
+    def open_data_plane(self, token: bytes) -> tuple[str, int]:
+        """Serve `forward` on a TCP port of this node for the router holding `token` (the "socket"
+        transport); a new token (a restarted router) replaces the port."""
+        from router_service.runtime.socket_transport import DataPlaneServer
+
+        if self._data_plane is None or self._data_plane.token != token:
+            if self._data_plane is not None:
+                self._data_plane.close()
+            host = ray.util.get_node_ip_address()
+            self._data_plane = DataPlaneServer(self.forward, self.worker_id, token, host)
+        return self._data_plane.address
+
+    @ray.method(concurrency_group="control")
+    def set_tracing(self, on: bool) -> None:
+        super().set_tracing(on)
+
+    @ray.method(concurrency_group="control")
+    def take_trace(self) -> list[dict]:
+        return super().take_trace()
+
     def forward_packed(self, layer: int, item: tuple | None) -> tuple | None:
         """`forward` on a (layout, packed batch) item, returning the packed partial; None when there
         is no work.
@@ -158,7 +182,8 @@ class RayExpertWorker(ExpertWorker):
             return None
         layout, packed = item
         try:
-            return pack(self.forward(layer, unpack_batch(packed), layout))
+            with tracing.span("worker call", {"layer": layer}):
+                return pack(self.forward(layer, unpack_batch(packed), layout))
         except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed
             raise worker_error(self.worker_id, layer, e) from e
 
@@ -264,16 +289,28 @@ class RayTransport:
 
     # ---- the hot path ------------------------------------------------------------------------------
 
-    def run_layer(self, layer: int, work: dict[int, tuple[int, ExpertBatch]]) -> LayerResult:
+    overlaps = True  # actor calls from two micro-batch threads are independent
+
+    def run_layer(
+        self, layer: int, work: dict[int, tuple[int, ExpertBatch]], lane: int = 0, waiting=None
+    ) -> LayerResult:
         result = LayerResult()
         refs = []
+        t0 = tracing.now_us()
         for w, (layout, batch) in work.items():
             actor = self._actors.get(w)
             if actor is None:
                 result.lost[w] = self._lost_why.get(w, "not running")
                 continue
             refs.append((w, actor.forward_packed.remote(layer, (layout, pack_batch(batch)))))
+        t1 = tracing.now_us()
+        tracing.record("submit", t0, t1, {"layer": layer})
         self._watch.begin([w for w, _ in refs])
+        with waiting() if waiting is not None else contextlib.nullcontext():
+            self._collect(layer, work, refs, result, t1)
+        return result
+
+    def _collect(self, layer, work, refs, result: LayerResult, t1: float) -> None:
         try:
             for w, ref in refs:
                 try:
@@ -289,7 +326,7 @@ class RayTransport:
                 result.partials[w] = unpack(partial).to(work[w][1].x.device)
         finally:
             self._watch.end()
-        return result
+            tracing.record("wait", t1, tracing.now_us(), {"layer": layer})
 
     def _lost(self, worker: int, e: BaseException) -> str:
         """Forget a worker that died (or was killed by the watchdog) and say why."""
@@ -427,6 +464,13 @@ class RayTransport:
     def use_workers(self, workers: tuple[int, ...]) -> None:
         pass
 
+    def trace(self, workers: tuple[int, ...], on: bool) -> None:
+        ray.get([self._actors[w].set_tracing.remote(on) for w in workers if w in self._actors])
+
+    def take_traces(self, workers: tuple[int, ...]) -> list[dict]:
+        refs = [self._actors[w].take_trace.remote() for w in workers if w in self._actors]
+        return [ev for events in ray.get(refs, timeout=DESCRIBE_TIMEOUT_S) for ev in events]
+
     def _named_workers(self) -> dict[int, str]:
         """Worker id -> actor name, of every worker of this cluster Ray knows by name."""
         prefix = f"{self.cluster}:worker-"
@@ -519,16 +563,16 @@ class _Watchdog:
 
     def __init__(self, transport: RayTransport):
         self.t = transport
-        self._inflight: tuple[float, list[int]] | None = None
+        self._inflight: dict[int, tuple[float, list[int]]] = {}  # by calling thread (micro-batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-watchdog", daemon=True)
         self._thread.start()
 
     def begin(self, workers: list[int]) -> None:
-        self._inflight = (time.monotonic(), workers)
+        self._inflight[threading.get_ident()] = (time.monotonic(), workers)
 
     def end(self) -> None:
-        self._inflight = None
+        self._inflight.pop(threading.get_ident(), None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -536,12 +580,12 @@ class _Watchdog:
     def _run(self) -> None:
         pings: dict[int, tuple[ray.ObjectRef, float]] = {}
         while not self._stop.wait(0.2):
-            snap = self._inflight
-            if snap is None or time.monotonic() - snap[0] < HEARTBEAT_S:
+            now = time.monotonic()
+            slow = {w for t0, ws in list(self._inflight.values()) if now - t0 >= HEARTBEAT_S for w in ws}
+            if not slow:
                 pings.clear()
                 continue
-            now = time.monotonic()
-            for w in snap[1]:
+            for w in slow:
                 actor = self.t._actors.get(w)
                 if actor is None:
                     continue

@@ -26,6 +26,7 @@ import torch
 from expert_workers.worker import ExpertBatch, ExpertWorker
 from moe_models.spec import ModelSpec
 
+LANES = 2  # micro-batches of one step in flight at once, at most (generation/overlap.py)
 Assignment = dict[int, list[int]]  # MoE layer -> expert id of each slot
 LayoutSpec = tuple[int, Assignment]  # (layout key, assignment)
 
@@ -80,8 +81,17 @@ class WorkerSetup:
 
 
 class Transport(Protocol):
+    # Whether two micro-batches may run layers at once (from two threads): see generation/overlap.py.
+    overlaps: bool
+
     # ---- the hot path (a pass, under the router's model lock) ----
-    def run_layer(self, layer: int, work: dict[int, tuple[int, ExpertBatch]]) -> LayerResult: ...
+    def run_layer(
+        self, layer: int, work: dict[int, tuple[int, ExpertBatch]], lane: int = 0, waiting=None
+    ) -> LayerResult:
+        """lane: which micro-batch of a step this is (two may be in flight at once, from two
+        threads); waiting: None, or a context manager factory to hold while blocked on workers
+        (the micro-batch hands the router's compute turn over there)."""
+        ...
 
     # ---- membership (the controller's thread; blocking) ----
     def start_workers(self, specs: dict[int, LayoutSpec]) -> dict[int, BaseException]:
@@ -114,6 +124,14 @@ class Transport(Protocol):
         lock, when a placement is published): the compiled transport rebuilds its graph."""
         ...
 
+    def trace(self, workers: tuple[int, ...], on: bool) -> None:
+        """Start (clearing) or stop step tracing in these workers' processes."""
+        ...
+
+    def take_traces(self, workers: tuple[int, ...]) -> list[dict]:
+        """The trace events these workers recorded (moe_serving.tracing), and clear them."""
+        ...
+
     def discover(self) -> dict[int, dict]:
         """Workers of this cluster that are already running (a restarted router reattaches to
         them): id -> describe()."""
@@ -130,12 +148,16 @@ class LocalTransport:
     A worker is lost only when it was retired; loads run in the calling thread.
     """
 
+    overlaps = False  # the experts compute in the router's own process: nothing to hide
+
     def __init__(self, setup: WorkerSetup):
         self.setup = setup
         self.workers: dict[int, ExpertWorker] = {}
 
-    def run_layer(self, layer: int, work: dict[int, tuple[int, ExpertBatch]]) -> LayerResult:
-        result = LayerResult()
+    def run_layer(
+        self, layer: int, work: dict[int, tuple[int, ExpertBatch]], lane: int = 0, waiting=None
+    ) -> LayerResult:
+        result = LayerResult()  # computed here, in the caller's thread: nothing to wait for
         for w, (layout, batch) in work.items():
             if w not in self.workers:
                 result.lost[w] = "not running"
@@ -185,6 +207,12 @@ class LocalTransport:
 
     def use_workers(self, workers: tuple[int, ...]) -> None:
         pass
+
+    def trace(self, workers: tuple[int, ...], on: bool) -> None:
+        pass  # the workers share the router's process, and its trace buffer
+
+    def take_traces(self, workers: tuple[int, ...]) -> list[dict]:
+        return []
 
     def discover(self) -> dict[int, dict]:
         return {}

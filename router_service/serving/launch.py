@@ -151,7 +151,7 @@ def start_server(
     from router_service.runtime.router_actor import ensure_ray, min_cluster_cpus
 
     if transport == "local":
-        raise ValueError("serving needs a Ray transport: 'ray' or 'compiled'")
+        raise ValueError("serving needs a Ray transport: 'ray', 'socket' or 'compiled'")
     settings = settings or ServingSettings(model_name=Path(model_dir).name)
     batch_limits = batch_limits or BatchLimits()
     settings = fit_settings(settings, batch_limits)

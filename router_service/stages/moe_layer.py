@@ -13,6 +13,8 @@ still finish.
 from __future__ import annotations
 
 import collections
+import contextlib
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_models.spec import ModelSpec
+from moe_serving import tracing
 from router_service.stages.gating import Routing
 from router_service.stages.load_stats import ExpertLoad
 from router_service.stages.placement import Placement
@@ -47,6 +50,17 @@ class ExpertDispatcher:
         self.passes = 0  # forward passes that reached the first MoE layer
         self.worker_tokens: collections.Counter[int] = collections.Counter()  # token rows sent, by worker
         self._first_layer = spec.moe_layers[0]
+        self._local = threading.local()  # the micro-batch (lane) a thread runs, and its baton
+
+    @contextlib.contextmanager
+    def lane(self, index: int, baton):
+        """Run this thread's layers as micro-batch `index`, handing `baton` over while waiting on
+        the workers (router_service/generation/overlap.py)."""
+        self._local.lane, self._local.baton = index, baton
+        try:
+            yield
+        finally:
+            self._local.lane, self._local.baton = 0, None
 
     def dispatch(
         self, layer: int, x: torch.Tensor, routing: Routing, shared_weights: torch.Tensor | None = None
@@ -55,7 +69,7 @@ class ExpertDispatcher:
         experts (scaled by `shared_weights` [T], None meaning 1), computed by the workers."""
         if x.shape[0] == 0:
             return torch.zeros_like(x)
-        if layer == self._first_layer:
+        if layer == self._first_layer and not getattr(self._local, "lane", 0):
             self.passes += 1
         placement = self.placement  # the same for the whole pass unless workers are lost
         pair_mask = zero_part = None  # pairs still to compute: None = every pair
@@ -69,7 +83,8 @@ class ExpertDispatcher:
         else:
             self.load.record(layer, routing.ids)
         with_shared = self.spec.shared_intermediate_size > 0
-        work = plan(routing, placement, layer, x, with_shared, shared_weights, pair_mask)
+        with tracing.span("plan", {"layer": layer, "tokens": x.shape[0]}):
+            work = plan(routing, placement, layer, x, with_shared, shared_weights, pair_mask)
         partials, lost = self._run(layer, placement, work)
         if zero_part is not None:
             partials.append(zero_part)
@@ -92,12 +107,17 @@ class ExpertDispatcher:
             work = plan(routing, placement, layer, x, with_shared, shared_weights, pair_mask, shared_mask)
             more, lost = self._run(layer, placement, work)
             partials += more
-        return combine(x, partials)
+        with tracing.span("combine", {"layer": layer}):
+            return combine(x, partials)
 
     def _run(self, layer: int, placement: Placement, work: dict) -> tuple[list, dict[int, str]]:
         """Dispatch one plan: the (rows, partial) pairs in worker order, and the workers lost."""
+        baton = getattr(self._local, "baton", None)
         result = self.transport.run_layer(
-            layer, {w: (placement.layout_of(w), b) for w, (_, b) in work.items()}
+            layer,
+            {w: (placement.layout_of(w), b) for w, (_, b) in work.items()},
+            lane=getattr(self._local, "lane", 0),
+            waiting=baton.released if baton is not None else None,
         )
         ordered = [w for w in placement.worker_ids if w in result.partials]
         for w in ordered:
@@ -128,6 +148,8 @@ class RemoteExperts(nn.Module):
         self._dispatcher = dispatcher
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if tracing.enabled():  # the block's own router ran from its entry to here
+            tracing.record("gate", self._block.__dict__.get("_trace_t0", tracing.now_us()), tracing.now_us())
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
         routing = Routing(
             top_k_index.reshape(x.shape[0], -1).to(torch.int32), top_k_weights.float().reshape(x.shape[0], -1)
@@ -160,7 +182,8 @@ class RemoteLlama4Moe(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
-        scores, logits = self.router(x)  # [T, E] each
-        ids = torch.topk(logits, self.router.top_k, dim=1).indices  # the router's own top-k call
+        with tracing.span("gate"):
+            scores, logits = self.router(x)  # [T, E] each
+            ids = torch.topk(logits, self.router.top_k, dim=1).indices  # the router's own top-k call
         routing = Routing(ids.to(torch.int32), scores.gather(1, ids).float())
         return self._dispatcher.dispatch(self.layer, x, routing), logits
