@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     from router_service.default_model import default_model_dir
 
     model_dir = str(args.model or default_model_dir(args.preset))
+    threads_given = args.threads is not None  # else the server's defaults (router threads by model size)
     if args.threads is None:
         from router_service.config import EngineConfig
 
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
             transport=args.transport,
             options=ServerOptions(http_port=0, grpc_port=0),
             progress="off",
-            num_threads=args.threads,
+            num_threads=args.threads if threads_given else None,
             micro_batch_min_tokens=mb if (mb := args.micro_batch_min_tokens) in ("auto", "off") else int(mb),
         )
         url = server.http_url
@@ -475,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-        f"torch threads: router and each worker {args.threads}, transformers {hf_threads}. Server: "
+        f"torch threads: each worker {args.threads}, router "
+        f"{args.threads if threads_given else 'by model size (router_threads_for)'}, transformers {hf_threads}. Server: "
         f"{'--url ' + args.url if args.url else f'{args.transport} transport, {args.workers} workers, fp32'}. "
         f"Wall time {wall:.0f} s."
     )

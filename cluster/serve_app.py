@@ -33,7 +33,7 @@ class AppArgs:
     model: str | None = None  # a checkpoint directory readable on every node; None: the built-in model
     served_model_name: str | None = None  # default: the model directory's name
     num_workers: int = 2
-    transport: str = "ray"
+    transport: str = "socket"
     dtype: str = "float32"
     device: str = "auto"
     expert_kernel: str = "auto"
@@ -149,7 +149,7 @@ def configs(a: AppArgs):
         model_name=a.served_model_name or Path(model).name, max_request_tokens=a.max_request_tokens
     )
     if config.transport == "local":
-        raise ValueError("the Serve application needs a Ray transport: 'ray' or 'compiled'")
+        raise ValueError("the Serve application needs a Ray transport: 'socket', 'ray' or 'compiled'")
     grpc = (a.grpc_host, a.grpc_port) if a.grpc_port else None
     return config, spec, fit_settings(settings, limits), grpc
 

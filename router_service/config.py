@@ -258,7 +258,8 @@ class EngineConfig:
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
     # Micro-batch overlap (router_service/generation/overlap.py): decode steps of at least this many
     # sequences run as two micro-batches, the router's dense work on one hiding the other's expert
-    # round trip. "auto": the threshold measured in docs/performance.md; "off": never; an int >= 2.
+    # round trip. "auto": the measured default (off: it lost everywhere measured on CPU, see
+    # docs/performance.md "Micro-batch overlap"); "off": never; an int >= 2.
     # Only the "ray" and "socket" transports overlap (the experts must run in other processes).
     micro_batch_min_tokens: int | str = "auto"
     # Scaling, rebalancing, fault handling and autoscaling of the expert workers.

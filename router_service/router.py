@@ -225,6 +225,8 @@ class Router:
         if setting == "off" or not getattr(self.dispatcher.transport, "overlaps", False):
             return None
         min_tokens = DEFAULT_MIN_TOKENS if setting == "auto" else setting
+        if min_tokens is None:
+            return None
         return MicroBatchRunner(self.dispatcher, self.threads, min_tokens)
 
     def generate_stream(

@@ -257,7 +257,7 @@ def check_serve_config(m: dict) -> None:
     assert app["import_path"] == "cluster.serve_app:build_app"
     args = AppArgs.from_args(app["args"])  # the builder's own parser: unknown names, bad values
     assert args.grpc_port == 50051 and args.grpc_host == "0.0.0.0"
-    assert args.transport in ("ray", "compiled")
+    assert args.transport in ("socket", "ray", "compiled")
     assert args.worker_resources.get(EXPERT_RESOURCE, 0) > 0, "expert workers must ask for the worker pods"
     if args.model is not None:
         assert args.model.startswith("/models/"), "a checkpoint comes from the /models volume"

@@ -75,9 +75,14 @@ def join_caches(cache: DynamicCache, parts: list[DynamicCache]) -> None:
         layer.values = torch.cat([p.layers[i].values for p in parts])
 
 
-# Decode steps with at least this many sequences run as two micro-batches (the measured threshold:
-# docs/performance.md, "Micro-batch overlap"); EngineConfig.micro_batch_min_tokens overrides it.
-DEFAULT_MIN_TOKENS = 16
+# The threshold "auto" stands for: None, off. Measured on the 2-core CPU machine of
+# docs/performance.md ("Micro-batch overlap"), served, at 16, 32 and 64 streams, overlap lost
+# everywhere: -3/-10/-24% tokens/s on the default model, -1/-16/-13% on the medium preset (each
+# micro-batch re-reads the expert weights a decode step touches, per-op overhead doubles, and the
+# router and the workers share the same cores and memory bandwidth, so there is little to hide).
+# EngineConfig.micro_batch_min_tokens = N turns it on from N sequences (on a GPU, or with the
+# router on a machine of its own, where the two sides do not compete: not measured here).
+DEFAULT_MIN_TOKENS: int | None = None
 
 
 class MicroBatchRunner:
@@ -88,7 +93,7 @@ class MicroBatchRunner:
     once (torch's count is per OS thread).
     """
 
-    def __init__(self, dispatcher, num_threads: int, min_tokens: int = DEFAULT_MIN_TOKENS):
+    def __init__(self, dispatcher, num_threads: int, min_tokens: int = 2):
         self.dispatcher = dispatcher
         self.min_tokens = max(min_tokens, LANES)
         self._pool = ThreadPoolExecutor(

@@ -132,7 +132,7 @@ def start_server(
     model_dir: str | Path,
     *,
     num_workers: int = 2,
-    transport: str = "ray",
+    transport: str = "socket",
     dtype: str = "float32",
     ray_address: str | None = None,
     options: ServerOptions = ServerOptions(),
