@@ -30,3 +30,14 @@ def _seed():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative error the tolerances in the issues refer to."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def transport_probe_outputs(engine, ids: torch.Tensor, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What the transport tests compare across transports: logits, a greedy generation and the last
+    MoE layer on each hidden-state batch (a decode row, a mid batch, a prefill that outgrows buffers)."""
+    layer = engine.spec.moe_layers[-1]
+    return [engine.forward(ids), engine.generate(ids, 4)] + [engine.moe_forward(layer, h) for h in hidden]
+
+
+def probe_batches(hidden_size: int = 32) -> list[torch.Tensor]:
+    return [torch.randn(13, hidden_size), torch.randn(1, hidden_size), torch.randn(2048, hidden_size)]

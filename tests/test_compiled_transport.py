@@ -7,6 +7,7 @@ import time
 import pytest
 import ray
 import torch
+from conftest import probe_batches, transport_probe_outputs
 from tiny_models import COMPILED_CASES, VOCAB
 
 from expert_workers.worker import ExpertBatch
@@ -34,11 +35,10 @@ def test_identical_to_local(family, num_workers, tiny_model_dir):
     d = tiny_model_dir(family)
     ids = torch.randint(3, VOCAB, (2, 9))
     # 13 rows, one token (decode) and a big prefill (the channels grow past their initial size)
-    hs = [torch.randn(13, 32), torch.randn(1, 32), torch.randn(2048, 32)]
+    hs = probe_batches()
 
     def run(engine):
-        layer = engine.spec.moe_layers[-1]
-        return [engine.forward(ids), engine.generate(ids, 4)] + [engine.moe_forward(layer, h) for h in hs]
+        return transport_probe_outputs(engine, ids, hs)
 
     with Engine.from_pretrained(d, num_workers=num_workers, num_threads=THREADS) as local:
         exp = run(local)

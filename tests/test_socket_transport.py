@@ -9,6 +9,7 @@ import time
 import pytest
 import ray
 import torch
+from conftest import probe_batches, transport_probe_outputs
 from tiny_models import VOCAB
 
 from router_service import Engine
@@ -109,11 +110,10 @@ def test_data_plane_refuses_a_wrong_token_and_names_worker_errors():
 def test_identical_to_local(family, num_workers, tiny_model_dir):
     d = tiny_model_dir(family)
     ids = torch.randint(3, VOCAB, (2, 9))
-    hs = [torch.randn(13, 32), torch.randn(1, 32), torch.randn(2048, 32)]
+    hs = probe_batches()
 
     def run(engine):
-        layer = engine.spec.moe_layers[-1]
-        return [engine.forward(ids), engine.generate(ids, 4)] + [engine.moe_forward(layer, h) for h in hs]
+        return transport_probe_outputs(engine, ids, hs)
 
     with Engine.from_pretrained(d, num_workers=num_workers, num_threads=THREADS) as local:
         exp = run(local)
