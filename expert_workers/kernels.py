@@ -12,13 +12,17 @@ the weights are kept in) and the compute path are separate choices; the paths ar
   with `mkldnn._linear_pointwise`, so no call pays for a weight reorder; fp32, and bf16 on CPUs with
   native bf16 (AVX512-BF16 / AMX);
 - "upcast": bf16 (or fp16) storage, fp32 compute: each weight is converted to fp32 one tile of
-  256 rows at a time (cache resident) and multiplied there by oneDNN's fp32 linear, for CPUs whose
-  bf16 matmul is emulated (AVX2-only: ~1 GFLOP/s against ~180 in fp32). At most one tile (one
-  expert's projection when an expert has >= 256 rows) is ever in fp32, so memory stays at the bf16
-  size.
+  UPCAST_TILE_BYTES at a time (cache resident) and multiplied there by oneDNN's fp32 linear, for
+  CPUs whose bf16 matmul is emulated (AVX2-only: ~1 GFLOP/s against ~180 in fp32). At most one tile
+  (one expert's projection when an expert has >= 256 rows) is ever in fp32, so memory stays at the
+  bf16 size.
 
-Never a per-token loop. `select_kernel` picks the path from the device, the dtype and the CPU's
-flags; the measurements behind the rule are in docs/performance.md.
+`moe_experts` / `shared_experts` run the worker's whole expert step (gather the rows, the FFN, scale
+by the gate weight, add into the fp32 output) a chunk of CHUNK_BYTES at a time on CPU, so that no
+intermediate is large enough to come back from the allocator as fresh, page-faulting memory.
+
+Never a per-token loop. `select_kernel` picks the path from the device, the dtype, the expert shape
+and the CPU's flags by the measured table AUTO_KERNEL; the measurements are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -33,8 +37,24 @@ from moe_models.spec import ExpertFn
 KERNELS = ("grouped_mm", "loop", "onednn", "upcast")
 PLAIN = ExpertFn()  # down(silu(gate(x)) * up(x))
 KERNEL_ENV = "MOE_EXPERT_KERNEL"  # overrides "auto" when set (the explicit argument wins)
-UPCAST_TILE_ROWS = 256  # [256, 2048] fp32 = 2 MiB: stays in L2/L3 between the convert and the mm
+# upcast converts a weight to fp32 a tile of rows at a time: 8 MiB tiles (2048 rows at H = 1024,
+# 1024 at H = 2048) stay in the L3 between the convert and the mm. Measured (2-core EPYC, 32 MiB L3,
+# 64 experts top-6, routed part): at H=1024 I=512 T=1/16/128 1.56/16.5/35.9 ms with 4-8 MiB tiles
+# against 3.04/28.6/50.4 ms with the former 256-row (1 MiB) tiles; at H=2048 I=1408 6.9/71.8/151 ms
+# with 8 MiB against 10.9/107/190 ms with 2 MiB and 9.0/94/185 ms with 32 MiB. Smaller tiles pay
+# oneDNN's per-call fixed cost (the plain fp32 tile is re-laid out inside each call) more often.
+UPCAST_TILE_BYTES = 8 * 2**20
+UPCAST_TILE_ROWS: int | None = None  # fixed rows per tile instead of UPCAST_TILE_BYTES (tests)
 UPCAST_WHOLE_MIN_ROWS = 256  # from this many rows one full-size product beats tiles (~8% at 384 rows)
+# CPU chunks of moe_experts / shared_experts: a chunk's fp32 [rows, H] result is at most 4 MiB (1024
+# rows at H = 1024, 512 at H = 2048). Measured on the 2-core EPYC, 64 experts top-6: routed part,
+# 256 to 2048 rows per chunk within ~5% of each other at T = 128-4096 in bf16 and fp32, one
+# whole-batch chunk 15-25% slower at T >= 1024 (H=2048 I=1408 bf16 T=4096: 1100 ms at 512 rows,
+# 1294 ms whole); shared experts (one FFN over all rows), 512-1024 rows 3-5% faster than 256 and
+# than whole (H=1024 I_s=1024 bf16 T=4096: 65 ms at 1024 rows, 69 at 256, 72 whole). Fewer rows
+# split the experts of T >= 1024 into smaller GEMMs.
+CHUNK_BYTES = 4 * 2**20
+CHUNK_MIN_ROWS = 256
 
 
 def has_grouped_mm() -> bool:
@@ -61,12 +81,63 @@ def check_kernel_name(name: str | None) -> None:
         raise ValueError(f"unknown expert kernel {name!r}; choose one of {KERNELS} or 'auto'")
 
 
-def select_kernel(device: torch.device, dtype: torch.dtype, override: str | None = None) -> str:
-    """The compute path for weights stored in `dtype` on `device`.
+# The automatic kernel, as data: (device type, compute class) -> ((largest expert inter I, kernel),
+# ...), the first row whose bound is >= I (None: any I) wins. The compute class is the storage dtype,
+# with bf16 split by whether the CPU has native bf16. Measured by `python -m bench.moe_layer --shape
+# sweep` (docs/performance.md, "Fine-grained expert kernels (issue 11)"): on the 2-core EPYC with
+# AVX512-BF16, "onednn" was the fastest of our kernels at every H x I of the sweep (H 1024, 2048;
+# I 256-2048) and every T (1-4096), in fp32 and bf16; what changes with T and H is inside the kernel
+# (CHUNK_BYTES, UPCAST_TILE_BYTES), not the choice. bf16 without native bf16 (AVX2-only or AVX-512
+# without BF16) is not measured here: "upcast" is picked because there oneDNN's bf16 is emulated or
+# absent and aten's bf16 GEMM is the ~1 GFLOP/s fallback.
+AUTO_KERNEL: dict[tuple[str, str], tuple[tuple[int | None, str], ...]] = {
+    ("cpu", "float32"): ((None, "onednn"),),
+    ("cpu", "bfloat16"): ((None, "onednn"),),
+    ("cpu", "bfloat16-emulated"): ((None, "upcast"),),
+    ("cpu", "float16"): ((None, "upcast"),),
+}
+GPU_GROUPED_MM_MIN_CAPABILITY = (9, 0)  # torch._grouped_mm's CUDA kernel (sm90+); else a loop of mm
 
-    `override` (one of KERNELS) wins; None or "auto" reads $MOE_EXPERT_KERNEL, then picks:
-    CUDA -> grouped_mm (sm90+, else loop); CPU fp32 -> onednn; CPU bf16 -> onednn with native bf16,
-    else upcast; anything else -> loop (upcast for CPU fp16).
+
+def auto_kernel(
+    device_type: str,
+    dtype: torch.dtype,
+    hidden: int | None = None,
+    inter: int | None = None,
+    *,
+    native_bf16: bool = False,
+    onednn: bool = False,
+    grouped_mm: bool = False,
+    cuda_capability: tuple[int, int] | None = None,
+) -> str:
+    """The automatic kernel for experts of `hidden` x `inter` stored in `dtype`, given the machine's
+    facts (a pure function of its arguments; select_kernel reads them from this machine)."""
+    if device_type == "cuda":
+        ok = grouped_mm and cuda_capability is not None and cuda_capability >= GPU_GROUPED_MM_MIN_CAPABILITY
+        return "grouped_mm" if ok else "loop"
+    compute = str(dtype).removeprefix("torch.")
+    if compute == "bfloat16" and not native_bf16:
+        compute = "bfloat16-emulated"
+    for bound, kernel in AUTO_KERNEL.get((device_type, compute), ((None, "loop"),)):
+        if bound is None or inter is None or inter <= bound:
+            if kernel == "onednn" and not onednn:
+                return "loop"
+            return kernel
+    return "loop"
+
+
+def select_kernel(
+    device: torch.device,
+    dtype: torch.dtype,
+    override: str | None = None,
+    hidden: int | None = None,
+    inter: int | None = None,
+) -> str:
+    """The compute path for `hidden` x `inter` experts stored in `dtype` on `device`.
+
+    `override` (one of KERNELS) wins; None or "auto" reads $MOE_EXPERT_KERNEL, then follows
+    AUTO_KERNEL for this machine: CUDA -> grouped_mm (sm90+, else loop); CPU fp32 -> onednn; CPU
+    bf16 -> onednn with native bf16, else upcast; CPU fp16 -> upcast; anything else -> loop.
     """
     device = torch.device(device)
     if override in (None, "auto"):
@@ -81,18 +152,18 @@ def select_kernel(device: torch.device, dtype: torch.dtype, override: str | None
             raise ValueError(f"expert kernel 'onednn' supports float32 and bfloat16, got {dtype}")
         return override
     if device.type == "cuda":
-        if has_grouped_mm() and torch.cuda.get_device_capability(device) >= (9, 0):
-            return "grouped_mm"
-        return "loop"
+        return auto_kernel(
+            "cuda",
+            dtype,
+            hidden,
+            inter,
+            grouped_mm=has_grouped_mm(),
+            cuda_capability=torch.cuda.get_device_capability(device),
+        )
     if device.type != "cpu":
-        return "loop"
-    if dtype == torch.float32:
-        return "onednn" if has_onednn() else "loop"
-    if dtype == torch.bfloat16:
-        return "onednn" if cpu_has_native_bf16() else "upcast"
-    if dtype == torch.float16:
-        return "upcast"
-    return "loop"
+        return auto_kernel(device.type, dtype, hidden, inter)
+    native = dtype == torch.bfloat16 and cpu_has_native_bf16()
+    return auto_kernel("cpu", dtype, hidden, inter, native_bf16=native, onednn=has_onednn())
 
 
 # ---- weight preparation (once, at load) ---------------------------------------------------------
@@ -198,6 +269,13 @@ def weight_nbytes(w) -> int:
     return sum(t.numel() * t.element_size() for t in w)
 
 
+def chunk_rows(kernel: str, x: torch.Tensor) -> int:
+    """Pairs per chunk of moe_experts / shared_experts for x: [*, H] (see CHUNK_BYTES)."""
+    if x.device.type != "cpu" or kernel == "grouped_mm":
+        return 1 << 62  # one chunk: a GPU allocator keeps its blocks, and grouped_mm wants them all
+    return max(CHUNK_MIN_ROWS, CHUNK_BYTES // (4 * x.shape[1]))
+
+
 # ---- compute --------------------------------------------------------------------------------------
 
 
@@ -206,21 +284,28 @@ def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch
     return fn(x, w_t, offs=offs)
 
 
-def _linear_upcast(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def upcast_tile_rows(cols: int) -> int:
+    """Rows of a [rows, cols] fp32 tile of UPCAST_TILE_BYTES (UPCAST_TILE_ROWS when set)."""
+    return UPCAST_TILE_ROWS or max(1, UPCAST_TILE_BYTES // (4 * cols))
+
+
+def _linear_upcast(x: torch.Tensor, w: torch.Tensor, tile_rows: int | None = None) -> torch.Tensor:
     """x @ w.T in fp32 with w in low precision, converted a tile of rows at a time.
 
-    x: [n, K] fp32, w: [N, K] bf16/fp16 -> [n, N] fp32.
+    x: [n, K] fp32, w: [N, K] bf16/fp16 -> [n, N] fp32. `tile_rows` None: upcast_tile_rows(K), or
+    the whole weight at once from UPCAST_WHOLE_MIN_ROWS rows of x.
     """
     rows, cols = w.shape
-    step = rows if x.shape[0] >= UPCAST_WHOLE_MIN_ROWS else UPCAST_TILE_ROWS
-    buf = torch.empty(min(step, rows) * cols, dtype=torch.float32, device=x.device)
+    if tile_rows is None:
+        tile_rows = rows if x.shape[0] >= UPCAST_WHOLE_MIN_ROWS else upcast_tile_rows(cols)
+    buf = torch.empty(min(tile_rows, rows) * cols, dtype=torch.float32, device=x.device)
     out = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
     # The tiles go through oneDNN's fp32 linear where there is one: MKL's sgemm alternating with
     # aten's parallel copy was bimodal here (13 or 65 ms for the T = 1 bench layer, thread pools
     # fighting over 2 cores) and 1.4x slower at T = 128; oneDNN runs on aten's own OpenMP pool.
     onednn = x.device.type == "cpu" and has_onednn()
-    for r in range(0, rows, step):
-        r2 = min(r + step, rows)
+    for r in range(0, rows, tile_rows):
+        r2 = min(r + tile_rows, rows)
         tile = buf[: (r2 - r) * cols].view(r2 - r, cols)
         tile.copy_(w[r:r2])
         if onednn:
@@ -289,6 +374,9 @@ def swiglu_experts(
         return out if b2 is None else out + b2.repeat_interleave(repeats, dim=0)
     if kernel == "upcast":
         x = x.float()
+    if len(counts) == 1 and counts[0]:  # one expert (a chunk of moe_experts): no copy into a stacked result
+        h = _linear(kernel, x, w13[0], None if b13 is None else b13[0])  # [S, 2I]
+        return _linear(kernel, glu(h, fn), w2[0], None if b2 is None else b2[0])  # [S, H]
     out = torch.empty_like(x)
     start = 0
     for e, n in enumerate(counts):
@@ -298,6 +386,117 @@ def swiglu_experts(
         out[start : start + n] = _linear(kernel, glu(h, fn), w2[e], None if b2 is None else b2[e])  # [n, H]
         start += n
     return out
+
+
+def expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, list[int]]]:
+    """Cut pairs sorted by expert into chunks of at most `max_rows` pairs: whole experts packed
+    together in order, an expert with more pairs than that split into even parts of its own.
+
+    Returns [(first pair, first expert, pairs per expert of the chunk)], the experts of a chunk being
+    first expert, first expert + 1, ... (a split expert appears in consecutive chunks); no chunk is
+    empty.
+    """
+    chunks: list[tuple[int, int, list[int]]] = []
+    start = e0 = 0
+    part: list[int] = []
+    for e, n in enumerate(counts):
+        if part and sum(part) + n > max_rows:
+            if sum(part):
+                chunks.append((start, e0, part))
+            start, part = start + sum(part), []
+        if not part:
+            e0 = e
+        if n > max_rows:  # alone, in even parts
+            pieces = -(-n // max_rows)
+            for i in range(pieces):
+                size = n * (i + 1) // pieces - n * i // pieces
+                chunks.append((start, e, [size]))
+                start += size
+            continue
+        part.append(n)
+    if sum(part):
+        chunks.append((start, e0, part))
+    return chunks
+
+
+def moe_experts(
+    kernel: str,
+    x: torch.Tensor,
+    pair_rows: torch.Tensor,
+    pair_weights: torch.Tensor,
+    counts: list[int],
+    w13,
+    w2,
+    out: torch.Tensor,
+    fn: ExpertFn = PLAIN,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    max_rows: int | None = None,
+) -> None:
+    """out[row] += weight * expert(x[row]) for every (row, expert, weight) pair, a chunk of pairs at a time.
+
+    # N = token rows, P = pairs, E = local experts, H = hidden, I = expert inter dim
+    x: [N, H] in the weights' dtype; pair_rows: int64 [P] rows of x, pairs sorted by expert;
+    pair_weights: fp32 [P]; counts: E ints summing to P; w13/w2/b13/b2 as in swiglu_experts;
+    out: fp32 [N, H], accumulated into. With `fn.scale_input` (Llama 4) the weight scales the
+    expert's input, in x's dtype, instead of its output.
+
+    Chunks of at most `max_rows` pairs (None: `chunk_rows(kernel, x)`) go through gather ->
+    swiglu_experts -> scale -> index_add_, so every intermediate is a few MB that the allocator
+    reuses call after call: a whole-batch gather at T = 4096 is [24576, H], and fresh tensors that
+    size cost a page fault per 4 KiB page here (~1 us each: 14 ms to fill 48 MB fresh, 1.7 ms
+    reused), which made the gather/scatter a quarter of the layer's time.
+    """
+    if not counts or not sum(counts):
+        return
+    if max_rows is None:
+        max_rows = chunk_rows(kernel, x)
+    for start, e0, part in expert_chunks(counts, max_rows):
+        stop, e1 = start + sum(part), e0 + len(part)
+        rows = pair_rows[start:stop]
+        weights = pair_weights[start:stop, None]  # [n, 1]
+        xc = x.index_select(0, rows)  # [n, H]
+        if fn.scale_input:
+            xc = xc * weights.to(xc.dtype)
+        yc = swiglu_experts(
+            kernel,
+            xc,
+            part,
+            w13[e0:e1],
+            w2[e0:e1],
+            fn,
+            None if b13 is None else b13[e0:e1],
+            None if b2 is None else b2[e0:e1],
+        )  # [n, H]
+        out.index_add_(0, rows, yc.float() if fn.scale_input else yc * weights)  # bf16 * fp32 -> fp32
+
+
+def shared_experts(
+    kernel: str,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    w13,
+    w2,
+    out: torch.Tensor,
+    fn: ExpertFn = PLAIN,
+    max_rows: int | None = None,
+) -> None:
+    """out[rows] += row_weights * ffn(x[rows]) for the fused shared experts, a chunk of rows at a time.
+
+    # N = token rows, NS = rows given the shared experts, H = hidden
+    x: [N, H]; rows: int64 [NS]; row_weights: fp32 [NS] or None (1); w13 [2I_s, H], w2 [H, I_s] in
+    `kernel`'s layout; out: fp32 [N, H]. Chunked like moe_experts, for the same reason.
+    """
+    if max_rows is None:
+        max_rows = chunk_rows(kernel, x)
+    for start in range(0, rows.numel(), max_rows):
+        rc = rows[start : start + max_rows]
+        yc = swiglu_dense(x.index_select(0, rc), w13, w2, kernel, fn)  # [n, H]
+        if row_weights is None:
+            out.index_add_(0, rc, yc.float())
+        else:
+            out.index_add_(0, rc, yc * row_weights[start : start + max_rows, None])
 
 
 def swiglu_dense(x: torch.Tensor, w13, w2, kernel: str = "loop", fn: ExpertFn = PLAIN) -> torch.Tensor:

@@ -16,10 +16,10 @@ import torch
 
 from expert_workers.kernels import (
     ExpertStackBuilder,
+    moe_experts,
     prepack_dense,
     select_kernel,
-    swiglu_dense,
-    swiglu_experts,
+    shared_experts,
 )
 from moe_models.checkpoint import Checkpoint
 from moe_models.expert_layout import read_experts, read_shared
@@ -131,7 +131,9 @@ class ExpertWorker:
         self.spec = spec or spec_from_pretrained(model_dir)
         self.dtype = dtype
         self.device = resolve_device(device)
-        self.kernel = select_kernel(self.device, dtype, kernel)
+        self.kernel = select_kernel(
+            self.device, dtype, kernel, self.spec.hidden_size, self.spec.moe_intermediate_size
+        )
         self.model_dir = model_dir
         self._checkpoint: Checkpoint | None = None  # opened by the first load, whose errors come back clean
         self.layouts: dict[int, dict[int, LayerExperts]] = {}
@@ -302,22 +304,15 @@ class ExpertWorker:
         pair_rows = batch.pair_rows.to(self.device)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=self.device)  # [N, H]
         fn = self.spec.expert_fn
-        if pair_rows.numel():
-            xs = x.index_select(0, pair_rows)  # [P, H], sorted by local slot
-            weights = batch.pair_weights.to(self.device, torch.float32)
-            if fn.scale_input:  # Llama 4: the expert sees weight * x, in the serving dtype
-                xs = xs * weights[:, None].to(xs.dtype)
+        if pair_rows.numel():  # Llama 4 (fn.scale_input): the expert sees weight * x, in the serving dtype
+            weights = batch.pair_weights.to(self.device, torch.float32)  # [P]
             counts = batch.expert_counts.tolist()
-            ys = swiglu_experts(self.kernel, xs, counts, lx.w13, lx.w2, fn, lx.b13, lx.b2)  # [P, H]
-            out.index_add_(0, pair_rows, ys.float() if fn.scale_input else ys.float() * weights[:, None])
+            moe_experts(self.kernel, x, pair_rows, weights, counts, lx.w13, lx.w2, out, fn, lx.b13, lx.b2)
         if batch.shared_rows is not None and batch.shared_rows.numel() and shared_w13 is not None:
-            rows = batch.shared_rows.to(self.device)
-            ys = swiglu_dense(
-                x.index_select(0, rows), shared_w13, shared_w2, self.kernel, fn
-            ).float()  # [NS, H]
-            if batch.shared_weights is not None:
-                ys = ys * batch.shared_weights.to(self.device, torch.float32)[:, None]
-            out.index_add_(0, rows, ys)
+            rows = batch.shared_rows.to(self.device)  # [NS]
+            scale = batch.shared_weights
+            scale = None if scale is None else scale.to(self.device, torch.float32)
+            shared_experts(self.kernel, x, rows, scale, shared_w13, shared_w2, out, fn)
         return out.to(self.dtype)
 
     # ---- introspection ---------------------------------------------------------------------------

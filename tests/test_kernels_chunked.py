@@ -1,0 +1,177 @@
+"""The chunked gather -> experts -> scatter of issue 11 (kernels.moe_experts / shared_experts), the
+byte-sized upcast tiles, and the automatic kernel rule, against plain per-pair torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expert_workers import kernels
+from expert_workers.kernels import (
+    KERNELS,
+    auto_kernel,
+    expert_chunks,
+    moe_experts,
+    prepack_dense,
+    prepack_experts,
+    shared_experts,
+)
+from moe_models.spec import ExpertFn
+
+H, INTER, E = 32, 24, 5
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def available(kernel: str, dtype: torch.dtype) -> bool:
+    if kernel == "grouped_mm":
+        return kernels.has_grouped_mm()
+    if kernel == "onednn":
+        return kernels.has_onednn() and (
+            dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    return True
+
+
+def make_case(dtype, counts, n_rows=7, seed=0):
+    """Weights, token rows x [N, H] and pairs sorted by expert (rows drawn with repeats)."""
+    g = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(E, 2 * INTER, H, generator=g) * 0.2).to(dtype)
+    w2 = (torch.randn(E, H, INTER, generator=g) * 0.2).to(dtype)
+    x = torch.randn(n_rows, H, generator=g).to(dtype)
+    pair_rows = torch.randint(0, n_rows, (sum(counts),), generator=g)
+    pair_weights = torch.rand(sum(counts), generator=g)
+    return w13, w2, x, pair_rows, pair_weights
+
+
+def reference(x, pair_rows, pair_weights, counts, w13, w2, scale_input=False):
+    """fp64: out[row] += weight * down(silu(gate(x)) * up(x)) pair by pair."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    for row, e, w in zip(pair_rows.tolist(), experts.tolist(), pair_weights.double().tolist(), strict=True):
+        xe = x[row].double() * (w if scale_input else 1.0)
+        gate, up = (w13[e].double() @ xe).chunk(2)
+        y = w2[e].double() @ (F.silu(gate) * up)
+        out[row] += y if scale_input else w * y
+    return out
+
+
+def assert_rel_close(got, want, tol):
+    err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
+    assert err.item() < tol, f"max relative error {err.item():.2e} >= {tol}"
+
+
+@pytest.mark.parametrize(
+    "counts, max_rows, want",
+    [
+        ([2, 3, 1], 8, [(0, 0, [2, 3, 1])]),  # all in one chunk
+        ([2, 3, 1], 5, [(0, 0, [2, 3]), (5, 2, [1])]),  # whole experts packed up to the bound
+        ([0, 7, 0, 1], 3, [(0, 1, [2]), (2, 1, [2]), (4, 1, [3]), (7, 2, [0, 1])]),
+        ([4, 4], 4, [(0, 0, [4]), (4, 1, [4])]),
+        ([0, 0], 4, []),
+    ],
+    ids=["one", "packed", "split", "exact", "empty"],
+)
+def test_expert_chunks(counts, max_rows, want):
+    got = expert_chunks(counts, max_rows)
+    assert got == want
+    # every pair once, in order, within the bound
+    pos = 0
+    for start, _, part in got:
+        assert start == pos and 0 < sum(part) <= max_rows
+        pos += sum(part)
+    assert pos == sum(counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("max_rows", [None, 1, 3, 100])
+@pytest.mark.parametrize(
+    "counts", [[1, 0, 0, 0, 0], [3, 0, 5, 1, 2], [0, 9, 0, 0, 4]], ids=["T1", "odd", "big"]
+)
+def test_moe_experts_matches_pairwise_reference(kernel, dtype, max_rows, counts):
+    if not available(kernel, dtype):
+        pytest.skip(f"{kernel} not available for {dtype} here")
+    w13, w2, x, pair_rows, pair_weights = make_case(dtype, counts)
+    want = reference(x, pair_rows, pair_weights, counts, w13, w2)
+    p13, p2 = prepack_experts(kernel, w13, w2)
+    out = torch.zeros(x.shape[0], H)
+    moe_experts(kernel, x, pair_rows, pair_weights, counts, p13, p2, out, max_rows=max_rows)
+    assert_rel_close(out, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("kernel", ["loop", "onednn"])
+def test_moe_experts_scale_input_and_accumulates(kernel):
+    """Llama 4's weight-scaled input, and `out` is added to, not overwritten."""
+    if not available(kernel, torch.float32):
+        pytest.skip(f"{kernel} not available here")
+    counts = [2, 0, 3, 1, 0]
+    w13, w2, x, pair_rows, pair_weights = make_case(torch.float32, counts, seed=3)
+    want = reference(x, pair_rows, pair_weights, counts, w13, w2, scale_input=True) + 1.0
+    p13, p2 = prepack_experts(kernel, w13, w2)
+    out = torch.ones(x.shape[0], H)
+    fn = ExpertFn(scale_input=True)
+    moe_experts(kernel, x, pair_rows, pair_weights, counts, p13, p2, out, fn, max_rows=2)
+    assert_rel_close(out, want, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", ["loop", "onednn", "upcast"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_shared_experts_chunked(kernel, dtype, weighted):
+    if not available(kernel, dtype):
+        pytest.skip(f"{kernel} not available for {dtype} here")
+    w13, w2, x, _, _ = make_case(dtype, [0] * E, n_rows=9, seed=1)
+    rows = torch.tensor([8, 0, 3, 4, 1])
+    scale = torch.rand(5) if weighted else None
+    want = reference(x, rows, torch.ones(5) if scale is None else scale, [5], w13[:1], w2[:1])
+    out = torch.zeros(9, H)
+    shared_experts(
+        kernel, x, rows, scale, prepack_dense(kernel, w13[0]), prepack_dense(kernel, w2[0]), out, max_rows=2
+    )
+    assert_rel_close(out, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("tile_rows", [5, 7, 2 * INTER])
+def test_upcast_tiles_of_any_height(tile_rows):
+    """bf16 weights converted a tile of `tile_rows` rows at a time give every output column."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, H, generator=g)
+    w = torch.randn(2 * INTER, H, generator=g).bfloat16()
+    got = kernels._linear_upcast(x, w, tile_rows=tile_rows)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x @ w.float().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_upcast_tile_rows_follow_the_byte_budget():
+    assert kernels.upcast_tile_rows(1024) == kernels.UPCAST_TILE_BYTES // 4096
+    assert kernels.upcast_tile_rows(2048) * 2 == kernels.upcast_tile_rows(1024)
+    assert kernels.upcast_tile_rows(10**9) == 1
+
+
+@pytest.mark.parametrize(
+    "device, dtype, native, onednn, want",
+    [
+        ("cpu", torch.float32, False, True, "onednn"),
+        ("cpu", torch.float32, True, False, "loop"),
+        ("cpu", torch.bfloat16, True, True, "onednn"),
+        ("cpu", torch.bfloat16, False, True, "upcast"),  # AVX2-only / AVX-512 without BF16
+        ("cpu", torch.bfloat16, False, False, "upcast"),
+        ("cpu", torch.float16, True, True, "upcast"),
+        ("cpu", torch.float64, True, True, "loop"),
+    ],
+)
+@pytest.mark.parametrize("shape", [(1024, 256), (2048, 2048), (64, 48)])
+def test_auto_kernel_rule(device, dtype, native, onednn, want, shape):
+    """The rule as data, at the sweep's extreme shapes and a tiny one."""
+    assert auto_kernel(device, dtype, *shape, native_bf16=native, onednn=onednn) == want
+
+
+def test_auto_kernel_rule_cuda():
+    assert (
+        auto_kernel("cuda", torch.bfloat16, 2048, 1408, cuda_capability=(9, 0), grouped_mm=True)
+        == "grouped_mm"
+    )
+    assert auto_kernel("cuda", torch.bfloat16, 2048, 1408, cuda_capability=(8, 0), grouped_mm=True) == "loop"
+    assert auto_kernel("cuda", torch.float32, 2048, 1408, cuda_capability=(9, 0), grouped_mm=False) == "loop"
+    assert auto_kernel("mps", torch.float32, 2048, 1408) == "loop"
