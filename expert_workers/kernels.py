@@ -14,15 +14,14 @@ the weights are kept in) and the compute path are separate choices; the paths ar
 - "upcast": bf16 (or fp16) storage, fp32 compute: each weight is converted to fp32 one tile of
   UPCAST_TILE_BYTES at a time (cache resident) and multiplied there by oneDNN's fp32 linear, for
   CPUs whose bf16 matmul is emulated (AVX2-only: ~1 GFLOP/s against ~180 in fp32). At most one tile
-  (one expert's projection when an expert has >= 256 rows) is ever in fp32, so memory stays at the
-  bf16 size.
+  per call is ever in fp32, so memory stays at the bf16 size.
 
 `moe_experts` / `shared_experts` run the worker's whole expert step (gather the rows, the FFN, scale
 by the gate weight, add into the fp32 output) a chunk of CHUNK_BYTES at a time on CPU, so that no
 intermediate is large enough to come back from the allocator as fresh, page-faulting memory.
 
-Never a per-token loop. `select_kernel` picks the path from the device, the dtype, the expert shape
-and the CPU's flags by the measured table AUTO_KERNEL; the measurements are in docs/performance.md.
+Never a per-token loop. `select_kernel` picks the path from the device, the dtype and the CPU's
+flags by the measured table AUTO_KERNEL; the measurements are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -45,7 +44,10 @@ KERNEL_ENV = "MOE_EXPERT_KERNEL"  # overrides "auto" when set (the explicit argu
 # oneDNN's per-call fixed cost (the plain fp32 tile is re-laid out inside each call) more often.
 UPCAST_TILE_BYTES = 8 * 2**20
 UPCAST_TILE_ROWS: int | None = None  # fixed rows per tile instead of UPCAST_TILE_BYTES (tests)
-UPCAST_WHOLE_MIN_ROWS = 256  # from this many rows one full-size product beats tiles (~8% at 384 rows)
+# From this many rows of x, convert the whole weight at once instead (None: never). It beat 256-row
+# tiles by ~8% at 384 rows; against 8 MiB tiles, which hold any weight up to 8 MiB whole anyway, it
+# tied below that size and lost above it (H=2048 I=2048 T=4096, routed: 3626 ms against 3242).
+UPCAST_WHOLE_MIN_ROWS: int | None = None
 # CPU chunks of moe_experts / shared_experts: a chunk's fp32 [rows, H] result is at most 4 MiB (1024
 # rows at H = 1024, 512 at H = 2048). Measured on the 2-core EPYC, 64 experts top-6: routed part,
 # 256 to 2048 rows per chunk within ~5% of each other at T = 128-4096 in bf16 and fp32, one
@@ -81,20 +83,23 @@ def check_kernel_name(name: str | None) -> None:
         raise ValueError(f"unknown expert kernel {name!r}; choose one of {KERNELS} or 'auto'")
 
 
-# The automatic kernel, as data: (device type, compute class) -> ((largest expert inter I, kernel),
-# ...), the first row whose bound is >= I (None: any I) wins. The compute class is the storage dtype,
-# with bf16 split by whether the CPU has native bf16. Measured by `python -m bench.moe_layer --shape
-# sweep` (docs/performance.md, "Fine-grained expert kernels (issue 11)"): on the 2-core EPYC with
-# AVX512-BF16, "onednn" was the fastest of our kernels at every H x I of the sweep (H 1024, 2048;
-# I 256-2048) and every T (1-4096), in fp32 and bf16; what changes with T and H is inside the kernel
-# (CHUNK_BYTES, UPCAST_TILE_BYTES), not the choice. bf16 without native bf16 (AVX2-only or AVX-512
-# without BF16) is not measured here: "upcast" is picked because there oneDNN's bf16 is emulated or
-# absent and aten's bf16 GEMM is the ~1 GFLOP/s fallback.
-AUTO_KERNEL: dict[tuple[str, str], tuple[tuple[int | None, str], ...]] = {
-    ("cpu", "float32"): ((None, "onednn"),),
-    ("cpu", "bfloat16"): ((None, "onednn"),),
-    ("cpu", "bfloat16-emulated"): ((None, "upcast"),),
-    ("cpu", "float16"): ((None, "upcast"),),
+# The automatic kernel, as data: (device type, compute class) -> kernel, the compute class being the
+# storage dtype with bf16 split by whether the CPU has native bf16. Measured with `python -m
+# bench.moe_layer --shape ... --kernels auto,loop,grouped_mm` (docs/performance.md, "Fine-grained
+# expert kernels (issue 11)"): on the 2-core EPYC with AVX512-BF16, "onednn" was the fastest of our
+# kernels, or tied within noise, at every shape (H 1024 and 2048, I 256 to 2048) and T (1 to 1024)
+# in fp32 and bf16 (e.g. H=2048 I=2048 T=128: 181 ms against 449 loop / 426 grouped_mm in fp32, 94
+# against 137 / 142 in bf16; at T=1 and T=1024 within 0-25%), so no shape or token threshold
+# switches kernels; what does change with T and H is inside the kernels (CHUNK_BYTES,
+# UPCAST_TILE_BYTES). bf16 without native bf16 (AVX2-only, or AVX-512 without
+# BF16) is not measured here: "upcast" is picked because there oneDNN's bf16 is emulated or absent
+# and aten's bf16 GEMM falls back to ~1 GFLOP/s; forced here it kept bf16 storage at 0.9-1.6x
+# transformers' best fp32.
+AUTO_KERNEL: dict[tuple[str, str], str] = {
+    ("cpu", "float32"): "onednn",
+    ("cpu", "bfloat16"): "onednn",
+    ("cpu", "bfloat16-emulated"): "upcast",
+    ("cpu", "float16"): "upcast",
 }
 GPU_GROUPED_MM_MIN_CAPABILITY = (9, 0)  # torch._grouped_mm's CUDA kernel (sm90+); else a loop of mm
 
@@ -102,38 +107,27 @@ GPU_GROUPED_MM_MIN_CAPABILITY = (9, 0)  # torch._grouped_mm's CUDA kernel (sm90+
 def auto_kernel(
     device_type: str,
     dtype: torch.dtype,
-    hidden: int | None = None,
-    inter: int | None = None,
     *,
     native_bf16: bool = False,
     onednn: bool = False,
     grouped_mm: bool = False,
     cuda_capability: tuple[int, int] | None = None,
 ) -> str:
-    """The automatic kernel for experts of `hidden` x `inter` stored in `dtype`, given the machine's
-    facts (a pure function of its arguments; select_kernel reads them from this machine)."""
+    """The automatic kernel for weights stored in `dtype`, given the machine's facts (a pure function
+    of its arguments; select_kernel reads them from this machine). "onednn" needs oneDNN ("loop"
+    without it); anything AUTO_KERNEL does not name is "loop"."""
     if device_type == "cuda":
         ok = grouped_mm and cuda_capability is not None and cuda_capability >= GPU_GROUPED_MM_MIN_CAPABILITY
         return "grouped_mm" if ok else "loop"
     compute = str(dtype).removeprefix("torch.")
     if compute == "bfloat16" and not native_bf16:
         compute = "bfloat16-emulated"
-    for bound, kernel in AUTO_KERNEL.get((device_type, compute), ((None, "loop"),)):
-        if bound is None or inter is None or inter <= bound:
-            if kernel == "onednn" and not onednn:
-                return "loop"
-            return kernel
-    return "loop"
+    kernel = AUTO_KERNEL.get((device_type, compute), "loop")
+    return "loop" if kernel == "onednn" and not onednn else kernel
 
 
-def select_kernel(
-    device: torch.device,
-    dtype: torch.dtype,
-    override: str | None = None,
-    hidden: int | None = None,
-    inter: int | None = None,
-) -> str:
-    """The compute path for `hidden` x `inter` experts stored in `dtype` on `device`.
+def select_kernel(device: torch.device, dtype: torch.dtype, override: str | None = None) -> str:
+    """The compute path for weights stored in `dtype` on `device`.
 
     `override` (one of KERNELS) wins; None or "auto" reads $MOE_EXPERT_KERNEL, then follows
     AUTO_KERNEL for this machine: CUDA -> grouped_mm (sm90+, else loop); CPU fp32 -> onednn; CPU
@@ -152,18 +146,12 @@ def select_kernel(
             raise ValueError(f"expert kernel 'onednn' supports float32 and bfloat16, got {dtype}")
         return override
     if device.type == "cuda":
-        return auto_kernel(
-            "cuda",
-            dtype,
-            hidden,
-            inter,
-            grouped_mm=has_grouped_mm(),
-            cuda_capability=torch.cuda.get_device_capability(device),
-        )
+        capability = torch.cuda.get_device_capability(device)
+        return auto_kernel("cuda", dtype, grouped_mm=has_grouped_mm(), cuda_capability=capability)
     if device.type != "cpu":
-        return auto_kernel(device.type, dtype, hidden, inter)
+        return auto_kernel(device.type, dtype)
     native = dtype == torch.bfloat16 and cpu_has_native_bf16()
-    return auto_kernel("cpu", dtype, hidden, inter, native_bf16=native, onednn=has_onednn())
+    return auto_kernel("cpu", dtype, native_bf16=native, onednn=has_onednn())
 
 
 # ---- weight preparation (once, at load) ---------------------------------------------------------
@@ -289,16 +277,31 @@ def upcast_tile_rows(cols: int) -> int:
     return UPCAST_TILE_ROWS or max(1, UPCAST_TILE_BYTES // (4 * cols))
 
 
-def _linear_upcast(x: torch.Tensor, w: torch.Tensor, tile_rows: int | None = None) -> torch.Tensor:
+def upcast_buffer(device, *weights: torch.Tensor) -> torch.Tensor:
+    """Scratch for _linear_upcast's tiles of 2-D weights shaped like `weights`, allocated once per
+    call of moe_experts / shared_experts and reused by every expert rather than one per product (a
+    fresh multi-MB buffer may come back from the allocator as new pages, a fault per 4 KiB; measured
+    in isolation the two tie: H=1024 I=512 routed T=1/16/128 2.31/17.3/34.4 ms against
+    2.42/17.3/35.1)."""
+    numel = max(w.numel() for w in weights)
+    return torch.empty(min(numel, UPCAST_TILE_BYTES // 4), dtype=torch.float32, device=device)
+
+
+def _linear_upcast(
+    x: torch.Tensor, w: torch.Tensor, tile_rows: int | None = None, buf: torch.Tensor | None = None
+) -> torch.Tensor:
     """x @ w.T in fp32 with w in low precision, converted a tile of rows at a time.
 
-    x: [n, K] fp32, w: [N, K] bf16/fp16 -> [n, N] fp32. `tile_rows` None: upcast_tile_rows(K), or
-    the whole weight at once from UPCAST_WHOLE_MIN_ROWS rows of x.
+    x: [n, K] fp32, w: [N, K] bf16/fp16 -> [n, N] fp32. `tile_rows` None: upcast_tile_rows(K) (or
+    the whole weight from UPCAST_WHOLE_MIN_ROWS rows of x, when set). `buf`: fp32 scratch for a tile
+    (upcast_buffer), allocated here when None or too small.
     """
     rows, cols = w.shape
     if tile_rows is None:
-        tile_rows = rows if x.shape[0] >= UPCAST_WHOLE_MIN_ROWS else upcast_tile_rows(cols)
-    buf = torch.empty(min(tile_rows, rows) * cols, dtype=torch.float32, device=x.device)
+        whole = UPCAST_WHOLE_MIN_ROWS is not None and x.shape[0] >= UPCAST_WHOLE_MIN_ROWS
+        tile_rows = rows if whole else upcast_tile_rows(cols)
+    if buf is None or buf.numel() < min(tile_rows, rows) * cols:
+        buf = torch.empty(min(tile_rows, rows) * cols, dtype=torch.float32, device=x.device)
     out = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
     # The tiles go through oneDNN's fp32 linear where there is one: MKL's sgemm alternating with
     # aten's parallel copy was bimodal here (13 or 65 ms for the T = 1 bench layer, thread pools
@@ -315,12 +318,13 @@ def _linear_upcast(x: torch.Tensor, w: torch.Tensor, tile_rows: int | None = Non
     return out
 
 
-def _linear(kernel: str, x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b) for one expert's 2-D weight w in `kernel`'s layout; x: [n, K] -> [n, N]."""
+def _linear(kernel: str, x: torch.Tensor, w, b: torch.Tensor | None = None, buf=None) -> torch.Tensor:
+    """x @ w.T (+ b) for one expert's 2-D weight w in `kernel`'s layout; x: [n, K] -> [n, N].
+    `buf`: upcast's tile scratch (upcast_buffer) or None."""
     if kernel == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     if kernel == "upcast" and w.dtype != torch.float32:
-        out = _linear_upcast(x, w)
+        out = _linear_upcast(x, w, buf=buf)
         return out if b is None else out.add_(b.float())
     if b is not None:
         return torch.addmm(b.to(x.dtype), x, w.t())
@@ -356,13 +360,15 @@ def swiglu_experts(
     fn: ExpertFn = PLAIN,
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
+    buf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert FFN of every row of x, rows sorted by expert.
 
     # S = routed rows, E = local experts, H = hidden, I = expert inter dim
     x: [S, H], counts: E ints summing to S, w13: [E, 2I, H] (gate rows then up rows), w2: [E, H, I]
     (for "onednn": lists of E packed [2I, H] / [H, I] weights); biases b13 [E, 2I], b2 [E, H] or
-    None. Returns [S, H] in x's dtype, except "upcast", which computes and returns fp32.
+    None; buf: upcast's tile scratch (upcast_buffer; None: one for this call). Returns [S, H] in x's
+    dtype, except "upcast", which computes and returns fp32.
     """
     if kernel == "grouped_mm":
         offs = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -374,16 +380,18 @@ def swiglu_experts(
         return out if b2 is None else out + b2.repeat_interleave(repeats, dim=0)
     if kernel == "upcast":
         x = x.float()
+        if buf is None and any(counts):
+            buf = upcast_buffer(x.device, w13[0], w2[0])
     if len(counts) == 1 and counts[0]:  # one expert (a chunk of moe_experts): no copy into a stacked result
-        h = _linear(kernel, x, w13[0], None if b13 is None else b13[0])  # [S, 2I]
-        return _linear(kernel, glu(h, fn), w2[0], None if b2 is None else b2[0])  # [S, H]
+        h = _linear(kernel, x, w13[0], None if b13 is None else b13[0], buf)  # [S, 2I]
+        return _linear(kernel, glu(h, fn), w2[0], None if b2 is None else b2[0], buf)  # [S, H]
     out = torch.empty_like(x)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        h = _linear(kernel, x[start : start + n], w13[e], None if b13 is None else b13[e])  # [n, 2I]
-        out[start : start + n] = _linear(kernel, glu(h, fn), w2[e], None if b2 is None else b2[e])  # [n, H]
+        h = _linear(kernel, x[start : start + n], w13[e], None if b13 is None else b13[e], buf)  # [n, 2I]
+        out[start : start + n] = _linear(kernel, glu(h, fn), w2[e], None if b2 is None else b2[e], buf)
         start += n
     return out
 
@@ -451,6 +459,7 @@ def moe_experts(
         return
     if max_rows is None:
         max_rows = chunk_rows(kernel, x)
+    buf = upcast_buffer(x.device, w13[0], w2[0]) if kernel == "upcast" else None
     for start, e0, part in expert_chunks(counts, max_rows):
         stop, e1 = start + sum(part), e0 + len(part)
         rows = pair_rows[start:stop]
@@ -467,6 +476,7 @@ def moe_experts(
             fn,
             None if b13 is None else b13[e0:e1],
             None if b2 is None else b2[e0:e1],
+            buf,
         )  # [n, H]
         out.index_add_(0, rows, yc.float() if fn.scale_input else yc * weights)  # bf16 * fp32 -> fp32
 
@@ -490,17 +500,22 @@ def shared_experts(
     """
     if max_rows is None:
         max_rows = chunk_rows(kernel, x)
+    buf = upcast_buffer(x.device, w13, w2) if kernel == "upcast" else None
     for start in range(0, rows.numel(), max_rows):
         rc = rows[start : start + max_rows]
-        yc = swiglu_dense(x.index_select(0, rc), w13, w2, kernel, fn)  # [n, H]
+        yc = swiglu_dense(x.index_select(0, rc), w13, w2, kernel, fn, buf)  # [n, H]
         if row_weights is None:
             out.index_add_(0, rc, yc.float())
         else:
             out.index_add_(0, rc, yc * row_weights[start : start + max_rows, None])
 
 
-def swiglu_dense(x: torch.Tensor, w13, w2, kernel: str = "loop", fn: ExpertFn = PLAIN) -> torch.Tensor:
-    """One SwiGLU FFN (the fused shared experts). x: [N, H], w13: [2I, H], w2: [H, I] in `kernel`'s layout."""
+def swiglu_dense(
+    x: torch.Tensor, w13, w2, kernel: str = "loop", fn: ExpertFn = PLAIN, buf: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One SwiGLU FFN (the fused shared experts). x: [N, H], w13: [2I, H], w2: [H, I] in `kernel`'s
+    layout; buf as in swiglu_experts."""
     if kernel == "upcast":
         x = x.float()
-    return _linear(kernel, glu(_linear(kernel, x, w13), fn), w2)  # [N, H]
+        buf = upcast_buffer(x.device, w13, w2) if buf is None else buf
+    return _linear(kernel, glu(_linear(kernel, x, w13, None, buf), fn), w2, None, buf)  # [N, H]
