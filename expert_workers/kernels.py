@@ -20,8 +20,8 @@ the weights are kept in) and the compute path are separate choices; the paths ar
 by the gate weight, add into the fp32 output) a chunk of CHUNK_BYTES at a time on CPU, so that no
 intermediate is large enough to come back from the allocator as fresh, page-faulting memory.
 
-Never a per-token loop. `select_kernel` picks the path from the device, the dtype and the CPU's
-flags by the measured table AUTO_KERNEL; the measurements are in docs/performance.md.
+Never a per-token loop. `select_kernel` picks the path from the device, the dtype, the expert size
+and the CPU's flags by the measured table AUTO_KERNEL; the measurements are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -83,23 +83,28 @@ def check_kernel_name(name: str | None) -> None:
         raise ValueError(f"unknown expert kernel {name!r}; choose one of {KERNELS} or 'auto'")
 
 
-# The automatic kernel, as data: (device type, compute class) -> kernel, the compute class being the
-# storage dtype with bf16 split by whether the CPU has native bf16. Measured with `python -m
-# bench.moe_layer --shape ... --kernels auto,loop,grouped_mm` (docs/performance.md, "Fine-grained
-# expert kernels (issue 11)"): on the 2-core EPYC with AVX512-BF16, "onednn" was the fastest of our
-# kernels, or tied within noise, at every shape (H 1024 and 2048, I 256 to 2048) and T (1 to 1024)
-# in fp32 and bf16 (e.g. H=2048 I=2048 T=128: 181 ms against 449 loop / 426 grouped_mm in fp32, 94
-# against 137 / 142 in bf16; at T=1 and T=1024 within 0-25%), so no shape or token threshold
-# switches kernels; what does change with T and H is inside the kernels (CHUNK_BYTES,
-# UPCAST_TILE_BYTES). bf16 without native bf16 (AVX2-only, or AVX-512 without
-# BF16) is not measured here: "upcast" is picked because there oneDNN's bf16 is emulated or absent
-# and aten's bf16 GEMM falls back to ~1 GFLOP/s; forced here it kept bf16 storage at 0.9-1.6x
-# transformers' best fp32.
-AUTO_KERNEL: dict[tuple[str, str], str] = {
-    ("cpu", "float32"): "onednn",
-    ("cpu", "bfloat16"): "onednn",
-    ("cpu", "bfloat16-emulated"): "upcast",
-    ("cpu", "float16"): "upcast",
+# The automatic kernel, as data: (device type, compute class) -> ((largest expert size, kernel), ...),
+# the first row whose bound holds for the layer's H * I (None: any size) wins; the compute class is
+# the storage dtype, bf16 split by whether the CPU has native bf16. Measured with `python -m
+# bench.moe_layer --kernels auto,loop,grouped_mm` on the 2-core EPYC with AVX512-BF16 (whole MoE
+# layer, see docs/performance.md, "Fine-grained expert kernels (issue 11)"):
+# - H * I <= 32768 (the built-in model's 128 x 96, the tiny preset's 256 x 128; 16 experts top-4):
+#   grouped_mm, one ATen call per projection with a C++ loop over the experts, beat onednn's Python
+#   loop of ~6 ops per expert: 128 x 96 fp32 T=1/16/128 0.92/1.61/2.36 ms against 1.29/2.24/2.95,
+#   bf16 1.10/1.77/2.71 against 1.19/2.12/2.95 (1.05-1.4x); 256 x 128 fp32 1.03/2.36/3.34 against
+#   1.31/2.52/3.84, bf16 tied.
+# - From 256 x 256 to 512 x 128 (65536 elements) the two tie within ~10% either way (grouped_mm
+#   ahead at T=1, onednn at T=1024); from 512 x 256 up onednn wins or ties every row (768 x 384
+#   fp32 T=16: 5.56 against 8.27 ms; H=2048 I=2048 T=128 fp32 181 against 426 ms, bf16 94 against
+#   142) and "loop" never beat both.
+# What changes with T inside a kernel is in CHUNK_BYTES and UPCAST_TILE_BYTES. bf16 without native
+# bf16 (AVX2-only, or AVX-512 without BF16) is not measured here: "upcast" is picked because there
+# oneDNN's bf16 is emulated or absent and aten's bf16 GEMM falls back to ~1 GFLOP/s.
+AUTO_KERNEL: dict[tuple[str, str], tuple[tuple[int | None, str], ...]] = {
+    ("cpu", "float32"): ((32768, "grouped_mm"), (None, "onednn")),
+    ("cpu", "bfloat16"): ((32768, "grouped_mm"), (None, "onednn")),
+    ("cpu", "bfloat16-emulated"): ((None, "upcast"),),
+    ("cpu", "float16"): ((None, "upcast"),),
 }
 GPU_GROUPED_MM_MIN_CAPABILITY = (9, 0)  # torch._grouped_mm's CUDA kernel (sm90+); else a loop of mm
 
@@ -107,31 +112,46 @@ GPU_GROUPED_MM_MIN_CAPABILITY = (9, 0)  # torch._grouped_mm's CUDA kernel (sm90+
 def auto_kernel(
     device_type: str,
     dtype: torch.dtype,
+    hidden: int | None = None,
+    inter: int | None = None,
     *,
     native_bf16: bool = False,
     onednn: bool = False,
     grouped_mm: bool = False,
     cuda_capability: tuple[int, int] | None = None,
 ) -> str:
-    """The automatic kernel for weights stored in `dtype`, given the machine's facts (a pure function
-    of its arguments; select_kernel reads them from this machine). "onednn" needs oneDNN ("loop"
-    without it); anything AUTO_KERNEL does not name is "loop"."""
+    """The automatic kernel for `hidden` x `inter` experts stored in `dtype`, given the machine's
+    facts (a pure function of its arguments; select_kernel reads them from this machine). An unknown
+    shape (None) takes the unbounded row; a kernel this machine lacks falls back to "loop", as does
+    anything AUTO_KERNEL does not name."""
     if device_type == "cuda":
         ok = grouped_mm and cuda_capability is not None and cuda_capability >= GPU_GROUPED_MM_MIN_CAPABILITY
         return "grouped_mm" if ok else "loop"
     compute = str(dtype).removeprefix("torch.")
     if compute == "bfloat16" and not native_bf16:
         compute = "bfloat16-emulated"
-    kernel = AUTO_KERNEL.get((device_type, compute), "loop")
-    return "loop" if kernel == "onednn" and not onednn else kernel
+    size = None if hidden is None or inter is None else hidden * inter
+    for bound, kernel in AUTO_KERNEL.get((device_type, compute), ((None, "loop"),)):
+        if bound is None or (size is not None and size <= bound):
+            if (kernel == "onednn" and not onednn) or (kernel == "grouped_mm" and not grouped_mm):
+                return "loop"
+            return kernel
+    return "loop"
 
 
-def select_kernel(device: torch.device, dtype: torch.dtype, override: str | None = None) -> str:
-    """The compute path for weights stored in `dtype` on `device`.
+def select_kernel(
+    device: torch.device,
+    dtype: torch.dtype,
+    override: str | None = None,
+    hidden: int | None = None,
+    inter: int | None = None,
+) -> str:
+    """The compute path for `hidden` x `inter` experts (None: not known) stored in `dtype` on `device`.
 
     `override` (one of KERNELS) wins; None or "auto" reads $MOE_EXPERT_KERNEL, then follows
-    AUTO_KERNEL for this machine: CUDA -> grouped_mm (sm90+, else loop); CPU fp32 -> onednn; CPU
-    bf16 -> onednn with native bf16, else upcast; CPU fp16 -> upcast; anything else -> loop.
+    AUTO_KERNEL for this machine: CUDA -> grouped_mm (sm90+, else loop); CPU fp32 and native bf16 ->
+    grouped_mm for experts of H * I <= 32768, else onednn; CPU bf16 without native bf16, and fp16 ->
+    upcast; anything else -> loop.
     """
     device = torch.device(device)
     if override in (None, "auto"):
@@ -151,7 +171,9 @@ def select_kernel(device: torch.device, dtype: torch.dtype, override: str | None
     if device.type != "cpu":
         return auto_kernel(device.type, dtype)
     native = dtype == torch.bfloat16 and cpu_has_native_bf16()
-    return auto_kernel("cpu", dtype, native_bf16=native, onednn=has_onednn())
+    return auto_kernel(
+        "cpu", dtype, hidden, inter, native_bf16=native, onednn=has_onednn(), grouped_mm=has_grouped_mm()
+    )
 
 
 # ---- weight preparation (once, at load) ---------------------------------------------------------

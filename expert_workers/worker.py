@@ -131,7 +131,9 @@ class ExpertWorker:
         self.spec = spec or spec_from_pretrained(model_dir)
         self.dtype = dtype
         self.device = resolve_device(device)
-        self.kernel = select_kernel(self.device, dtype, kernel)
+        self.kernel = select_kernel(
+            self.device, dtype, kernel, self.spec.hidden_size, self.spec.moe_intermediate_size
+        )
         self.model_dir = model_dir
         self._checkpoint: Checkpoint | None = None  # opened by the first load, whose errors come back clean
         self.layouts: dict[int, dict[int, LayerExperts]] = {}

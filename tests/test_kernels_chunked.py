@@ -149,21 +149,37 @@ def test_upcast_tile_rows_follow_the_byte_budget():
     assert kernels.upcast_tile_rows(10**9) == 1
 
 
+BIG, SMALL = (1024, 256), (128, 96)  # the sweep's smallest expert, the built-in model's
+
+
 @pytest.mark.parametrize(
-    "dtype, native, onednn, want",
+    "dtype, shape, native, onednn, want",
     [
-        (torch.float32, False, True, "onednn"),
-        (torch.float32, True, False, "loop"),
-        (torch.bfloat16, True, True, "onednn"),
-        (torch.bfloat16, False, True, "upcast"),  # AVX2-only / AVX-512 without BF16
-        (torch.bfloat16, False, False, "upcast"),
-        (torch.float16, True, True, "upcast"),
-        (torch.float64, True, True, "loop"),
+        (torch.float32, BIG, False, True, "onednn"),
+        (torch.float32, (2048, 2048), False, True, "onednn"),
+        (torch.float32, None, False, True, "onednn"),  # shape not known: the unbounded row
+        (torch.float32, SMALL, False, True, "grouped_mm"),
+        (torch.float32, (256, 128), False, True, "grouped_mm"),  # the bound itself
+        (torch.float32, (256, 129), False, True, "onednn"),
+        (torch.float32, BIG, True, False, "loop"),  # no oneDNN
+        (torch.bfloat16, BIG, True, True, "onednn"),
+        (torch.bfloat16, SMALL, True, True, "grouped_mm"),
+        (torch.bfloat16, BIG, False, True, "upcast"),  # AVX2-only / AVX-512 without BF16
+        (torch.bfloat16, SMALL, False, True, "upcast"),
+        (torch.bfloat16, BIG, False, False, "upcast"),
+        (torch.float16, BIG, True, True, "upcast"),
+        (torch.float64, BIG, True, True, "loop"),
     ],
 )
-def test_auto_kernel_rule_cpu(dtype, native, onednn, want):
+def test_auto_kernel_rule_cpu(dtype, shape, native, onednn, want):
     """The rule as data, from the machine's facts as arguments (no CPU of the other kind needed)."""
-    assert auto_kernel("cpu", dtype, native_bf16=native, onednn=onednn) == want
+    hidden, inter = shape or (None, None)
+    got = auto_kernel("cpu", dtype, hidden, inter, native_bf16=native, onednn=onednn, grouped_mm=True)
+    assert got == want
+
+
+def test_auto_kernel_rule_without_grouped_mm():
+    assert auto_kernel("cpu", torch.float32, *SMALL, onednn=True, grouped_mm=False) == "loop"
 
 
 def test_auto_kernel_rule_gpu():
@@ -175,7 +191,12 @@ def test_auto_kernel_rule_gpu():
 
 def test_this_machine_follows_the_rule(monkeypatch):
     monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
+    facts = dict(
+        native_bf16=kernels.cpu_has_native_bf16(),
+        onednn=kernels.has_onednn(),
+        grouped_mm=kernels.has_grouped_mm(),
+    )
     for dtype in (torch.float32, torch.bfloat16):
-        native = kernels.cpu_has_native_bf16()
-        want = auto_kernel("cpu", dtype, native_bf16=native, onednn=kernels.has_onednn())
-        assert kernels.select_kernel("cpu", dtype) == want
+        for shape in (BIG, SMALL):
+            want = auto_kernel("cpu", dtype, *shape, **facts)
+            assert kernels.select_kernel("cpu", dtype, None, *shape) == want
