@@ -1,14 +1,25 @@
-"""One DeepSeek-V2-Lite-shaped MoE layer: `Engine.moe_forward` against transformers' own MoE block.
+"""One DeepSeekMoE-shaped layer: `Engine.moe_forward` against transformers' own MoE block, over shapes.
 
-Shape: hidden 2048, expert inter 1408, 64 routed experts, top-6 greedy softmax gating, 2 shared
-experts (fused, inter 2816); random weights built locally once and cached as a checkpoint. The same
-weights are timed through our engine (the automatic expert kernel plus any forced with --kernels)
-and through `model.model.layers[0].mlp` with `experts_implementation` "eager" and "grouped_mm", in
-one run, and checked for numerical agreement. Achieved GFLOP/s (FLOPs of the experts the tokens
-hit) and GB/s (distinct expert bytes touched) are printed next to a matmul and a copy probe measured
-in the same run. Times are the minimum over repeats (this machine may be shared); nothing asserts.
+Default: the DeepSeek-V2-Lite layer (hidden 2048, expert inter 1408, 64 routed experts, top-6 greedy
+softmax gating, 2 shared experts fused to inter 2816). `--shape sweep` runs the fine-grained expert
+sizes of issue 11 (I = 256, 512, 768, 1408, 2048 with H = 1024, 2048) at the same expert count and
+top-k (`--experts`, `--topk`, `--shared` change them); `--shape 1024x512,2048x1408` picks shapes.
+Random weights are built locally once per shape and cached as a checkpoint (bf16 on disk, so the
+sweep's ten shapes take ~6 GB; fp32 runs load them widened, which changes no timing).
+
+For every shape, dtype and token count T the same weights and inputs go through our engine (the
+automatic expert kernel plus any forced with --kernels) and through `model.model.layers[0].mlp`
+with every experts implementation transformers registers that runs here (`eager` plus
+`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`: grouped_mm, batched_mm; the CUDA-only ones
+are reported as skipped), in one run; "hf best" is the fastest of them. Each row prints GFLOP/s (of
+the experts the tokens hit) and GB/s (distinct expert weight bytes touched per call) against a
+matmul peak probe and a memory read probe measured in the same run, and the resource that bounds
+it. Times are the minimum over repeats (this machine may be shared), the implementations taking turns
+within each round of repeats, with a 128 MiB buffer written between timed calls so that no call finds
+its weights in cache from the one before; nothing asserts.
 
     python -m bench.moe_layer --tokens 1,8,128,1024,4096 --dtypes float32,bfloat16 --kernels auto,upcast
+    python -m bench.moe_layer --shape sweep
 """
 
 from __future__ import annotations
@@ -18,88 +29,135 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-H, INTER, E, K, N_SHARED = 2048, 1408, 64, 6, 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-CACHE = Path.home() / ".cache" / "moe-serving" / "bench" / "deepseek-v2-lite-layer"
+CACHE = Path.home() / ".cache" / "moe-serving" / "bench"
+SWEEP = [(h, i) for h in (1024, 2048) for i in (256, 512, 768, 1408, 2048)]  # issue 11's expert sizes
+DEFAULT_SHAPE = "2048x1408"  # DeepSeek-V2-Lite
+BATCHED_MM_MAX_BYTES = 2**30  # batched_mm gathers each pair's weights: [T*K, 3*H*I]; above 1 GiB skip it
+INPUTS = 3  # distinct input batches per T (at most one per repeat), rotated between repeats
+FLUSH_BYTES = 128 * 2**20  # written between timed calls: 4x this machine's 32 MiB L3
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One MoE layer: hidden H, expert inter I, routed experts, top-k, shared experts (each of size I)."""
+
+    hidden: int
+    inter: int
+    experts: int
+    topk: int
+    shared: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.hidden}x{self.inter}"
+
+    def cache_name(self) -> str:
+        return f"moe-layer-h{self.hidden}-i{self.inter}-e{self.experts}-k{self.topk}-s{self.shared}"
 
 
 @dataclass
 class Row:
+    shape: Shape
     tokens: int
     dtype: str
     kernel: str
     ours_ms: float
-    eager_ms: float
-    grouped_ms: float
-    fp32_best_ms: float | None
-    gflops: float
-    gbps: float
+    hf_ms: dict[str, float | None]  # implementation -> ms (None: skipped at this T)
+    fp32_best_ms: float | None  # transformers' best fp32 at this T (bf16 rows only)
+    flops: float
+    nbytes: float
     rel_err: float
+    compute_dtype: str = field(default="")
+
+    @property
+    def hf_best(self) -> tuple[str, float]:
+        return min(((k, v) for k, v in self.hf_ms.items() if v is not None), key=lambda kv: kv[1])
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.ours_ms / 1e6
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.ours_ms / 1e6
 
 
-def build_checkpoint(path: Path) -> Path:
-    """A one-layer DeepSeek-V2-Lite-shaped model with random weights, saved once (fp32)."""
+def parse_shapes(text: str, experts: int, topk: int, shared: int) -> list[Shape]:
+    pairs = SWEEP if text == "sweep" else []
+    if text != "sweep":
+        for part in text.split(","):
+            h, _, i = part.strip().partition("x")
+            if not (h.isdigit() and i.isdigit()):
+                raise ValueError(f"shape {part!r} is not HxI (e.g. 1024x512) or 'sweep'")
+            pairs.append((int(h), int(i)))
+    return [Shape(h, i, experts, topk, shared) for h, i in pairs]
+
+
+def build_checkpoint(shape: Shape, root: Path) -> Path:
+    """A one-layer DeepSeek-V2-shaped model of `shape` with random weights, saved once (bf16)."""
+    path = root / shape.cache_name()
     if (path / "config.json").exists():
         return path
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 
+    h = shape.hidden
     cfg = DeepseekV2Config(
         vocab_size=256,
-        hidden_size=H,
-        intermediate_size=4 * H,
-        moe_intermediate_size=INTER,
-        n_routed_experts=E,
-        num_experts_per_tok=K,
-        n_shared_experts=N_SHARED,
+        hidden_size=h,
+        intermediate_size=4 * h,
+        moe_intermediate_size=shape.inter,
+        n_routed_experts=shape.experts,
+        num_experts_per_tok=shape.topk,
+        n_shared_experts=shape.shared,
         topk_method="greedy",
         norm_topk_prob=False,
         routed_scaling_factor=1.0,
         num_hidden_layers=1,
         first_k_dense_replace=0,
-        num_attention_heads=16,
+        num_attention_heads=h // 128,
         q_lora_rank=None,
         kv_lora_rank=512,
         qk_nope_head_dim=128,
         qk_rope_head_dim=64,
         v_head_dim=128,
     )
+    print(f"building {path} ...", flush=True)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():  # the HF init leaves the gate at zero: every score tied
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():  # (the buffers, rotary frequencies, are not saved: loading rebuilds them)
+        for p in model.parameters():  # the HF init would leave the gate at zero: every score tied
             p.normal_(0.0, 0.02)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     return path
 
 
-def time_ms(fn, reps: int) -> float:
-    """Minimum wall time of `reps` calls after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
 def probes(quick: bool) -> dict[str, float]:
-    """Measured peaks on this machine: large fp32/bf16 matmul GFLOP/s and large-copy GB/s."""
+    """Measured peaks on this machine: the best of `a @ b` and oneDNN's prepacked linear at 2048^3
+    per dtype (GFLOP/s), a copy (read + write) and a read-only pass (sum) over 256 MiB (GB/s)."""
     out = {}
-    n = 2048
+    n, reps = 2048, 3 if quick else 5
     for name, dt in DTYPES.items():
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-        out[f"matmul_{name}_gflops"] = 2 * n**3 / time_ms(lambda a=a, b=b: a @ b, 3 if quick else 5) / 1e6
+        best = time_interleaved({0: lambda _, a=a, b=b: a @ b}, [None], reps)[0]
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+            fn = lambda _, a=a, w=packed: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")  # noqa: E731
+            best = min(best, time_interleaved({0: fn}, [None], reps)[0])
+        out[f"matmul_{name}_gflops"] = 2 * n**3 / best / 1e6
     src = torch.ones(256 * 2**20 // 4)  # 256 MiB, far above the caches
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), 3 if quick else 5)
-    out["copy_gbps"] = 2 * src.numel() * 4 / ms / 1e6  # read + write
+    ms = time_interleaved({"copy": lambda _: dst.copy_(src), "read": lambda _: src.sum()}, [None], reps)
+    out["copy_gbps"] = 2 * src.numel() * 4 / ms["copy"] / 1e6
+    out["read_gbps"] = src.numel() * 4 / ms["read"] / 1e6
     return out
 
 
@@ -120,90 +178,161 @@ def cpu_info() -> tuple[str, str]:
 def reps_for(tokens: int, quick: bool) -> int:
     if tokens >= 1024:
         return 1 if quick else 2
-    return 3 if quick else (10 if tokens <= 8 else 5)
+    return 3 if quick else (10 if tokens <= 16 else 5)
 
 
-def expert_stats(gate_w: torch.Tensor, x: torch.Tensor, elsize: int) -> tuple[float, float]:
+def expert_stats(shape: Shape, gate_w: torch.Tensor, x: torch.Tensor, elsize: int) -> tuple[float, float]:
     """(FLOPs, bytes of expert weights touched) of one layer call on x: [T, H]."""
-    topk_ids = (x.float() @ gate_w.float().t()).topk(K, dim=-1).indices  # [T, K]
+    topk_ids = (x.float() @ gate_w.float().t()).topk(shape.topk, dim=-1).indices  # [T, K]
     hit = topk_ids.unique().numel()
-    t = x.shape[0]
-    flops = t * K * 3 * 2 * H * INTER + t * 3 * 2 * H * INTER * N_SHARED
-    nbytes = (hit * 3 * H * INTER + 3 * H * INTER * N_SHARED) * elsize
+    t, hi = x.shape[0], shape.hidden * shape.inter
+    flops = t * (shape.topk + shape.shared) * 3 * 2 * hi
+    nbytes = (hit + shape.shared) * 3 * hi * elsize
     return flops, nbytes
 
 
-def run(args) -> tuple[list[Row], dict[str, float]]:
+def hf_implementations(mlp, x: torch.Tensor) -> tuple[list[str], dict[str, str]]:
+    """transformers' experts implementations that run here on x, and why the others do not."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ok, skipped = [], {}
+    for impl in ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]:
+        mlp.experts.config._experts_implementation = impl
+        try:
+            with torch.inference_mode():
+                mlp(x)
+        except (ImportError, ValueError, RuntimeError, NotImplementedError) as e:  # CUDA-only kernels
+            skipped[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
+            continue
+        ok.append(impl)
+    mlp.experts.config._experts_implementation = "eager"
+    return ok, skipped
+
+
+def time_interleaved(fns: dict, inputs: list, reps: int, flush: torch.Tensor | None = None) -> dict:
+    """Minimum wall time (ms) of each of `fns` over `reps` rounds, the functions taking turns within
+    a round (so a disturbance from another job hits them alike) and the inputs rotating between
+    rounds, after a warm-up call on every input: oneDNN builds (JIT-compiles) a primitive for every
+    new GEMM shape, ~0.3-0.9 ms each here, and each input gives every expert a new row count; a
+    server sees the same counts again and again and keeps them in its primitive cache. `flush` is
+    written before every timed call, so that no call finds the weights the previous one read
+    (transformers' implementations share theirs) in cache, as in a model, where every other layer's
+    weights pass through the cache between two calls."""
+    for fn in fns.values():
+        for x in inputs:
+            fn(x)
+    best = dict.fromkeys(fns, float("inf"))
+    for r in range(reps):
+        x = inputs[r % len(inputs)]
+        for key, fn in fns.items():
+            if flush is not None:
+                flush.add_(1)
+            t0 = time.perf_counter()
+            fn(x)
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return {key: ms * 1e3 for key, ms in best.items()}
+
+
+def hf_call(mlp, impl: str):
+    """transformers' MoE block with experts implementation `impl`, as a function of x."""
+
+    def call(x):
+        mlp.experts.config._experts_implementation = impl
+        return mlp(x)
+
+    return call
+
+
+def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[Row]:
+    """Every dtype and T of one shape: transformers' implementations and our kernels, interleaved."""
     from transformers import AutoModelForCausalLM
 
     from router_service import Engine
 
-    ckpt = build_checkpoint(Path(args.cache_dir))
-    tokens = [int(t) for t in args.tokens.split(",")]
-    dtypes = args.dtypes.split(",")
-    kernels = args.kernels.split(",")
-    peaks = probes(args.quick)
+    ckpt = build_checkpoint(shape, Path(args.cache_dir))
+    flush = torch.zeros(FLUSH_BYTES // 4)
     torch.manual_seed(1)
-    inputs = {t: torch.randn(t, H) for t in tokens}
+    inputs = {
+        t: [torch.randn(t, shape.hidden) for _ in range(min(INPUTS, reps_for(t, args.quick)))] for t in tokens
+    }
     rows: list[Row] = []
     fp32_best: dict[int, float] = {}
     # fp32 first: its transformers times are the baseline for the bf16-storage rows.
-    for name in sorted(dtypes, key=lambda d: d != "float32"):
+    for name in sorted(args.dtypes.split(","), key=lambda d: d != "float32"):
         dt = DTYPES[name]
         hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dt, experts_implementation="eager")
         mlp = hf.model.layers[0].mlp.eval()
-        gate_w = mlp.gate.weight.detach()
-        hf_times: dict[tuple[int, str], float] = {}
-        refs: dict[int, torch.Tensor] = {}
-        for impl in ("eager", "grouped_mm"):
-            hf.set_experts_implementation(impl)
-            for t in tokens:
-                x = inputs[t].to(dt)
-                with torch.inference_mode():
-                    hf_times[t, impl] = time_ms(lambda x=x, mlp=mlp: mlp(x), reps_for(t, args.quick))
-                    if impl == "eager":
-                        refs[t] = mlp(x).float()
-                print(
-                    f"  transformers {impl:10s} {name:8s} T={t:5d}: {hf_times[t, impl]:9.2f} ms", flush=True
-                )
-        del hf, mlp
-        if name == "float32":
-            fp32_best = {t: min(hf_times[t, "eager"], hf_times[t, "grouped_mm"]) for t in tokens}
-        for kernel in kernels:
-            if kernel == "upcast" and name == "float32":
-                continue  # fp32 storage has nothing to upcast: that is the plain loop
-            engine = Engine.from_pretrained(
-                ckpt, num_workers=args.workers, dtype=name, device="cpu", expert_kernel=kernel
+        gate_w = mlp.gate.weight.detach().clone()
+        impls, skipped = hf_implementations(mlp, inputs[tokens[0]][0].to(dt))
+        for impl, why in skipped.items():
+            if f"transformers {impl} skipped ({name}): {why}" not in notes:
+                notes.append(f"transformers {impl} skipped ({name}): {why}")
+        kernels = [k for k in args.kernels.split(",") if not (k == "upcast" and name == "float32")]
+        engines = {  # (fp32 storage has nothing to upcast: that would be the plain loop)
+            k: Engine.from_pretrained(
+                ckpt, num_workers=args.workers, dtype=name, device="cpu", expert_kernel=k
             )
-            chosen = engine.cluster_state()["workers"][0].get("kernel", kernel)
-            for t in tokens:
-                x = inputs[t].to(dt)
-                with torch.inference_mode():
-                    ms = time_ms(lambda x=x, engine=engine: engine.moe_forward(0, x), reps_for(t, args.quick))
-                    out = engine.moe_forward(0, x).float()
-                ref = refs[t]
-                rel = ((out - ref).abs().max() / ref.abs().max()).item()
-                flops, nbytes = expert_stats(gate_w, x, dt.itemsize)
-                rows.append(
-                    Row(
-                        t,
-                        name,
-                        chosen if kernel == "auto" else kernel,
-                        ms,
-                        hf_times[t, "eager"],
-                        hf_times[t, "grouped_mm"],
-                        fp32_best.get(t) if name != "float32" else None,
-                        flops / ms / 1e6,
-                        nbytes / ms / 1e6,
-                        rel,
+            for k in kernels
+        }
+        chosen = {k: e.cluster_state()["workers"][0].get("kernel", k) for k, e in engines.items()}
+
+        for t in tokens:
+            xs = [x.to(dt) for x in inputs[t]]
+            gathered = t * shape.topk * 3 * shape.hidden * shape.inter * dt.itemsize
+            fns = {
+                ("hf", impl): hf_call(mlp, impl)
+                for impl in impls
+                if not (impl == "batched_mm" and gathered > BATCHED_MM_MAX_BYTES)
+            }
+            fns.update({("ours", k): (lambda x, e=e: e.moe_forward(0, x)) for k, e in engines.items()})
+            with torch.inference_mode():
+                ms = time_interleaved(fns, xs, reps_for(t, args.quick), flush)
+                ref = hf_call(mlp, "eager")(xs[0]).float()
+                hf_ms = {impl: ms.get(("hf", impl)) for impl in impls}
+                if name == "float32":
+                    fp32_best[t] = min(v for v in hf_ms.values() if v is not None)
+                flops, nbytes = expert_stats(shape, gate_w, xs[0], dt.itemsize)
+                for k, engine in engines.items():
+                    out = engine.moe_forward(0, xs[0]).float()
+                    rel = ((out - ref).abs().max() / ref.abs().max()).item()
+                    compute = "float32" if chosen[k] == "upcast" else name
+                    fp32 = fp32_best.get(t) if name != "float32" else None
+                    rows.append(
+                        Row(
+                            shape, t, name, chosen[k], ms["ours", k], hf_ms, fp32, flops, nbytes, rel, compute
+                        )
                     )
-                )
-                print(f"  ours {rows[-1].kernel:10s} {name:8s} T={t:5d}: {ms:9.2f} ms", flush=True)
+            best_impl, best = rows[-1].hf_best
+            ours = ", ".join(f"{chosen[k]} {ms['ours', k]:.2f}" for k in engines)
+            print(
+                f"  {shape.name} {name:8s} T={t:5d}: hf best {best_impl} {best:.2f} ms; ours {ours} ms",
+                flush=True,
+            )
+        for engine in engines.values():
             engine.shutdown()
-    return rows, peaks
+        del hf, mlp, engines
+    return rows
 
 
-def print_report(rows: list[Row], peaks: dict[str, float]) -> None:
+def limit(row: Row, peaks: dict[str, float]) -> str:
+    """The resource closest to its probe: compute (GFLOP/s over the matmul peak of the compute dtype)
+    or memory (distinct expert bytes per second over the read probe)."""
+    compute = row.gflops / peaks[f"matmul_{row.compute_dtype}_gflops"]
+    memory = row.gbps / peaks["read_gbps"]
+    return f"compute {compute:.0%}" if compute >= memory else f"memory {memory:.0%}"
+
+
+def loadavg() -> str:
+    """The 1-minute load average: about 2 while this bench runs alone on 2 cores; more is another job."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def print_report(
+    rows: list[Row], peaks: dict[str, float], notes: list[str], seconds: float, load: tuple[str, str]
+) -> None:
     model, flags = cpu_info()
     print()
     print("command: python -m bench.moe_layer " + " ".join(sys.argv[1:]))
@@ -211,25 +340,48 @@ def print_report(rows: list[Row], peaks: dict[str, float]) -> None:
     print(f"flags: {flags}")
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
     print(
-        "peaks: matmul fp32 {matmul_float32_gflops:.0f} GFLOP/s, bf16 {matmul_bfloat16_gflops:.0f} GFLOP/s, "
-        "copy {copy_gbps:.1f} GB/s".format(**peaks)
+        "probes: matmul fp32 {matmul_float32_gflops:.0f} GFLOP/s, bf16 {matmul_bfloat16_gflops:.0f} GFLOP/s; "
+        "read {read_gbps:.1f} GB/s, copy {copy_gbps:.1f} GB/s (read + write)".format(**peaks)
     )
+    for note in notes:
+        print(note)
+    print(f"wall time {seconds:.0f} s; load average (1 min) at start {load[0]}, at the end {load[1]}")
     print()
-    head = "| T | dtype | kernel | ours ms | hf eager ms | hf grouped_mm ms | x vs hf best | x vs hf fp32 best | GFLOP/s | GB/s | max rel err |"
+    impls = list(dict.fromkeys(k for r in rows for k in r.hf_ms))
+    head = (
+        "| H x I | T | dtype | kernel | ours ms | "
+        + " | ".join(f"hf {k} ms" for k in impls)
+        + " | x vs hf best | x vs hf fp32 best | GFLOP/s | GB/s | limit | max rel err |"
+    )
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for r in rows:
-        best = min(r.eager_ms, r.grouped_ms)
+        best_impl, best = r.hf_best
         vs32 = f"{r.fp32_best_ms / r.ours_ms:.2f}" if r.fp32_best_ms else "-"
+        hf = " | ".join("-" if r.hf_ms.get(k) is None else f"{r.hf_ms[k]:.2f}" for k in impls)
         print(
-            f"| {r.tokens} | {r.dtype} | {r.kernel} | {r.ours_ms:.2f} | {r.eager_ms:.2f} | {r.grouped_ms:.2f} "
-            f"| {best / r.ours_ms:.2f} | {vs32} | {r.gflops:.0f} | {r.gbps:.1f} | {r.rel_err:.1e} |"
+            f"| {r.shape.name} | {r.tokens} | {r.dtype} | {r.kernel} | {r.ours_ms:.2f} | {hf} "
+            f"| {best / r.ours_ms:.2f} | {vs32} | {r.gflops:.0f} | {r.gbps:.1f} | {limit(r, peaks)} "
+            f"| {r.rel_err:.1e} |"
         )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1,8,128,1024,4096", help="comma-separated T values")
+    p.add_argument(
+        "--shape",
+        default=DEFAULT_SHAPE,
+        help=f"'sweep' (H x I in {', '.join(f'{h}x{i}' for h, i in SWEEP)}) or comma-separated HxI "
+        f"(hidden x expert inter), default {DEFAULT_SHAPE} (DeepSeek-V2-Lite)",
+    )
+    p.add_argument("--experts", type=int, default=64, help="routed experts per layer")
+    p.add_argument("--topk", type=int, default=6, help="experts per token")
+    p.add_argument("--shared", type=int, default=2, help="shared experts (each of size I, fused)")
+    p.add_argument(
+        "--tokens",
+        default=None,
+        help="comma-separated T values (default 1,16,128,1024,4096; --quick: 1,16,128,1024)",
+    )
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     p.add_argument(
         "--kernels",
@@ -238,14 +390,24 @@ def main(argv: list[str] | None = None) -> None:
         "without native bf16 get; fp32 ignores it)",
     )
     p.add_argument("--workers", type=int, default=1, help="expert workers (in-process)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--cache-dir", default=str(CACHE), help="where the random checkpoint is kept")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, and T up to 1024 unless --tokens")
+    p.add_argument("--cache-dir", default=str(CACHE), help="where the random checkpoints are kept")
     args = p.parse_args(argv)
     for d in args.dtypes.split(","):
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; choose from {list(DTYPES)}")
-    rows, peaks = run(args)
-    print_report(rows, peaks)
+    try:
+        shapes = parse_shapes(args.shape, args.experts, args.topk, args.shared)
+    except ValueError as e:
+        p.error(str(e))
+    tokens = [
+        int(t) for t in (args.tokens or ("1,16,128,1024" if args.quick else "1,16,128,1024,4096")).split(",")
+    ]
+    t0, load0 = time.perf_counter(), loadavg()
+    peaks = probes(args.quick)
+    notes: list[str] = []
+    rows = [row for shape in shapes for row in run_shape(shape, args, tokens, notes)]
+    print_report(rows, peaks, notes, time.perf_counter() - t0, (load0, loadavg()))
 
 
 if __name__ == "__main__":
