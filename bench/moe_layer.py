@@ -302,8 +302,10 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
                             shape, t, name, chosen[k], ms["ours", k], hf_ms, fp32, flops, nbytes, rel, compute
                         )
                     )
-            best_impl, best = rows[-1].hf_best
-            ours = ", ".join(f"{chosen[k]} {ms['ours', k]:.2f}" for k in engines)
+            best_impl, best = min(((k, v) for k, v in hf_ms.items() if v is not None), key=lambda kv: kv[1])
+            ours = (
+                ", ".join(f"{chosen[k]} {ms['ours', k]:.2f}" for k in engines) or "-"
+            )  # fp32 with only upcast
             print(
                 f"  {shape.name} {name:8s} T={t:5d}: hf best {best_impl} {best:.2f} ms; ours {ours} ms",
                 flush=True,
