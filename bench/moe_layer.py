@@ -16,7 +16,10 @@ the experts the tokens hit) and GB/s (distinct expert weight bytes touched per c
 matmul peak probe and a memory read probe measured in the same run, and the resource that bounds
 it. Times are the minimum over repeats (this machine may be shared), the implementations taking turns
 within each round of repeats, with a 128 MiB buffer written between timed calls so that no call finds
-its weights in cache from the one before; nothing asserts.
+its weights in cache from the one before; nothing asserts. On a CPU without native bf16 (AVX2-only,
+or AVX-512 without BF16) transformers' bf16 is not timed (its GEMM runs at ~1 GFLOP/s there) and
+the bf16 rows compare with its fp32; this machine can play such a CPU with
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`.
 
     python -m bench.moe_layer --tokens 1,8,128,1024,4096 --dtypes float32,bfloat16 --kernels auto,upcast
     python -m bench.moe_layer --shape sweep
@@ -77,7 +80,8 @@ class Row:
 
     @property
     def hf_best(self) -> tuple[str, float]:
-        return min(((k, v) for k, v in self.hf_ms.items() if v is not None), key=lambda kv: kv[1])
+        """transformers' fastest implementation here, ("-", nan) when none was timed."""
+        return best_of(self.hf_ms)
 
     @property
     def gflops(self) -> float:
@@ -86,6 +90,20 @@ class Row:
     @property
     def gbps(self) -> float:
         return self.nbytes / self.ours_ms / 1e6
+
+
+def best_of(ms: dict[str, float | None]) -> tuple[str, float]:
+    timed = [(k, v) for k, v in ms.items() if v is not None]
+    return min(timed, key=lambda kv: kv[1]) if timed else ("-", float("nan"))
+
+
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 GEMMs in hardware; without it (AVX2-only, or AVX-512 without BF16)
+    aten's bf16 GEMM runs at ~1 GFLOP/s, so transformers' bf16 is not timed (one T = 4096 call of
+    the V2-Lite layer would take minutes) and the bf16 rows compare with its fp32."""
+    from expert_workers.kernels import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def parse_shapes(text: str, experts: int, topk: int, shared: int) -> list[Shape]:
@@ -142,13 +160,19 @@ def build_checkpoint(shape: Shape, root: Path) -> Path:
 
 def probes(quick: bool) -> dict[str, float]:
     """Measured peaks on this machine: the best of `a @ b` and oneDNN's prepacked linear at 2048^3
-    per dtype (GFLOP/s), a copy (read + write) and a read-only pass (sum) over 256 MiB (GB/s)."""
+    per dtype (GFLOP/s; bf16 at 512^3 without native bf16), a copy (read + write) and a read-only pass (sum) over 256 MiB (GB/s)."""
     out = {}
-    n, reps = 2048, 3 if quick else 5
+    reps = 3 if quick else 5
     for name, dt in DTYPES.items():
+        emulated = dt == torch.bfloat16 and not native_bf16()
+        n = 512 if emulated else 2048  # ~1 GFLOP/s: 2048^3 would take a minute
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
         best = time_interleaved({0: lambda _, a=a, b=b: a @ b}, [None], reps)[0]
-        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        if (
+            not emulated
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        ):
             packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
             fn = lambda _, a=a, w=packed: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")  # noqa: E731
             best = min(best, time_interleaved({0: fn}, [None], reps)[0])
@@ -257,6 +281,7 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
     }
     rows: list[Row] = []
     fp32_best: dict[int, float] = {}
+    fp32_ref: dict[int, torch.Tensor] = {}  # transformers' fp32 output on inputs[t][0], when fp32 ran
     # fp32 first: its transformers times are the baseline for the bf16-storage rows.
     for name in sorted(args.dtypes.split(","), key=lambda d: d != "float32"):
         dt = DTYPES[name]
@@ -264,6 +289,12 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
         mlp = hf.model.layers[0].mlp.eval()
         gate_w = mlp.gate.weight.detach().clone()
         impls, skipped = hf_implementations(mlp, inputs[tokens[0]][0].to(dt))
+        if dt == torch.bfloat16 and not native_bf16():
+            skipped = {
+                impl: "not timed: no native bf16 on this CPU (~1 GFLOP/s); compare with its fp32"
+                for impl in impls
+            }
+            impls = []
         for impl, why in skipped.items():
             if f"transformers {impl} skipped ({name}): {why}" not in notes:
                 notes.append(f"transformers {impl} skipped ({name}): {why}")
@@ -275,6 +306,9 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
             for k in kernels
         }
         chosen = {k: e.cluster_state()["workers"][0].get("kernel", k) for k, e in engines.items()}
+        for k in list(engines)[1:]:  # "upcast" twice where auto picks it (no native bf16): time it once
+            if chosen[k] in [chosen[j] for j in engines if j != k]:
+                engines.pop(k).shutdown()
 
         for t in tokens:
             xs = [x.to(dt) for x in inputs[t]]
@@ -287,14 +321,16 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
             fns.update({("ours", k): (lambda x, e=e: e.moe_forward(0, x)) for k, e in engines.items()})
             with torch.inference_mode():
                 ms = time_interleaved(fns, xs, reps_for(t, args.quick), flush)
-                ref = hf_call(mlp, "eager")(xs[0]).float()
+                # the error is against transformers in the same dtype, or its fp32 where bf16 is not run
+                ref = hf_call(mlp, "eager")(xs[0]).float() if impls else fp32_ref.get(t)
                 hf_ms = {impl: ms.get(("hf", impl)) for impl in impls}
                 if name == "float32":
-                    fp32_best[t] = min(v for v in hf_ms.values() if v is not None)
+                    fp32_best[t] = best_of(hf_ms)[1]
+                    fp32_ref[t] = ref
                 flops, nbytes = expert_stats(shape, gate_w, xs[0], dt.itemsize)
                 for k, engine in engines.items():
                     out = engine.moe_forward(0, xs[0]).float()
-                    rel = ((out - ref).abs().max() / ref.abs().max()).item()
+                    rel = float("nan") if ref is None else ((out - ref).abs().max() / ref.abs().max()).item()
                     compute = "float32" if chosen[k] == "upcast" else name
                     fp32 = fp32_best.get(t) if name != "float32" else None
                     rows.append(
@@ -302,7 +338,7 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
                             shape, t, name, chosen[k], ms["ours", k], hf_ms, fp32, flops, nbytes, rel, compute
                         )
                     )
-            best_impl, best = min(((k, v) for k, v in hf_ms.items() if v is not None), key=lambda kv: kv[1])
+            best_impl, best = best_of(hf_ms)
             ours = (
                 ", ".join(f"{chosen[k]} {ms['ours', k]:.2f}" for k in engines) or "-"
             )  # fp32 with only upcast
@@ -360,10 +396,11 @@ def print_report(
     for r in rows:
         best_impl, best = r.hf_best
         vs32 = f"{r.fp32_best_ms / r.ours_ms:.2f}" if r.fp32_best_ms else "-"
+        vs_best = "-" if best != best else f"{best / r.ours_ms:.2f}"  # nan: transformers not timed
         hf = " | ".join("-" if r.hf_ms.get(k) is None else f"{r.hf_ms[k]:.2f}" for k in impls)
         print(
             f"| {r.shape.name} | {r.tokens} | {r.dtype} | {r.kernel} | {r.ours_ms:.2f} | {hf} "
-            f"| {best / r.ours_ms:.2f} | {vs32} | {r.gflops:.0f} | {r.gbps:.1f} | {limit(r, peaks)} "
+            f"| {vs_best} | {vs32} | {r.gflops:.0f} | {r.gbps:.1f} | {limit(r, peaks)} "
             f"| {r.rel_err:.1e} |"
         )
 
