@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.serve_load import cpu_model, eos_ids, one_completion, prompt_ids
+from bench.serve_load import cpu_model, eos_ids, one_completion, prompt_ids, server_default
 
 ROUTER_SPANS = ("gate", "plan", "submit", "wait", "combine")
 
@@ -228,7 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="trained", help="built-in model preset (trained, tiny, medium, ...)")
     p.add_argument("--model", default=None, help="checkpoint dir (overrides --preset)")
-    p.add_argument("--transport", default="ray", choices=("ray", "compiled", "socket"))
+    p.add_argument(
+        "--transport",
+        default=server_default("transport"),
+        choices=("ray", "compiled", "socket"),
+        help="of the started server (default: the server's own)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128, help="max_tokens per request (64 prompt ids)")

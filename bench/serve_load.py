@@ -45,6 +45,16 @@ from pathlib import Path
 
 import torch
 
+
+def server_default(name: str):
+    """start_server's default for `name`: a started server runs as `moe-serve serve` would."""
+    import inspect
+
+    from router_service.serving.launch import start_server
+
+    return inspect.signature(start_server).parameters[name].default
+
+
 PRINTABLE = range(0x20, 0x7F)  # byte ids " " .. "~": never a special token of the byte tokenizer
 
 
@@ -396,7 +406,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per (concurrency, kind) run")
-    p.add_argument("--transport", default="ray", choices=("ray", "compiled", "socket"))
+    p.add_argument(
+        "--transport",
+        default=server_default("transport"),
+        choices=("ray", "compiled", "socket"),
+        help="of the started server (default: the server's own)",
+    )
     p.add_argument("--workers", type=int, default=2, help="expert workers of the started server")
     p.add_argument(
         "--micro-batch-min-tokens", default="auto", help="the server's setting: auto, off or an int"
