@@ -286,6 +286,15 @@ class IngressCore:
         self._pump_task: asyncio.Task | None = None
         self._back: asyncio.Future | None = None  # set while waiting for a restarted router
         self.router_restarts = 0  # restarts this replica saw (metrics)
+        self.stopping = False  # set by stop(): the router going away is then expected, not a fault
+
+    def stop(self) -> None:
+        """The replica is stopping and takes the router with it: the event stream's end is not a
+        router crash to wait out and recover from (nor to log as one)."""
+        self.stopping = True
+        if self._pump_task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed
+                self._pump_task.get_loop().call_soon_threadsafe(self._pump_task.cancel)
 
     # ---- calling the router, across its restarts --------------------------------------------------
 
@@ -486,6 +495,8 @@ class IngressCore:
                             if req is not None:
                                 req.news.put_nowait((tokens, finish, error, logprobs))
             except RayActorError as e:
+                if self.stopping:
+                    return
                 log.warning("generation event stream lost (%s)", _first_line(e))
                 try:
                     await self._router_back()

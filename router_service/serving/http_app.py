@@ -202,6 +202,8 @@ class MoEIngress:
                 ray.kill(self._grpc)
             self._grpc = None
         if getattr(self, "router", None) is not None:
+            if getattr(self, "core", None) is not None:
+                self.core.stop()
             stop_router_actor(self.router, False, self.config.cluster_name)
             self.router = None
 
