@@ -293,8 +293,11 @@ class IngressCore:
         router crash to wait out and recover from (nor to log as one)."""
         self.stopping = True
         if self._pump_task is not None:
+            stopped = ServingError("unavailable", "the server is stopping")
             with contextlib.suppress(RuntimeError):  # its loop already closed
-                self._pump_task.get_loop().call_soon_threadsafe(self._pump_task.cancel)
+                loop = self._pump_task.get_loop()
+                loop.call_soon_threadsafe(self._pump_task.cancel)
+                loop.call_soon_threadsafe(self._fail_open, stopped)  # any stream still open ends now
 
     # ---- calling the router, across its restarts --------------------------------------------------
 
