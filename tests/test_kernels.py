@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL, assert_rel_close, kernel_available
 
 from expert_workers import kernels
 from expert_workers.kernels import (
@@ -18,17 +19,6 @@ from expert_workers.kernels import (
 )
 
 H, INTER, E = 64, 48, 5
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def available(kernel: str, dtype: torch.dtype) -> bool:
-    if kernel == "grouped_mm":
-        return kernels.has_grouped_mm()
-    if kernel == "onednn":
-        return kernels.has_onednn() and (
-            dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
-    return True
 
 
 def reference(x, counts, w13, w2):
@@ -41,11 +31,6 @@ def reference(x, counts, w13, w2):
         out.append((F.silu(gate) * up) @ w2[e].t())
         start += n
     return torch.cat(out)
-
-
-def assert_rel_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
-    assert err.item() < tol, f"max relative error {err.item():.2e} >= {tol}"
 
 
 def make_weights(dtype, n_experts=E, seed=0):
@@ -70,7 +55,7 @@ def make_weights(dtype, n_experts=E, seed=0):
     ids=["T1", "T1-mid", "odd", "zeros", "empty", "larger"],
 )
 def test_swiglu_experts_matches_reference(kernel, dtype, counts):
-    if not available(kernel, dtype):
+    if not kernel_available(kernel, dtype):
         pytest.skip(f"{kernel} not available for {dtype} here")
     w13, w2 = make_weights(dtype)
     x = torch.randn(sum(counts), H).to(dtype)
@@ -86,7 +71,7 @@ def test_swiglu_experts_matches_reference(kernel, dtype, counts):
 @pytest.mark.parametrize("kernel", ["loop", "onednn", "upcast"])
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_swiglu_dense_matches_reference(kernel, dtype, rows):
-    if not available(kernel, dtype):
+    if not kernel_available(kernel, dtype):
         pytest.skip(f"{kernel} not available for {dtype} here")
     w13, w2 = make_weights(dtype, n_experts=1, seed=1)
     x = torch.randn(rows, H).to(dtype)
@@ -166,7 +151,7 @@ def test_auto_rule_on_cuda(monkeypatch):
 
 @pytest.mark.parametrize("kernel", ["loop", "onednn"])
 def test_stack_builder_gives_the_layout_the_kernel_reads(kernel):
-    if not available(kernel, torch.float32):
+    if not kernel_available(kernel, torch.float32):
         pytest.skip(f"{kernel} not available here")
     w13, w2 = make_weights(torch.float32, n_experts=3)
     b = kernels.ExpertStackBuilder(kernel, 3, INTER, H, torch.float32, "cpu")

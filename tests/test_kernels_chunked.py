@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL, assert_rel_close, kernel_available
 
 from expert_workers import kernels
 from expert_workers.kernels import (
@@ -20,17 +21,6 @@ from expert_workers.kernels import (
 from moe_models.spec import ExpertFn
 
 H, INTER, E = 32, 24, 5
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def available(kernel: str, dtype: torch.dtype) -> bool:
-    if kernel == "grouped_mm":
-        return kernels.has_grouped_mm()
-    if kernel == "onednn":
-        return kernels.has_onednn() and (
-            dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
-    return True
 
 
 def make_case(dtype, counts, n_rows=7, seed=0):
@@ -54,11 +44,6 @@ def reference(x, pair_rows, pair_weights, counts, w13, w2, scale_input=False):
         y = w2[e].double() @ (F.silu(gate) * up)
         out[row] += y if scale_input else w * y
     return out
-
-
-def assert_rel_close(got, want, tol):
-    err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
-    assert err.item() < tol, f"max relative error {err.item():.2e} >= {tol}"
 
 
 @pytest.mark.parametrize(
@@ -90,7 +75,7 @@ def test_expert_chunks(counts, max_rows, want):
     "counts", [[1, 0, 0, 0, 0], [3, 0, 5, 1, 2], [0, 9, 0, 0, 4]], ids=["T1", "odd", "big"]
 )
 def test_moe_experts_matches_pairwise_reference(kernel, dtype, max_rows, counts):
-    if not available(kernel, dtype):
+    if not kernel_available(kernel, dtype):
         pytest.skip(f"{kernel} not available for {dtype} here")
     w13, w2, x, pair_rows, pair_weights = make_case(dtype, counts)
     want = reference(x, pair_rows, pair_weights, counts, w13, w2)
@@ -103,7 +88,7 @@ def test_moe_experts_matches_pairwise_reference(kernel, dtype, max_rows, counts)
 @pytest.mark.parametrize("kernel", ["loop", "onednn"])
 def test_moe_experts_scale_input_and_accumulates(kernel):
     """Llama 4's weight-scaled input, and `out` is added to, not overwritten."""
-    if not available(kernel, torch.float32):
+    if not kernel_available(kernel, torch.float32):
         pytest.skip(f"{kernel} not available here")
     counts = [2, 0, 3, 1, 0]
     w13, w2, x, pair_rows, pair_weights = make_case(torch.float32, counts, seed=3)
@@ -119,7 +104,7 @@ def test_moe_experts_scale_input_and_accumulates(kernel):
 @pytest.mark.parametrize("kernel", ["loop", "onednn", "upcast"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_shared_experts_chunked(kernel, dtype, weighted):
-    if not available(kernel, dtype):
+    if not kernel_available(kernel, dtype):
         pytest.skip(f"{kernel} not available for {dtype} here")
     w13, w2, x, _, _ = make_case(dtype, [0] * E, n_rows=9, seed=1)
     rows = torch.tensor([8, 0, 3, 4, 1])
