@@ -442,16 +442,19 @@ def main(argv: list[str] | None = None) -> None:
     from router_service.default_model import default_model_dir
 
     model_dir = str(args.model or default_model_dir(args.preset))
-    threads_given = args.threads is not None  # else the server's defaults (router threads by model size)
-    if args.threads is None:
+    # --threads None: the server's own defaults (workers' threads from EngineConfig, router's by model size)
+    worker_threads = args.threads
+    if worker_threads is None:
         from router_service.config import EngineConfig
 
-        args.threads = EngineConfig(model_dir, num_workers=args.workers, transport=args.transport).num_threads
+        worker_threads = EngineConfig(
+            model_dir, num_workers=args.workers, transport=args.transport
+        ).num_threads
     avoid = eos_ids(model_dir)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = int(cfg["vocab_size"])
     t_start = time.perf_counter()
-    print(f"model {model_dir}, eos {sorted(avoid)}, threads {args.threads}", file=sys.stderr, flush=True)
+    print(f"model {model_dir}, eos {sorted(avoid)}, threads {worker_threads}", file=sys.stderr, flush=True)
 
     hf = None
     hf_threads = torch.get_num_threads() if args.hf_threads is None else args.hf_threads
@@ -476,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
             transport=args.transport,
             options=ServerOptions(http_port=0, grpc_port=0),
             progress="off",
-            num_threads=args.threads if threads_given else None,
+            num_threads=args.threads,
             micro_batch_min_tokens=mb if (mb := args.micro_batch_min_tokens) in ("auto", "off") else int(mb),
         )
         url = server.http_url
@@ -491,8 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-        f"torch threads: each worker {args.threads}, router "
-        f"{args.threads if threads_given else 'by model size (router_threads_for)'}, transformers {hf_threads}. Server: "
+        f"torch threads: each worker {worker_threads}, router "
+        f"{args.threads or 'by model size (router_threads_for)'}, transformers {hf_threads}. Server: "
         f"{'--url ' + args.url if args.url else f'{args.transport} transport, {args.workers} workers, fp32'}. "
         f"Wall time {wall:.0f} s."
     )
