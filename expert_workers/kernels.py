@@ -429,11 +429,12 @@ def expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, list
     chunks: list[tuple[int, int, list[int]]] = []
     start = e0 = 0
     part: list[int] = []
+    rows = 0  # sum(part), kept as it grows: a decode step packs all of 256 experts into one chunk
     for e, n in enumerate(counts):
-        if part and sum(part) + n > max_rows:
-            if sum(part):
+        if part and rows + n > max_rows:
+            if rows:
                 chunks.append((start, e0, part))
-            start, part = start + sum(part), []
+            start, part, rows = start + rows, [], 0
         if not part:
             e0 = e
         if n > max_rows:  # alone, in even parts
@@ -444,7 +445,8 @@ def expert_chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, list
                 start += size
             continue
         part.append(n)
-    if sum(part):
+        rows += n
+    if rows:
         chunks.append((start, e0, part))
     return chunks
 
