@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from expert_workers.kernels import cpu_has_native_bf16
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CACHE = Path.home() / ".cache" / "moe-serving" / "bench"
 SWEEP = [(h, i) for h in (1024, 2048) for i in (256, 512, 768, 1408, 2048)]  # issue 11's expert sizes
@@ -97,15 +99,6 @@ def best_of(ms: dict[str, float | None]) -> tuple[str, float]:
     return min(timed, key=lambda kv: kv[1]) if timed else ("-", float("nan"))
 
 
-def native_bf16() -> bool:
-    """Whether this CPU runs bf16 GEMMs in hardware; without it (AVX2-only, or AVX-512 without BF16)
-    aten's bf16 GEMM runs at ~1 GFLOP/s, so transformers' bf16 is not timed (one T = 4096 call of
-    the V2-Lite layer would take minutes) and the bf16 rows compare with its fp32."""
-    from expert_workers.kernels import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
-
-
 def parse_shapes(text: str, experts: int, topk: int, shared: int) -> list[Shape]:
     pairs = SWEEP if text == "sweep" else []
     if text != "sweep":
@@ -164,7 +157,7 @@ def probes(quick: bool) -> dict[str, float]:
     out = {}
     reps = 3 if quick else 5
     for name, dt in DTYPES.items():
-        emulated = dt == torch.bfloat16 and not native_bf16()
+        emulated = dt == torch.bfloat16 and not cpu_has_native_bf16()
         n = 512 if emulated else 2048  # ~1 GFLOP/s: 2048^3 would take a minute
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
         best = time_interleaved({0: lambda _, a=a, b=b: a @ b}, [None], reps)[0]
@@ -291,7 +284,10 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
         mlp = hf.model.layers[0].mlp.eval()
         gate_w = mlp.gate.weight.detach().clone()
         impls, skipped = hf_implementations(mlp, inputs[tokens[0]][0].to(dt))
-        if dt == torch.bfloat16 and not native_bf16():
+        # Without native bf16 (AVX2-only, or AVX-512 without BF16) aten's bf16 GEMM runs at ~1 GFLOP/s:
+        # one T = 4096 call of the V2-Lite layer would take minutes, so transformers' bf16 is not
+        # timed and the bf16 rows compare with its fp32.
+        if dt == torch.bfloat16 and not cpu_has_native_bf16():
             skipped = {
                 impl: "not timed: no native bf16 on this CPU (~1 GFLOP/s); compare with its fp32"
                 for impl in impls
