@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from expert_workers.kernels import cpu_has_native_bf16
+from expert_workers.kernels import cpu_has_native_bf16, has_onednn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CACHE = Path.home() / ".cache" / "moe-serving" / "bench"
@@ -153,7 +153,8 @@ def build_checkpoint(shape: Shape, root: Path) -> Path:
 
 def probes(quick: bool) -> dict[str, float]:
     """Measured peaks on this machine: the best of `a @ b` and oneDNN's prepacked linear at 2048^3
-    per dtype (GFLOP/s; bf16 at 512^3 without native bf16), a copy (read + write) and a read-only pass (sum) over 256 MiB (GB/s)."""
+    per dtype (GFLOP/s; bf16 at 512^3 without native bf16), a copy (read + write) and a read-only
+    pass (sum) over 256 MiB (GB/s)."""
     out = {}
     reps = 3 if quick else 5
     for name, dt in DTYPES.items():
@@ -161,11 +162,7 @@ def probes(quick: bool) -> dict[str, float]:
         n = 512 if emulated else 2048  # ~1 GFLOP/s: 2048^3 would take a minute
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
         best = time_interleaved({0: lambda _, a=a, b=b: a @ b}, [None], reps)[0]
-        if (
-            not emulated
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        ):
+        if not emulated and has_onednn():
             packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
             fn = lambda _, a=a, w=packed: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")  # noqa: E731
             best = min(best, time_interleaved({0: fn}, [None], reps)[0])
