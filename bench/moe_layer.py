@@ -274,6 +274,7 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
     # transformers' fp32 output on inputs[t][0] rounded to bf16 (what the bf16 rows get), when fp32
     # ran: the reference of bf16 rows where its bf16 is not timed
     fp32_ref: dict[int, torch.Tensor] = {}
+    need_fp32_ref = "bfloat16" in args.dtypes.split(",") and not cpu_has_native_bf16()
     # fp32 first: its transformers times are the baseline for the bf16-storage rows.
     for name in sorted(args.dtypes.split(","), key=lambda d: d != "float32"):
         dt = DTYPES[name]
@@ -321,7 +322,8 @@ def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[R
                 hf_ms = {impl: ms.get(("hf", impl)) for impl in impls}
                 if name == "float32":
                     fp32_best[t] = best_of(hf_ms)[1]
-                    fp32_ref[t] = hf_call(mlp, "eager")(xs[0].bfloat16().float()).float()
+                    if need_fp32_ref:
+                        fp32_ref[t] = hf_call(mlp, "eager")(xs[0].bfloat16().float()).float()
                 flops, nbytes = expert_stats(shape, gate_w, xs[0], dt.itemsize)
                 for k, engine in engines.items():
                     out = engine.moe_forward(0, xs[0]).float()
