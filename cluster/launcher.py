@@ -35,6 +35,10 @@ Choices, checked against Ray 2.60 on one machine:
   machine). Each node is a `ray start --block` in a session of its own: SIGTERM to it stops its
   processes (without Ray's drain: `down` stops the server first, so nothing is left to drain);
   SIGKILL follows for whatever is left after `stop_timeout_s`.
+- Gone means gone: `down` and `kill_node` return once each process they stopped has exited (by
+  /proc/<pid>/stat), not once the tag scan stops finding it, which happens as soon as a process
+  begins to exit (see `is_running`). A process is known by its pid and start time, so a pid the
+  kernel has since given to another process is neither waited for nor signalled.
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ SERVER_READY = re.compile(r"^moe-serve: serving .* HTTP (\S+)\s+gRPC (\S+)", re.
 HEAD_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
 # Ray processes of a node that are not actors: left out of the actor list of `status`.
 NOT_ACTORS = {"IDLE", "DashboardAgent", "RuntimeEnvAgent"}
+# How long `down` and `kill_node` wait for SIGKILLed processes to exit before they give up on them:
+# only a process stuck in the kernel takes more than seconds. Apart from stop_timeout_s (the grace
+# after SIGTERM, a choice), so a short grace does not cut short an exit slowed by a loaded machine.
+KILL_TIMEOUT_S = 60.0
 
 
 class LauncherError(RuntimeError):
@@ -142,6 +150,7 @@ class NodeRecord:
     log: str
     temp_dir: str
     node_id: str = ""  # the Ray node id, once its raylet runs
+    start: int = 0  # the process's start time (`process_start`): with the pid, it names the process
 
     @property
     def role(self) -> str:
@@ -154,6 +163,7 @@ class ServerRecord:
     log: str
     http_url: str = ""
     grpc_target: str = ""
+    start: int = 0  # the process's start time (`process_start`)
 
 
 @dataclass
@@ -204,7 +214,8 @@ class ClusterStatus:
 
 
 def tagged_processes(cluster_id: str) -> dict[int, str]:
-    """pid -> role ("node-<i>" or "server") of every live process with this cluster's tag."""
+    """pid -> role ("node-<i>" or "server") of every live process with this cluster's tag. It
+    misses a process that has begun to exit, though that may run on for a while (`is_running`)."""
     prefix = f"{TAG_ENV}={cluster_id}/".encode()
     found = {}
     for entry in os.listdir("/proc"):
@@ -212,13 +223,42 @@ def tagged_processes(cluster_id: str) -> dict[int, str]:
             continue
         try:
             environ = Path(f"/proc/{entry}/environ").read_bytes()  # empty for a zombie
-        except OSError:  # gone, or not ours to read
+        except OSError:  # gone, exiting (ESRCH once its memory is released), or not ours to read
             continue
         for var in environ.split(b"\0"):
             if var.startswith(prefix):
                 found[int(entry)] = var[len(prefix) :].decode()
                 break
     return found
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of process `pid` from /proc/<pid>/stat; None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold anything
+    return fields[0], int(fields[19])  # fields 3 and 22 of proc(5); the start in clock ticks since boot
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (None: there is none). The kernel reuses a pid, not a pid with
+    its start time: the pair names one process, the pid alone only until that process is reaped."""
+    stat = _stat(pid)
+    return stat[1] if stat else None
+
+
+def is_running(pid: int, start: int | None = None) -> bool:
+    """Whether process `pid` (started at `start`, if given) has not exited: /proc/<pid>/stat is
+    there, in a state other than zombie ('Z') or dead ('X'), with that start time. This, not the tag
+    scan, says when a process is gone: once a process begins to exit (SIGKILL, say) its
+    /proc/<pid>/environ is unreadable, as its memory is being released, so `tagged_processes` no
+    longer lists it; yet it runs on until it has released everything (MEASURED: up to 1.5 s for a
+    2 GB heap on an idle machine; when `kill_node` went by the tag scan, one of a node's Ray
+    processes still ran after it returned)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X") and start in (None, stat[1])
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -440,7 +480,8 @@ class LocalCluster:
             argv += ["--resources", json.dumps({SLOT_RESOURCE: opts.slots_per_node})]
         log.info("starting %s node %d", "head" if index == 0 else "worker", index)
         proc = self._spawn(argv, f"node-{index}", log_path)
-        self.state.nodes.append(NodeRecord(index, proc.pid, str(log_path), str(temp_dir)))
+        start = process_start(proc.pid) or 0  # our child, not yet reaped: its pid is still its own
+        self.state.nodes.append(NodeRecord(index, proc.pid, str(log_path), str(temp_dir), start=start))
         self._save()
         return index
 
@@ -513,7 +554,7 @@ class LocalCluster:
         log_path = self.base_dir / "logs" / "server.log"
         log.info("starting the server (%d expert workers)", opts.num_expert_workers)
         proc = self._spawn(argv, "server", log_path)
-        self.state.server = ServerRecord(proc.pid, str(log_path))
+        self.state.server = ServerRecord(proc.pid, str(log_path), start=process_start(proc.pid) or 0)
         self._save()
         deadline = time.monotonic() + opts.server_timeout_s
         while not (m := SERVER_READY.search(log_path.read_text(errors="replace"))):
@@ -564,24 +605,18 @@ class LocalCluster:
 
     def kill_node(self, index: int) -> list[int]:
         """SIGKILL every process of worker node `index` (its raylet, agents and actor workers), as
-        a machine failure would; returns their pids once all are gone."""
+        a machine failure would; returns their pids once all are gone (exited, not merely out of
+        the tag scan: see `is_running`)."""
         node = self._node(index)
         if node.index == 0:
             raise ValueError("node 0 is the head: killing it ends the cluster (use down())")
-        role, killed = f"node-{index}", set()
-        deadline = time.monotonic() + self.options.stop_timeout_s
-        # Repeat: a raylet may fork a worker between the scan and the kill.
-        while pids := [pid for pid, r in self._processes().items() if r == role]:
-            if time.monotonic() > deadline:
-                raise LauncherError(
-                    f"processes {pids} of node {index} outlived SIGKILL for {self.options.stop_timeout_s:g}s"
-                )
-            _signal(pids, signal.SIGKILL)
-            killed.update(pids)
-            self._reap()
-            time.sleep(0.05)
-        log.info("killed worker node %d (%d processes)", index, len(killed))
-        return sorted(killed)
+        roles = {f"node-{index}"}
+        procs = self._tagged(roles)
+        procs |= self._leaders(roles, procs)
+        if left := self._kill_until_gone(roles, procs):
+            raise LauncherError(f"processes {left} of node {index} outlived SIGKILL for {KILL_TIMEOUT_S:g}s")
+        log.info("killed worker node %d (%d processes)", index, len(procs))
+        return sorted(procs)
 
     def add_node(self) -> int:
         """Start one more worker node (the options' CPUs and slots); its index once it is up."""
@@ -593,7 +628,7 @@ class LocalCluster:
             self._start_node(find_ray(), index)
             self._wait_nodes([index])
         except BaseException:
-            self._stop({f"node-{index}"})
+            self._stop({f"node-{index}"}, f"worker node {index}", {})
             raise
         return index
 
@@ -601,52 +636,96 @@ class LocalCluster:
 
     def down(self) -> int:
         """Stop the server, then the worker nodes, then the head: SIGTERM, SIGKILL after
-        `stop_timeout_s`. Only processes with this cluster's tag are signalled. Returns how many
-        processes were running; a cluster that is not there is a no-op (0)."""
+        `stop_timeout_s`; return once every process it stopped has exited. Only processes with this
+        cluster's tag, or started by `up` (known by pid and start time), are signalled. Returns how
+        many processes it stopped; a cluster that is not there is a no-op (0). Processes that
+        outlive SIGKILL for KILL_TIMEOUT_S raise LauncherError, and the state file stays, so that
+        `status` shows them and a second `down` tries again."""
         if self.state is None:
             return 0
-        procs = self._processes()
+        stopped: dict[int, int] = {}  # pid -> start time of every process stopped
+        left: list[int] = []
         for what, roles in (
             ("the server", {"server"}),
             ("the worker nodes", {f"node-{n.index}" for n in self.state.nodes if n.index != 0}),
             ("the head", {"node-0"}),
+            ("what else has the cluster's tag", None),
         ):
-            if roles & set(procs.values()):
-                log.info("stopping %s", what)
-                self._stop(roles)
-        self._stop(None)  # anything else with our tag
-        running = len(procs)
+            left += self._stop(roles, what, stopped)
+        if left:
+            raise LauncherError(
+                f"processes {sorted(left)} of the cluster in {self.base_dir} outlived SIGKILL for "
+                f"{KILL_TIMEOUT_S:g}s"
+            )
         self.state_path.unlink(missing_ok=True)
         (self.base_dir / TOKEN_FILE).unlink(missing_ok=True)
         self.state = None
-        if running:
-            log.info("stopped %d processes", running)
-        return running
+        if stopped:
+            log.info("stopped %d processes", len(stopped))
+        return len(stopped)
 
-    def _stop(self, roles: set[str] | None) -> None:
+    def _stop(self, roles: set[str] | None, what: str, stopped: dict[int, int]) -> list[int]:
         """SIGTERM the leaders of `roles` (the server, which shuts down cleanly; each node's `ray
         start --block`, which stops its Ray processes), wait up to stop_timeout_s for them to exit,
         then SIGKILL whatever of those roles is left (actor workers a raylet did not wait for, a
-        leader that hung). None: every process with this cluster's tag, killed at once."""
+        leader that hung) until it is gone. None: every process with this cluster's tag, killed at
+        once. Adds what it stops to `stopped` (pid -> start time); returns the pids that outlived
+        SIGKILL."""
+        procs = self._tagged(roles)
+        leaders = self._leaders(roles, procs) if roles is not None else {}
+        procs |= leaders
+        if not procs:
+            return []
+        log.info("stopping %s", what)
+        timeout_s = self.options.stop_timeout_s
+        _signal(leaders, signal.SIGTERM)
+        # A leader exits once it has stopped its own processes; what it leaves is killed below.
+        if not _wait_until(lambda: not self._running(leaders), timeout_s):
+            log.warning(
+                "stopping %s: %s still ran %gs after SIGTERM", what, sorted(self._running(leaders)), timeout_s
+            )
+        left = self._kill_until_gone(roles, procs)
+        stopped |= procs
+        return left
 
-        def left() -> list[int]:
-            self._reap()
-            return [pid for pid, role in self._processes().items() if roles is None or role in roles]
+    def _tagged(self, roles: set[str] | None) -> dict[int, int]:
+        """pid -> start time of the processes with this cluster's tag and one of `roles` (None: any)."""
+        found = {}
+        for pid, role in self._processes().items():
+            if (roles is None or role in roles) and (start := process_start(pid)) is not None:
+                found[pid] = start
+        return found
 
-        if roles is not None:
-            leaders = [n.pid for n in self.state.nodes if f"node-{n.index}" in roles]
-            if "server" in roles and self.state.server:
-                leaders.append(self.state.server.pid)
-            signalled = set(leaders) & set(left())
-            _signal(signalled, signal.SIGTERM)
-            # A leader exits once it has stopped its own processes; what it leaves is killed below.
-            _wait_until(lambda: not signalled & set(left()), self.options.stop_timeout_s)
-        for _ in range(50):  # bounded: a Ray process may fork a worker between scan and kill
-            if not (pids := left()):
-                break
-            _signal(pids, signal.SIGKILL)
-            time.sleep(0.1)
-        self._reap()
+    def _leaders(self, roles: set[str], tagged: dict[int, int]) -> dict[int, int]:
+        """pid -> start time of the processes `up` started for `roles` (each node's `ray start
+        --block`, the server) that still run. Taken from the state, as the tag scan misses a leader
+        that has begun to exit; a leader recorded without a start time counts if `tagged` has it."""
+        records: list[NodeRecord | ServerRecord] = [n for n in self.state.nodes if f"node-{n.index}" in roles]
+        if "server" in roles and self.state.server is not None:
+            records.append(self.state.server)
+        known = {r.pid: r.start or tagged.get(r.pid, 0) for r in records}
+        return {pid: start for pid, start in known.items() if start and is_running(pid, start)}
+
+    def _kill_until_gone(self, roles: set[str] | None, procs: dict[int, int]) -> list[int]:
+        """SIGKILL the processes of `procs` (pid -> start time), and those of `roles` the tag scan
+        adds (a Ray process may fork a worker between a scan and a kill), until none runs by
+        /proc/<pid>/stat: the tag scan loses a process as soon as it begins to exit, before it has
+        (`is_running`). Adds what it finds to `procs`; returns the pids still running after
+        KILL_TIMEOUT_S: none, unless one is stuck in the kernel."""
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while True:
+            procs |= self._tagged(roles)
+            left = self._running(procs)
+            if not left or time.monotonic() > deadline:
+                return sorted(left)
+            _signal(left, signal.SIGKILL)
+            time.sleep(0.05)
+
+    def _running(self, procs: dict[int, int]) -> set[int]:
+        """The pids of `procs` (pid -> start time) that still run; reaps our children that exited."""
+        running = {pid for pid, start in procs.items() if is_running(pid, start)}
+        self._reap()  # after the check: a child it found a zombie is reaped now, not left behind
+        return running
 
     def _reap(self) -> None:
         """Collect the children of this process that exited (a zombie keeps its pid)."""
