@@ -263,7 +263,7 @@ def load_rate(model_dir: str) -> dict:
     import ray
 
     from expert_workers.worker import ExpertWorker
-    from moe_models.spec import spec_from_pretrained
+    from moe_models.loading import spec_from_pretrained
     from router_service.runtime.ray_transport import WORKER_ACTOR
 
     spec = spec_from_pretrained(model_dir)

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-us", type=float, default=30.0, help="network round-trip latency per layer")
     args = p.parse_args(argv)
 
-    from moe_models.spec import spec_from_pretrained
+    from moe_models.loading import spec_from_pretrained
     from router_service.default_model import default_model_dir
 
     spec = spec_from_pretrained(args.model or default_model_dir(args.preset))

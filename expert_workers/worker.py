@@ -23,7 +23,7 @@ from expert_workers.kernels import (
 )
 from moe_models.checkpoint import Checkpoint
 from moe_models.expert_layout import read_experts, read_shared
-from moe_models.spec import ModelSpec, spec_from_pretrained
+from moe_models.spec import ModelSpec
 from moe_serving import tracing
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,11 @@ class ExpertWorker:
         self.num_threads = num_threads
         self._use_threads()
         self.worker_id = worker_id
-        self.spec = spec or spec_from_pretrained(model_dir)
+        if spec is None:  # the router passes it; loading imports transformers, which workers do not need
+            from moe_models.loading import spec_from_pretrained
+
+            spec = spec_from_pretrained(model_dir)
+        self.spec = spec
         self.dtype = dtype
         self.device = resolve_device(device)
         self.kernel = select_kernel(

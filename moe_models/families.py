@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from moe_models.expert_layout import SHARED_NAMES
 from moe_models.spec import (
     BUILTIN_FAMILIES,
@@ -158,9 +162,7 @@ SUPPORTED_FAMILIES = (*BUILTIN_FAMILIES, *BLOCK_FAMILIES)
 
 def _act_name(act) -> str:
     """ExpertFn.act of an experts module's `act_fn` (a transformers activation module or function)."""
-    import torch.nn.functional as F
-    from torch import nn
-    from transformers import activations as A
+    from transformers import activations as A  # not at module load: see spec_from_block_model
 
     if act is None or act is F.silu or isinstance(act, (A.SiLUActivation, nn.SiLU)):
         return "silu"
@@ -218,8 +220,6 @@ def _shared_on_workers(shared, fn: ExpertFn) -> int:
 
 def moe_blocks(model) -> tuple[list[int], str]:
     """(the MoE layers, the decoder layer's attribute holding the block) of a transformers model."""
-    from torch import nn
-
     layers, path = [], None
     for i, layer in enumerate(model.model.layers):
         for name, child in layer.named_children():
@@ -235,7 +235,9 @@ def moe_blocks(model) -> tuple[list[int], str]:
 
 def spec_from_block_model(cfg) -> ModelSpec:
     """The spec of a block family, read off the model transformers builds for `cfg` (meta device)."""
-    import torch
+    # transformers' modeling code is imported where a spec is built, not at module load: this module
+    # comes with the package into expert workers, which are given their spec by the router and must
+    # not pay for transformers (router_service/__init__.py).
     from transformers import AutoModelForCausalLM
 
     t = cfg.model_type

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from moe_models.spec import ModelSpec, spec_from_pretrained
+from moe_models.loading import spec_from_pretrained
+from moe_models.spec import ModelSpec
 from router_service.config import (
     DTYPES,
     BatchLimits,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from moe_models.spec import load_hf_config, spec_from_hf_config
+from moe_models.loading import load_hf_config, spec_from_hf_config
 from moe_serving import tracing
 from router_service.config import EngineConfig, resolve_device, router_threads_for
 from router_service.default_model import ensure_default_model

@@ -10,7 +10,7 @@ import torch
 from expert_workers.kernels import has_onednn
 from expert_workers.worker import ExpertWorker
 from moe_models.checkpoint import Checkpoint
-from moe_models.spec import spec_from_pretrained
+from moe_models.loading import spec_from_pretrained
 from router_service import Engine
 
 
@@ -147,7 +147,7 @@ def test_peak_memory_while_loading_stays_near_final_size(tmp_path, kernel):
     code = textwrap.dedent(
         f"""
         from expert_workers.worker import ExpertWorker
-        from moe_models.spec import spec_from_pretrained
+        from moe_models.loading import spec_from_pretrained
         spec = spec_from_pretrained({str(tmp_path)!r})
         status = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
         open("/proc/self/clear_refs", "w").write("5")

@@ -8,7 +8,8 @@ import torch
 from tiny_models import VOCAB
 
 from moe_models.families import UNSUPPORTED_FAMILIES
-from moe_models.spec import ConfigError, spec_from_pretrained
+from moe_models.loading import spec_from_pretrained
+from moe_models.spec import ConfigError
 from router_service import Engine
 from router_service.runtime.transport import WorkerError
 

@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config
 from expert_workers.worker import ExpertWorker
 from moe_models.checkpoint import Checkpoint, CheckpointError
 from moe_models.expert_layout import ExpertLayout, find_expert_layout, shared_keys
+from moe_models.loading import spec_from_pretrained
 from moe_models.quantization import dequantize_fp8_blocks, quantize_fp8_blocks
-from moe_models.spec import ConfigError, spec_from_pretrained
+from moe_models.spec import ConfigError
 from router_service import Engine
 
 FP32_TOL = 1e-5

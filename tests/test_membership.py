@@ -10,7 +10,7 @@ import torch
 from conftest import rel_err
 from tiny_models import VOCAB
 
-from moe_models.spec import spec_from_pretrained
+from moe_models.loading import spec_from_pretrained
 from router_service import Engine
 from router_service.config import AutoscalingConfig
 from router_service.runtime.autoscaler import Autoscaler

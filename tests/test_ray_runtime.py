@@ -9,7 +9,7 @@ from conftest import rel_err
 from tiny_models import RAY_CASES, VOCAB
 from transformers import AutoModelForCausalLM
 
-from moe_models.spec import spec_from_pretrained
+from moe_models.loading import spec_from_pretrained
 from router_service import Engine
 from router_service.runtime.local_ray import start_local_ray
 from router_service.runtime.transport import WorkerError

@@ -15,7 +15,7 @@ import torch
 from conftest import rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe_models.spec import spec_from_pretrained
+from moe_models.loading import spec_from_pretrained
 from moe_serving import ServingError
 from moe_serving.grpc_client import AsyncGrpcClient, GrpcClient
 from moe_serving.http_client import AsyncHTTPClient, HTTPClient

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moe_models.spec import spec_from_pretrained
+from moe_models.loading import spec_from_pretrained
 from moe_serving import tensors
 from moe_serving.errors import ServingError, invalid
 from moe_serving.types import GenerateParams
