@@ -86,11 +86,13 @@ class Router:
     def __init__(self, config: EngineConfig, reattach: bool = False):
         t0 = time.perf_counter()
         self.config = config
+        self.incarnation = uuid.uuid4().hex  # this process's router (see generation_events)
         # One model, many callers (actor threads, the generation loop): model calls take turns.
         # Holding it is also what makes a moment a pass boundary for the membership controller.
         self.lock = ModelTurn(1)  # the thread count is set below, once the model's size is known
         self._scheduler: GenerationScheduler | None = None
         self._sinks: dict[str, queue.SimpleQueue] = {}
+        self._readers: dict[str, int] = {}  # subscriber -> generation_events streams running
         self._sinks_lock = threading.Lock()
         self._trace_hooks: list | None = None
         self._traced: tuple[int, ...] = ()
@@ -280,8 +282,9 @@ class Router:
         subscriber: str = "default",
         resume_at: int = 0,
         **options,
-    ) -> None:
-        """Queue a request whose tokens are reported by `generation_events(subscriber)`.
+    ) -> str:
+        """Queue a request whose tokens are reported by `generation_events(subscriber)`; returns
+        this router process's incarnation (see `generation_events`).
 
         resume_at: how many tokens of this completion an earlier router already produced (they end
         `prompt_ids`); sampling goes on from there (penalties count those tokens as completion), so
@@ -292,11 +295,32 @@ class Router:
         self._submit(
             request_id, prompt_ids, max_new_tokens, temperature, top_p, seed, sink, resume_at, options
         )
+        return self.incarnation
 
-    def generation_events(self, subscriber: str = "default") -> Iterator[list]:
-        """Lists of (request_id, token_ids, finish_reason, error, logprobs) for the subscriber's
-        requests, one list per batch of news; an empty list after a second of silence (a heartbeat)."""
-        yield from self.scheduler.events(self._sink(subscriber))
+    def generation_events(self, subscriber: str = "default") -> Iterator[tuple[str, list]]:
+        """(incarnation, events) messages for the subscriber's requests, `events` a list of
+        (request_id, token_ids, finish_reason, error, logprobs), one message per batch of news; an
+        empty list after a second of silence (a heartbeat).
+
+        `incarnation` names this router process: a reader whose stream goes silent asks
+        `event_stream_status`, and a different incarnation tells it that the process it was
+        reading from is gone even when Ray never ended the stream (a streaming call to an actor that
+        died and restarted can hang instead of raising: ray-project/ray#43914), so it re-submits."""
+        with self._sinks_lock:
+            self._readers[subscriber] = self._readers.get(subscriber, 0) + 1
+        try:
+            for events in self.scheduler.events(self._sink(subscriber)):
+                yield self.incarnation, events
+        finally:
+            with self._sinks_lock:
+                self._readers[subscriber] -= 1
+
+    def event_stream_status(self, subscriber: str) -> dict:
+        """{"incarnation": this router process, "reading": whether a `generation_events` stream of
+        `subscriber` runs here}: how a reader whose stream went silent tells a slow stream from one
+        that was lost with the process it came from."""
+        with self._sinks_lock:
+            return {"incarnation": self.incarnation, "reading": self._readers.get(subscriber, 0) > 0}
 
     def _sink(self, subscriber: str) -> queue.SimpleQueue:
         with self._sinks_lock:

@@ -89,6 +89,16 @@ def check_size(tokens: int, limit: int, what: str) -> None:
 
 
 MAX_N = 16  # choices per request
+# The router's event stream sends a heartbeat every second; after this long without one, the pump
+# asks the router which process it is (see IngressCore._read_events).
+STREAM_SILENCE_S = 2.0
+HEALTH_PROBE_TIMEOUT_S = 5.0
+
+
+class RouterReplaced(Exception):
+    """The router process an event stream came from is gone, though Ray did not end the stream."""
+
+
 MAX_STOP = 16  # stop strings per request
 
 
@@ -261,6 +271,10 @@ class OpenGeneration:
     params: GenerateParams
     news: asyncio.Queue
     tokens: list[int] = field(default_factory=list)
+    # The router process that accepted it (None: none yet); submissions take turns on the lock, so
+    # a request is submitted at most once to each router process.
+    incarnation: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class IngressCore:
@@ -285,6 +299,8 @@ class IngressCore:
         self._open: dict[str, OpenGeneration] = {}
         self._pump_task: asyncio.Task | None = None
         self._back: asyncio.Future | None = None  # set while waiting for a restarted router
+        self._suspect = asyncio.Event()  # a submission met a dead router: the pump checks at once
+        self._incarnation: str | None = None  # the router process the event stream last came from
         self.router_restarts = 0  # restarts this replica saw (metrics)
         self.stopping = False  # set by stop(): the router going away is then expected, not a fault
 
@@ -436,8 +452,7 @@ class IngressCore:
         finished = router_finished = False
         try:
             self._ensure_pump()
-            with contextlib.suppress(RayActorError):  # the pump sees it die too, and re-submits
-                await self._submit(request_id, req)
+            await self._submit_first(request_id, req)
             held = None
             while not finished:
                 item, held = _merge_news(held or await req.news.get(), req.news)
@@ -462,21 +477,41 @@ class IngressCore:
             if not router_finished:  # the client left, or a stop string ended the text here
                 self.router.cancel_generation.remote(request_id)
 
+    async def _submit_first(self, request_id: str, req: OpenGeneration) -> None:
+        """Submit a new request; when the router is dead (restarting), wait for it and submit there,
+        unless the pump has re-submitted it meanwhile."""
+        while True:
+            try:
+                async with req.lock:
+                    if req.incarnation is None:
+                        await self._submit(request_id, req)
+                return
+            except RayActorError:
+                self._suspect.set()  # the pump's stream may be dead too, and Ray may not say so
+                await self._router_back()
+
     async def _submit(self, request_id: str, req: OpenGeneration) -> None:
-        """Submit (or re-submit, after a router restart: prompt + the tokens already streamed)."""
+        """Submit (or re-submit, after a router restart: prompt + the tokens already streamed), under
+        `req.lock`; records the router process that accepted it."""
         p, done = req.params, len(req.tokens)
-        with _raise_actor_errors():
-            await self.router.submit_generation.remote(
-                request_id,
-                req.prompt + req.tokens,
-                p.max_tokens - done,
-                float(p.temperature),
-                float(p.top_p),
-                p.seed,
-                self._subscriber,
-                done,
-                **sampling_options(p),
-            )
+        try:
+            with _raise_actor_errors():
+                req.incarnation = await self.router.submit_generation.remote(
+                    request_id,
+                    req.prompt + req.tokens,
+                    p.max_tokens - done,
+                    float(p.temperature),
+                    float(p.top_p),
+                    p.seed,
+                    self._subscriber,
+                    done,
+                    **sampling_options(p),
+                )
+        except ServingError as e:
+            if "already in use" not in e.message:
+                raise
+            # Only this replica knows the (random) id: an earlier submission of ours got there.
+            req.incarnation = self._incarnation
 
     def _ensure_pump(self) -> None:
         if self._pump_task is None or self._pump_task.done():
@@ -490,38 +525,96 @@ class IngressCore:
         router dies, wait for its restart and re-submit every open request."""
         while True:
             try:
-                refs = self.router.generation_events.options(num_returns="streaming").remote(self._subscriber)
-                with _raise_actor_errors():
-                    async for ref in refs:
-                        for request_id, tokens, finish, error, logprobs in await ref:
-                            req = self._open.get(request_id)
-                            if req is not None:
-                                req.news.put_nowait((tokens, finish, error, logprobs))
-            except RayActorError as e:
+                await self._read_events()
+            except (RayActorError, RouterReplaced) as e:
                 if self.stopping:
                     return
                 log.warning("generation event stream lost (%s)", _first_line(e))
                 try:
-                    await self._router_back()
-                    await self._resubmit_all()
+                    await self._router_back()  # the new stream's first message re-submits
                 except (ServingError, RayActorError) as err:
                     self._fail_open(err)
                     return
-                continue
             except Exception as e:  # anything else: every open stream learns it
                 log.warning("generation event stream ended (%s: %s)", type(e).__name__, _first_line(e))
                 self._fail_open(e)
                 return
 
-    async def _resubmit_all(self) -> None:
-        requests = list(self._open.items())
-        log.warning("re-submitting %d open generations to the restarted router", len(requests))
-        for request_id, req in requests:
+    async def _read_events(self) -> None:
+        """One `generation_events` stream, read until it ends. Each message names the router process
+        it comes from: the first from a process other than the last one's (a restarted router)
+        re-submits the open requests that process has not accepted.
+
+        Raises RayActorError when Ray says the router died, and RouterReplaced when the stream went
+        silent (no heartbeat for STREAM_SILENCE_S, or a submission met a dead router) and the router
+        says it is not the process the stream came from: Ray does not always end a stream whose
+        actor died and restarted (ray-project/ray#43914), and a stream nobody reads leaves every
+        open request, and every one submitted to the restarted router, hanging."""
+        refs = self.router.generation_events.options(num_returns="streaming").remote(self._subscriber)
+        source = None  # the router process this stream comes from, once it has said
+        self._suspect.clear()
+        with _raise_actor_errors():
+            while True:
+                item = asyncio.ensure_future(refs.__anext__())
+                try:
+                    while True:
+                        suspect = asyncio.ensure_future(self._suspect.wait())
+                        done, _ = await asyncio.wait(
+                            {item, suspect}, timeout=STREAM_SILENCE_S, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        suspect.cancel()
+                        if item in done:
+                            break
+                        self._suspect.clear()
+                        await self._check_stream(source)
+                    ref = item.result()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    if not item.done():
+                        item.cancel()
+                source, events = await ref
+                for request_id, tokens, finish, error, logprobs in events:
+                    req = self._open.get(request_id)
+                    if req is not None:
+                        req.news.put_nowait((tokens, finish, error, logprobs))
+                if source != self._incarnation:
+                    restarted = self._incarnation is not None
+                    self._incarnation = source
+                    await self._resubmit_to(source, restarted)
+
+    async def _check_stream(self, source: str | None) -> None:
+        """RouterReplaced when the event stream cannot be coming from the router that answers now:
+        it came from another process, or it has not said yet and the router reads no stream of this
+        replica. Nothing when it can (the stream is slow; a second stream would split the news), nor
+        when the router does not answer in time (a busy router: the next silence asks again)."""
+        try:
+            with _raise_actor_errors():
+                now = await asyncio.wait_for(
+                    self.router.event_stream_status.remote(self._subscriber), timeout=HEALTH_PROBE_TIMEOUT_S
+                )
+        except asyncio.TimeoutError:
+            return
+        if source is not None and now["incarnation"] != source:
+            raise RouterReplaced(f"the router restarted (process {source[:8]} -> {now['incarnation'][:8]})")
+        if source is None and not now["reading"]:
+            raise RouterReplaced("the event stream reached no live router process")
+
+    async def _resubmit_to(self, incarnation: str, restarted: bool) -> None:
+        """Re-submit every open request that router process `incarnation` has not accepted (prompt +
+        the tokens already streamed); one it cannot take fails with the cause."""
+        stale = [(rid, req) for rid, req in list(self._open.items()) if req.incarnation != incarnation]
+        if restarted:
+            log.warning("the router restarted; re-submitting %d open generations", len(stale))
+        for request_id, req in stale:
             try:
-                await self._submit(request_id, req)
+                async with req.lock:
+                    if req.incarnation != incarnation and request_id in self._open:
+                        await self._submit(request_id, req)
+            except RayActorError:
+                self._suspect.set()  # died again: the stream will end, and its successor re-submits
+                return
             except ServingError as e:
-                if "already in use" in e.message:
-                    continue  # its first submission reached the restarted router
                 req.news.put_nowait(([], None, e, None))
 
     def _fail_open(self, e: BaseException) -> None:
