@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 from bench.serve_load import cpu_model, eos_ids, one_completion, prompt_ids, server_default
+from router_service.default_model import default_model_dir
+from router_service.serving.launch import ServerOptions, start_server
 
 ROUTER_SPANS = ("gate", "plan", "submit", "wait", "combine")
 
@@ -241,9 +243,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="seconds traced")
     p.add_argument("--out", default="decode-trace.json", help="trace file (.json or .json.gz)")
     args = p.parse_args(argv)
-
-    from router_service.default_model import default_model_dir
-    from router_service.serving.launch import ServerOptions, start_server
 
     model_dir = str(args.model or default_model_dir(args.preset))
     avoid = eos_ids(model_dir)

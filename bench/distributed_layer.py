@@ -30,9 +30,16 @@ import sys
 import time
 from pathlib import Path
 
+import ray
 import torch
+from ray import cloudpickle
 
 from bench.moe_layer import CACHE, H, build_checkpoint, cpu_info, reps_for, time_ms
+from router_service import Engine
+from router_service.default_model import default_model_dir
+from router_service.stages.gating import Routing
+from router_service.stages.moe_layer import shared_scale
+from router_service.stages.plan import combine, plan
 
 LAYER = 0
 
@@ -67,10 +74,6 @@ def _router_spans(router, layer, x, reps, with_workers=True):
     import time as _time
 
     import torch as _torch
-
-    from router_service.stages.gating import Routing
-    from router_service.stages.moe_layer import shared_scale
-    from router_service.stages.plan import combine, plan
 
     d = router.dispatcher
     block = router.model.model.layers[layer].mlp
@@ -135,8 +138,6 @@ def _router_spans(router, layer, x, reps, with_workers=True):
         if hasattr(tr, "workers"):  # local: the workers are objects in this process, run one by one
             res = {w: _worker_compute(tr.workers[w], layer, b, reps) for w, b in batches.items()}
         else:
-            import ray
-
             refs = {
                 w: tr._actors[w].__ray_call__.remote(_worker_compute, layer, b, reps)
                 for w, b in batches.items()
@@ -170,8 +171,6 @@ def timeline_breakdown(engine, x, reps: int) -> dict[str, float]:
     task:deserialize_arguments / task:execute / task:store_outputs: in each worker, per call.
     """
     import statistics
-
-    import ray
 
     t0, t1 = call_in_router(engine, _run_block, LAYER, x, reps)
     time.sleep(3)  # workers report their task events about once a second
@@ -216,14 +215,10 @@ def call_in_router(engine, fn, *args):
     """Run fn(router, *args) where the Router lives (this process for "local", its actor otherwise)."""
     if engine.is_local:
         return fn(engine.router, *args)
-    import ray
-
     return ray.get(engine._router.__ray_call__.remote(fn, *args))
 
 
 def make_engine(model_dir, transport: str, threads: int | None, **kw):
-    from router_service import Engine
-
     if transport == "local":
         return Engine.from_pretrained(model_dir, num_workers=2, transport="local", device="cpu", **kw)
     return Engine.from_pretrained(
@@ -315,8 +310,6 @@ def bench_layer(args, ckpt: Path, tokens: list[int], transports: list[str]) -> t
 def bench_forward(args, transports: list[str]) -> tuple[list[dict], dict]:
     from transformers import AutoModelForCausalLM
 
-    from router_service.default_model import default_model_dir
-
     model_dir = default_model_dir("tiny")  # the figures in docs/performance.md are the random tiny preset's
     torch.manual_seed(2)
     shapes = [(1, 16), (8, 32)]
@@ -358,7 +351,6 @@ def print_report(rows, skipped, fwd, fwd_skipped, transports, args) -> None:
         f"cpu: {model} ({os.cpu_count()} logical cpus; this process's torch threads {torch.get_num_threads()})"
     )
     print(f"flags: {flags}")
-    import ray
     import transformers
 
     print(f"torch {torch.__version__}, ray {ray.__version__}, transformers {transformers.__version__}")
@@ -407,9 +399,6 @@ def main(argv: list[str] | None = None) -> None:
     for tr in transports:
         if tr not in ("local", "ray", "compiled"):
             p.error(f"unknown transport {tr!r}")
-    import ray
-    from ray import cloudpickle
-
     # The functions run in the actors travel by value: `bench` is not installed in the actors' path.
     if __name__ != "__main__":
         cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -45,9 +45,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import torch
 
 from bench.serve_load import cpu_model, pct
+from expert_workers.worker import ExpertWorker
+from moe_models.loading import spec_from_pretrained
+from moe_serving.http_client import AsyncHTTPClient
+from router_service import Engine
+from router_service.default_model import default_model_dir
+from router_service.runtime.router_actor import call_actor
+from router_service.runtime.worker_actor import WORKER_ACTOR
+from router_service.serving.launch import ServerOptions, start_server
 
 V2_LITE_EXPERT_BYTES = 26 * 64 * 3 * 2048 * 1408 * 2  # routed experts of DeepSeek-V2-Lite in bf16
 
@@ -65,8 +74,6 @@ def sampling(i: int) -> dict:
 
 
 def reference(model_dir: str, n: int, tokens: int, threads: int) -> list[list[int]]:
-    from router_service import Engine
-
     out: list = [None] * n
     ps = prompts(n)
     with Engine.from_pretrained(model_dir, num_workers=2, num_threads=threads) as local:
@@ -105,8 +112,6 @@ class Load:
     stop: asyncio.Event | None = None
 
     async def run(self) -> None:
-        from moe_serving.http_client import AsyncHTTPClient
-
         self.stop = asyncio.Event()
         ps = prompts(self.n)
         async with AsyncHTTPClient(self.url, timeout=600) as client:
@@ -162,8 +167,6 @@ async def get(url: str, path: str) -> dict:
 
 
 def worker_pid(router_actor, worker: int) -> int:
-    import ray
-
     def pid(router, w):
         return ray.get(router.dispatcher.transport._actors[w].__ray_call__.remote(lambda _: os.getpid()))
 
@@ -216,8 +219,6 @@ async def with_load(url: str, args, want, phase) -> tuple[Load, object]:
 
 
 def moe_layer_ms(router_actor, layer: int, tokens: int, hidden: int) -> float:
-    from router_service.runtime.router_actor import call_actor
-
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0))
     call_actor(router_actor, "moe_forward", layer, x)
     times = []
@@ -260,12 +261,6 @@ async def rebalance_phase(args, server, load: Load) -> dict:
 def load_rate(model_dir: str) -> dict:
     """Bytes of expert weights one worker loads per second (all experts, this process), and a bare
     worker actor's start time."""
-    import ray
-
-    from expert_workers.worker import ExpertWorker
-    from moe_models.loading import spec_from_pretrained
-    from router_service.runtime.ray_transport import WORKER_ACTOR
-
     spec = spec_from_pretrained(model_dir)
     everything = {layer: list(range(spec.num_experts)) for layer in spec.moe_layers}
     worker = ExpertWorker(0, model_dir, None, spec=spec)
@@ -302,8 +297,6 @@ def transformers_tok_s(model_dir: str, batch: int, tokens: int) -> float:
 
 
 def start(model_dir: str, args, workers: int, **elastic):
-    from router_service.serving.launch import ServerOptions, start_server
-
     return start_server(
         model_dir,
         num_workers=workers,
@@ -331,8 +324,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layer-tokens", type=int, default=512, help="tokens of the timed MoE layer")
     p.add_argument("--json-out", type=Path, help="also write the raw results here")
     args = p.parse_args(argv)
-
-    from router_service.default_model import default_model_dir
 
     model_dir = str(default_model_dir(args.preset))
     t_start = time.perf_counter()

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from expert_workers.kernels import cpu_has_native_bf16, has_onednn
+from router_service import Engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CACHE = Path.home() / ".cache" / "moe-serving" / "bench"
@@ -260,8 +261,6 @@ def hf_call(mlp, impl: str):
 def run_shape(shape: Shape, args, tokens: list[int], notes: list[str]) -> list[Row]:
     """Every dtype and T of one shape: transformers' implementations and our kernels, interleaved."""
     from transformers import AutoModelForCausalLM
-
-    from router_service import Engine
 
     ckpt = build_checkpoint(shape, Path(args.cache_dir))
     flush = torch.zeros(FLUSH_BYTES // 4)

@@ -45,12 +45,14 @@ from pathlib import Path
 
 import torch
 
+from router_service.config import EngineConfig
+from router_service.default_model import default_model_dir
+from router_service.serving.launch import ServerOptions, start_server
+
 
 def server_default(name: str):
     """start_server's default for `name`: a started server runs as `moe-serve serve` would."""
     import inspect
-
-    from router_service.serving.launch import start_server
 
     return inspect.signature(start_server).parameters[name].default
 
@@ -439,14 +441,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     args = p.parse_args(argv)
 
-    from router_service.default_model import default_model_dir
-
     model_dir = str(args.model or default_model_dir(args.preset))
     # --threads None: the server's own defaults (workers' threads from EngineConfig, router's by model size)
     worker_threads = args.threads
     if worker_threads is None:
-        from router_service.config import EngineConfig
-
         worker_threads = EngineConfig(
             model_dir, num_workers=args.workers, transport=args.transport
         ).num_threads
@@ -468,8 +466,6 @@ def main(argv: list[str] | None = None) -> None:
     server = None
     url = args.url
     if url is None:
-        from router_service.serving.launch import ServerOptions, start_server
-
         print(
             f"starting the server ({args.transport}, {args.workers} workers) ...", file=sys.stderr, flush=True
         )

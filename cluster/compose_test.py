@@ -46,6 +46,8 @@ from pathlib import Path
 
 import httpx
 
+from moe_serving.grpc_client import GrpcClient
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 WHEELHOUSE = ROOT / "cluster" / "docker" / "wheelhouse"
@@ -466,8 +468,6 @@ class ComposeTest:
         return f"{placed}; router, ingress and gRPC on the head ({head_ip})"
 
     def grpc_calls(self) -> str:
-        from moe_serving.grpc_client import GrpcClient
-
         with GrpcClient(self.grpc, timeout=60) as client:
             if not client.health():
                 raise StepFailed(f"gRPC health at {self.grpc} is not SERVING")

@@ -23,6 +23,18 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from router_service.config import (
+    AutoscalingConfig,
+    BatchLimits,
+    ElasticConfig,
+    WorkerResources,
+    from_dict,
+)
+from router_service.default_model import default_model_path
+from router_service.engine import make_config
+from router_service.serving.launch import APP_NAME, application, fit_settings
+from router_service.serving.settings import ServingSettings
+
 __all__ = ["AppArgs", "build_app", "serve_config"]
 
 
@@ -103,18 +115,6 @@ def _coerce(name: str, value, hint):
 
 def configs(a: AppArgs):
     """(EngineConfig, ModelSpec, ServingSettings, gRPC address or None) of the arguments, validated."""
-    from router_service.config import (
-        AutoscalingConfig,
-        BatchLimits,
-        ElasticConfig,
-        WorkerResources,
-        from_dict,
-    )
-    from router_service.default_model import default_model_path
-    from router_service.engine import make_config
-    from router_service.serving.launch import fit_settings
-    from router_service.serving.settings import ServingSettings
-
     model = a.model or str(default_model_path())
     limits = BatchLimits(max_batch_size=a.max_batch_size, max_batch_tokens=a.max_batch_tokens)
     config, spec = make_config(
@@ -156,16 +156,12 @@ def configs(a: AppArgs):
 
 def build_app(args: dict | None = None):
     """The application builder for `serve run` / `serve deploy` / KubeRay (see the module docstring)."""
-    from router_service.serving.launch import application
-
     config, _, settings, grpc = configs(AppArgs.from_args(args))
     return application(config, settings, grpc)
 
 
 def serve_config(args: AppArgs, http_host: str = "0.0.0.0", http_port: int = 8000) -> dict:
     """A Serve config file (`serve deploy`, KubeRay's serveConfigV2) that runs this app."""
-    from router_service.serving.launch import APP_NAME
-
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": http_host, "port": http_port},

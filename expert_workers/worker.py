@@ -128,10 +128,8 @@ class ExpertWorker:
         self.num_threads = num_threads
         self._use_threads()
         self.worker_id = worker_id
-        if spec is None:  # the router passes it; loading imports transformers, which workers do not need
-            from moe_models.loading import spec_from_pretrained
-
-            spec = spec_from_pretrained(model_dir)
+        if spec is None:  # `moe_models.loading.spec_from_pretrained` makes one from a checkpoint
+            raise ValueError("an ExpertWorker needs the model's spec (workers do not read configs)")
         self.spec = spec
         self.dtype = dtype
         self.device = resolve_device(device)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from moe_serving.errors import ServingError
+from moe_serving.v1 import moe_service_pb2
 
 # wire name -> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -185,8 +186,6 @@ def tensor_from_map(m: Any, name: str = "tensor") -> torch.Tensor:
 def tensor_to_proto(t: torch.Tensor, msg=None):
     """A `moe_serving.v1.Tensor` (or fill `msg`, e.g. `response.logits`, in place)."""
     if msg is None:
-        from moe_serving.v1 import moe_service_pb2
-
         msg = moe_service_pb2.Tensor()
     dtype, shape, data = _to_bytes(t)
     msg.dtype = dtype

@@ -31,6 +31,9 @@ from pathlib import Path
 
 from expert_workers.kernels import KERNELS
 from moe_serving.errors import ServingError
+from moe_serving.grpc_client import GrpcClient
+from moe_serving.http_client import HTTPClient
+from moe_serving.plot import plot_expert_load
 from router_service.config import (
     PLACEMENT_STRATEGIES,
     TRANSPORTS,
@@ -40,7 +43,10 @@ from router_service.config import (
     WorkerResources,
     from_dict,
 )
+from router_service.default_model import default_model_dir, default_model_path, make_default_model
 from router_service.engine import DTYPES, Engine
+from router_service.serving.chat import chat_prompt_ids
+from router_service.serving.detokenize import StopStrings
 from router_service.serving.launch import ServerOptions, start_server
 from router_service.serving.settings import ServingSettings
 
@@ -115,8 +121,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_model_dir(model: Path | None) -> Path:
-    from router_service.default_model import default_model_dir, default_model_path
-
     if model is not None:
         return model
     if not default_model_path().is_dir():
@@ -151,8 +155,6 @@ def add_make_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_make_model(args: argparse.Namespace) -> None:
-    from router_service.default_model import make_default_model
-
     print(make_default_model(args.outdir))
 
 
@@ -214,9 +216,6 @@ def run_generate(args: argparse.Namespace) -> None:
         return generate_remote(args)
     import torch
 
-    from router_service.serving.chat import chat_prompt_ids
-    from router_service.serving.detokenize import StopStrings
-
     args.model_dir = resolve_model_dir(args.model)
     with engine_from_args(args) as engine:  # validates the config before any weight is read
         tokenizer = load_tokenizer(args.model_dir)
@@ -246,8 +245,6 @@ ENGINE_FLAGS = {
 
 def generate_remote(args: argparse.Namespace) -> None:
     """Stream the server's completion to stdout as it arrives, then a newline."""
-    from moe_serving.http_client import HTTPClient
-
     given = [flag for dest, flag in ENGINE_FLAGS.items() if getattr(args, dest) != ENGINE_DEFAULTS.get(dest)]
     if given:
         raise ValueError(f"{', '.join(given)}: the server chose its model and workers; not with --url")
@@ -550,11 +547,7 @@ def add_server_address(p: argparse.ArgumentParser) -> None:
 def client_of(args: argparse.Namespace):
     """An HTTP or gRPC client of the server the flags name (both have the same cluster methods)."""
     if args.grpc:
-        from moe_serving.grpc_client import GrpcClient
-
         return GrpcClient(args.grpc)
-    from moe_serving.http_client import HTTPClient
-
     return HTTPClient(args.url or DEFAULT_URL, timeout=None)
 
 
@@ -573,8 +566,6 @@ def run_cluster(args: argparse.Namespace) -> None:
         state = client.cluster_state()
     print(json.dumps(state, indent=2) if args.json else format_cluster(state))
     if args.plot is not None:
-        from moe_serving.plot import plot_expert_load
-
         plot_expert_load(state, args.plot)
         print(f"wrote {args.plot}")
 

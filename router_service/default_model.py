@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from router_service.serving.chat import DEFAULT_CHAT_TEMPLATE
+
 FORMAT_VERSION = 2
 """Bump when the architecture, weights or tokenizer change (the committed trained weights included),
 so caches built by older code are not reused."""
@@ -153,8 +155,6 @@ def make_tokenizer():
     the built-in chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-
-    from router_service.serving.chat import DEFAULT_CHAT_TEMPLATE
 
     vocab = {ch: b for b, ch in byte_to_unicode().items()}
     vocab.update({tok: NUM_BYTES + i for i, tok in enumerate(SPECIAL_TOKENS)})

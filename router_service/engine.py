@@ -29,6 +29,15 @@ from router_service.config import (
 )
 from router_service.default_model import ensure_default_model
 from router_service.router import Router
+from router_service.runtime.router_actor import (
+    RouterDied,
+    call_actor,
+    restart_deadline,
+    start_router_actor,
+    stop_router_actor,
+    stream_actor,
+    wait_for_restart,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +157,6 @@ class Engine:
         )
         if config.transport == "local":
             return cls(config, spec, Router(config))
-        from router_service.runtime.router_actor import start_router_actor
-
         router, owns_ray = start_router_actor(config, ray_address)
         return cls(config, spec, router, owns_ray)
 
@@ -183,8 +190,6 @@ class Engine:
             raise RuntimeError("this Engine has been shut down")
         if self.is_local:
             return getattr(self._router, method)(*args, **kwargs)
-        from router_service.runtime.router_actor import call_actor
-
         return call_actor(self._router, method, *args, **kwargs)
 
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -235,13 +240,6 @@ class Engine:
     def _remote_stream(self, prompt_ids, max_new_tokens, temperature, top_p, seed, options) -> Iterator[dict]:
         """The Router actor's stream; if the router dies, wait for its restart and go on from the
         tokens already yielded (re-submitted as prompt), so the caller sees one unbroken stream."""
-        from router_service.runtime.router_actor import (
-            RouterDied,
-            restart_deadline,
-            stream_actor,
-            wait_for_restart,
-        )
-
         prompt = torch.as_tensor(prompt_ids).reshape(-1).tolist()
         made: list[int] = []
         request_id, done = uuid.uuid4().hex, False
@@ -307,8 +305,6 @@ class Engine:
         if self.is_local:
             self._router.shutdown()
         else:
-            from router_service.runtime.router_actor import stop_router_actor
-
             stop_router_actor(self._router, self._owns_ray, self.config.cluster_name)
         self._router = None
 

@@ -26,7 +26,8 @@ from router_service.generation.overlap import DEFAULT_MIN_TOKENS, MicroBatchRunn
 from router_service.generation.scheduler import GenerationScheduler, eos_ids
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
 from router_service.runtime.membership import Membership
-from router_service.runtime.transport import LocalTransport, Transport, WorkerSetup
+from router_service.runtime.transport import WorkerSetup
+from router_service.runtime.transports import make_transport
 from router_service.stages import trace_hooks
 from router_service.stages.dense_model import build_router_model
 from router_service.stages.moe_layer import ExpertDispatcher
@@ -55,25 +56,6 @@ class ModelTurn:
 
     def __exit__(self, *exc) -> None:
         self._lock.release()
-
-
-def make_transport(config: EngineConfig, setup: WorkerSetup) -> Transport:
-    """The one place a transport is chosen."""
-    if config.transport == "local":
-        return LocalTransport(setup)
-    from router_service.runtime.compiled_transport import CompiledTransport
-    from router_service.runtime.ray_transport import RayTransport
-    from router_service.runtime.socket_transport import SocketTransport
-
-    cls = {"ray": RayTransport, "compiled": CompiledTransport, "socket": SocketTransport}[config.transport]
-    return cls(
-        setup,
-        config.worker_resources,
-        config.progress,
-        cluster=config.cluster_name,
-        worker_timeout_s=config.elastic.worker_timeout_s,
-        expected_workers=config.num_workers,
-    )
 
 
 class Router:

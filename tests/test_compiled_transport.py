@@ -12,8 +12,8 @@ from tiny_models import COMPILED_CASES, VOCAB
 
 from expert_workers.worker import ExpertBatch
 from router_service import Engine
+from router_service.errors import WorkerError
 from router_service.runtime.local_ray import start_local_ray
-from router_service.runtime.transport import WorkerError
 
 # Transports agree bit for bit at equal torch thread counts; their defaults differ (Ray
 # transports divide the cores among the workers), so the comparisons fix it.

@@ -9,8 +9,8 @@ from tiny_models import BUILTIN_VARIANTS, FAMILIES
 from transformers import AutoModelForCausalLM
 
 from router_service import Engine
+from router_service.errors import QueueFull, RequestTooLarge
 from router_service.generation.decoding import DecodeBatch, SamplingParams, Sequence, sample_rows
-from router_service.generation.scheduler import QueueFull, RequestTooLarge
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20, 21]]
 

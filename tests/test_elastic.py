@@ -16,8 +16,8 @@ import torch
 
 from router_service import Engine
 from router_service.default_model import default_model_dir
+from router_service.errors import MembershipBusy, NoCapacityError, ScaleError
 from router_service.runtime.local_ray import start_local_ray
-from router_service.runtime.membership import MembershipBusy, NoCapacityError, ScaleError
 
 THREADS = 1  # transports agree bit for bit at equal thread counts
 TOKENS = 40

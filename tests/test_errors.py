@@ -11,7 +11,7 @@ from moe_models.families import UNSUPPORTED_FAMILIES
 from moe_models.loading import spec_from_pretrained
 from moe_models.spec import ConfigError
 from router_service import Engine
-from router_service.runtime.transport import WorkerError
+from router_service.errors import WorkerError
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from tiny_models import VOCAB
 from moe_models.loading import spec_from_pretrained
 from router_service import Engine
 from router_service.config import AutoscalingConfig
+from router_service.errors import NoCapacityError
 from router_service.runtime.autoscaler import Autoscaler
-from router_service.runtime.membership import NoCapacityError
 
 
 @pytest.mark.parametrize("kernel", ["onednn", "loop"])

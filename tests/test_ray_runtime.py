@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from moe_models.loading import spec_from_pretrained
 from router_service import Engine
+from router_service.errors import WorkerError
 from router_service.runtime.local_ray import start_local_ray
-from router_service.runtime.transport import WorkerError
 
 # Transports agree bit for bit at equal torch thread counts; their defaults differ (Ray
 # transports divide the cores among the workers), so the comparisons fix it.

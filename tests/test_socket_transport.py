@@ -13,9 +13,9 @@ from conftest import probe_batches, transport_probe_outputs
 from tiny_models import VOCAB
 
 from router_service import Engine
+from router_service.errors import WorkerError
+from router_service.runtime.data_plane import DataPlaneServer, recv_frame, send_frame
 from router_service.runtime.local_ray import start_local_ray
-from router_service.runtime.socket_transport import DataPlaneServer, recv_frame, send_frame
-from router_service.runtime.transport import WorkerError
 
 THREADS = 1  # transports agree bit for bit at equal thread counts
 

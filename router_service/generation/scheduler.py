@@ -16,17 +16,10 @@ import threading
 
 from moe_serving import tracing
 from router_service.config import BatchLimits
+from router_service.errors import QueueFull, RequestTooLarge
 from router_service.generation.decoding import DecodeBatch, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than `max_waiting`: try again later."""
-
-
-class RequestTooLarge(ValueError):
-    """A single request needs more than `max_batch_tokens`."""
 
 
 _DONE = object()

@@ -37,8 +37,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayT
 
 from expert_workers.worker import ExpertBatch
 from moe_serving import tracing
-from router_service.runtime.ray_transport import RayTransport, kill_actor, pack_batch, unpack
-from router_service.runtime.transport import LayerResult, WorkerError
+from router_service.errors import WorkerError
+from router_service.runtime.data_plane import pack_batch, unpack
+from router_service.runtime.ray_transport import RayTransport, kill_actor
+from router_service.runtime.transport import LayerResult
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from moe_models.spec import ModelSpec
 from router_service.config import EngineConfig
+from router_service.errors import MembershipBusy, NoCapacityError, ScaleError
 from router_service.runtime.autoscaler import Autoscaler
 from router_service.runtime.transport import LayoutSpec, Transport
 from router_service.stages.eplb import (
@@ -54,18 +55,6 @@ from router_service.stages.placement import (
 log = logging.getLogger(__name__)
 
 HISTORY = 64  # membership events kept for cluster_state()
-
-
-class MembershipBusy(RuntimeError):
-    """Another scale, rebalance or recovery is running."""
-
-
-class ScaleError(RuntimeError):
-    """A change could not finish and was rolled back; the old placement still serves."""
-
-
-class NoCapacityError(RuntimeError):
-    """No expert worker can serve (all lost, none could be started)."""
 
 
 class _Replaced(Exception):

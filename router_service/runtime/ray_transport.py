@@ -1,10 +1,7 @@
 """The "ray" transport: expert workers as Ray actors, one actor call per worker per layer.
 
-Workers are detached, named actors (`{cluster}:worker-{id}`), so they outlive a Router actor that
-crashes and the restarted router finds them again (`discover`). Each worker runs three concurrency
-groups: the default one computes layers (one at a time), "control" loads and drops layouts while
-layers keep running, and "health" answers pings even while a layer computes, which is how a stopped
-or hung process is told apart from a slow one.
+Workers are the detached, named actors of `worker_actor.py`, so they outlive a Router actor that
+crashes and the restarted router finds them again (`discover`).
 
 Where a new worker goes is chosen here, per worker, from the alive nodes that have its resources:
 SPREAD prefers the node with the fewest of our workers, PACK the one with the most, STRICT_* make it
@@ -20,60 +17,26 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
 
 import ray
-import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from expert_workers.worker import ExpertBatch, ExpertWorker
+from expert_workers.worker import ExpertBatch
 from moe_serving import tracing
-from moe_serving.tensors import from_raw, to_raw
 from router_service.config import WorkerResources
-from router_service.runtime.transport import (
-    LayerResult,
-    LayoutSpec,
-    WorkerError,
-    WorkerSetup,
-    WorkerStartError,
-    worker_error,
-)
+from router_service.errors import WorkerError, WorkerStartError, worker_error
+from router_service.runtime.data_plane import pack_batch, unpack
+from router_service.runtime.transport import LayerResult, LayoutSpec, WorkerSetup
+from router_service.runtime.worker_actor import NAMESPACE, WORKER_ACTOR
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "moe-serving"  # the Router and the workers are named actors here
 HEARTBEAT_S = 1.0  # a layer running longer than this gets its workers pinged
 DESCRIBE_TIMEOUT_S = 10.0
-
-# ---- tensors on the wire -------------------------------------------------------------------------
-# Tensors cross Ray as raw bytes in numpy arrays (`moe_serving.tensors.to_raw`), not as pickled torch
-# tensors: Ray reads numpy zero-copy from shared memory, while a pickled tensor is copied through
-# torch's serialiser. Measured on a 2-core machine, two workers, T=8 x H=2048 fp32: 2.1 ms -> 0.7 ms
-# per round trip; T=4096 (32 MB each way per worker): 330 ms -> 32 ms. Bytes are bytes, so bf16
-# arrives bit-exact.
-
-
-def pack(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else to_raw(t)
-
-
-def unpack(p: tuple | None) -> torch.Tensor | None:
-    """The tensor over the received bytes, without a copy (read-only memory: never written to)."""
-    return None if p is None else from_raw(*p, copy=False)
-
-
-def pack_batch(batch: ExpertBatch | None) -> tuple | None:
-    if batch is None:
-        return None
-    return tuple(pack(getattr(batch, f.name)) for f in dataclasses.fields(ExpertBatch))
-
-
-def unpack_batch(packed: tuple | None) -> ExpertBatch | None:
-    return None if packed is None else ExpertBatch(*(unpack(p) for p in packed))
 
 
 def free_resources() -> dict:
@@ -87,108 +50,6 @@ def free_resources() -> dict:
 
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
-
-
-# ---- the worker side ---------------------------------------------------------------------------
-
-
-class RayExpertWorker(ExpertWorker):
-    """ExpertWorker as a Ray actor: the same class, plus load progress, pings and packed tensors.
-
-    progress: "bar" (a Ray tqdm bar per worker, drawn by the driver's terminal), "log" (one line per
-    layer, for logs that are not a terminal) or "off".
-    """
-
-    def __init__(self, *args, progress: str = "bar", **kwargs):
-        self._progress = progress
-        self._bar = None
-        self._data_plane = None
-        super().__init__(*args, **kwargs)
-        tracing.set_process(f"expert worker {self.worker_id}")
-
-    @property
-    def checkpoint(self):
-        if self._checkpoint is None:  # on a node that has not seen the built-in model yet: build it
-            from router_service.default_model import ensure_default_model
-
-            ensure_default_model(self.model_dir)
-        return super().checkpoint
-
-    def on_layer_loaded(self, layer: int, done: int, total: int) -> None:
-        if self._progress == "bar":
-            from ray.experimental import tqdm_ray
-
-            if done == 1:
-                self._bar = tqdm_ray.tqdm(
-                    total=total, desc=f"expert worker {self.worker_id}: layers", position=self.worker_id
-                )
-            self._bar.update(1)
-            if done == total:
-                self._bar.close()
-        elif self._progress == "log":
-            print(f"expert worker {self.worker_id}: loaded layer {layer} ({done}/{total})", flush=True)
-        super().on_layer_loaded(layer, done, total)
-
-    @ray.method(concurrency_group="health")
-    def ping(self) -> str:
-        """The node this worker runs on; answered even while a layer computes."""
-        return ray.get_runtime_context().get_node_id()
-
-    @ray.method(concurrency_group="control")
-    def load_layout(self, key: int, experts_per_layer: dict[int, list[int]]) -> dict:
-        return super().load_layout(key, experts_per_layer)
-
-    @ray.method(concurrency_group="control")
-    def drop_layout(self, key: int) -> None:
-        super().drop_layout(key)
-
-    @ray.method(concurrency_group="control")
-    def describe(self) -> dict:
-        return super().describe()
-
-    @ray.method(concurrency_group="control")
-    def set_labels(self, labels: dict) -> None:
-        super().set_labels(labels)
-
-    @ray.method(concurrency_group="control")
-    def open_data_plane(self, token: bytes) -> tuple[str, int]:
-        """Serve `forward` on a TCP port of this node for the router holding `token` (the "socket"
-        transport); a new token (a restarted router) replaces the port."""
-        from router_service.runtime.socket_transport import DataPlaneServer
-
-        if self._data_plane is None or self._data_plane.token != token:
-            if self._data_plane is not None:
-                self._data_plane.close()
-            host = ray.util.get_node_ip_address()
-            self._data_plane = DataPlaneServer(self.forward, self.worker_id, token, host)
-        return self._data_plane.address
-
-    @ray.method(concurrency_group="control")
-    def set_tracing(self, on: bool) -> None:
-        super().set_tracing(on)
-
-    @ray.method(concurrency_group="control")
-    def take_trace(self) -> list[dict]:
-        return super().take_trace()
-
-    def forward_packed(self, layer: int, item: tuple | None) -> tuple | None:
-        """`forward` on a (layout, packed batch) item, returning the packed partial; None when there
-        is no work.
-
-        Errors are named here (worker and layer) because a compiled graph hands the first error of an
-        execution to every output, so the router cannot tell which worker raised.
-        """
-        if item is None:
-            return None
-        layout, packed = item
-        try:
-            with tracing.span("worker call", {"layer": layer}):
-                return pack(self.forward(layer, unpack_batch(packed), layout))
-        except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed
-            raise worker_error(self.worker_id, layer, e) from e
-
-
-WORKER_ACTOR = ray.remote(concurrency_groups={"control": 1, "health": 1})(RayExpertWorker)
 
 
 # ---- where a new worker goes -----------------------------------------------------------------------

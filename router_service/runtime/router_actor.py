@@ -23,10 +23,11 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from router_service.config import EngineConfig
+from router_service.errors import WorkerError
 from router_service.router import Router
 from router_service.runtime.local_ray import start_local_ray
-from router_service.runtime.ray_transport import NAMESPACE
-from router_service.runtime.transport import WorkerError
+from router_service.runtime.ray_transport import cluster_gpus
+from router_service.runtime.worker_actor import NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,6 @@ def _router_actor_class(config: EngineConfig, **options):
 
 
 def _wants_gpu(config: EngineConfig) -> bool:
-    from router_service.runtime.ray_transport import cluster_gpus
-
     return config.device.startswith("cuda") or (config.device == "auto" and cluster_gpus() > 0)
 
 

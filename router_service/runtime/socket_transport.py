@@ -9,157 +9,34 @@ decode step makes one per MoE layer. Here each worker serves its `forward` on a 
 frame per worker and reads one back: a small msgpack header and the tensors' raw bytes, no pickling
 and no object store.
 
-Framing: a 4-byte little-endian header length, the msgpack header, then the bytes of each tensor the
-header lists (dtype name, shape), back to back. A request carries the layer, the layout and the
-`ExpertBatch` fields; a reply carries the partial, or the worker's error message.
+Framing and the worker's server are in `data_plane.py`.
 
 Faults keep the "ray" transport's meaning. A worker whose connection breaks (its process died: the
 kernel closes its sockets) is lost, and its rows go elsewhere; a worker that hangs is found by the
 same watchdog, which kills its actor, which closes the connection. An exception in worker code comes
 back as an error frame and is raised as `WorkerError`, after every other worker's reply of that
-layer has been read, so the connections stay in step. The first frame of a connection is a per-
-transport random token: the port answers nobody else.
+layer has been read, so the connections stay in step. The first frame of a connection is the
+worker's own random token, which `open_data_plane` hands to any caller of the actor (inside the Ray
+cluster): the port answers nobody else, and every router of a pool connects to the same port.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hmac
 import logging
-import secrets
 import socket
-import struct
-import threading
 
-import msgpack
 import ray
-import torch
 
-from expert_workers.worker import ExpertBatch
 from moe_serving import tracing
-from moe_serving.tensors import from_raw, to_raw
+from router_service.errors import WorkerError
+from router_service.runtime.data_plane import BATCH_FIELDS, recv_frame, send_frame
 from router_service.runtime.ray_transport import DESCRIBE_TIMEOUT_S, RayTransport, kill_actor
-from router_service.runtime.transport import LANES, LayerResult, WorkerError, worker_error
+from router_service.runtime.transport import LANES, LayerResult
 
 log = logging.getLogger(__name__)
 
-_LEN = struct.Struct("<I")
 CONNECT_TIMEOUT_S = 10.0
-_FIELDS = [f.name for f in dataclasses.fields(ExpertBatch)]
-
-
-# ---- frames ----------------------------------------------------------------------------------------
-
-
-def send_frame(sock: socket.socket, header: dict, tensors: list[torch.Tensor | None] = ()) -> None:
-    """One frame: header (plus each tensor's dtype and shape) and the tensors' bytes, sent without
-    joining them into one buffer."""
-    metas, bufs = [], []
-    for t in tensors:
-        if t is None:
-            metas.append(None)
-            continue
-        dtype, shape, data = to_raw(t)
-        metas.append([dtype, shape])
-        bufs.append(memoryview(data).cast("B"))
-    head = msgpack.packb({**header, "tensors": metas})
-    _sendall(sock, [memoryview(_LEN.pack(len(head))), memoryview(head), *bufs])
-
-
-def _sendall(sock: socket.socket, bufs: list[memoryview]) -> None:
-    bufs = [b for b in bufs if len(b)]
-    while bufs:
-        sent = sock.sendmsg(bufs)
-        while sent and bufs:  # drop what went, keep the rest of a partly sent buffer
-            if sent >= len(bufs[0]):
-                sent -= len(bufs[0])
-                bufs.pop(0)
-            else:
-                bufs[0] = bufs[0][sent:]
-                sent = 0
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError("connection closed by the peer")
-        got += k
-    return buf
-
-
-def recv_frame(sock: socket.socket) -> tuple[dict, list[torch.Tensor | None]]:
-    """(header, tensors) of the next frame; ConnectionError when the peer is gone."""
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    header = msgpack.unpackb(_recv_exact(sock, n))
-    tensors: list[torch.Tensor | None] = []
-    for meta in header.pop("tensors", []):
-        if meta is None:
-            tensors.append(None)
-            continue
-        dtype, shape = meta
-        nbytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-        for d in shape:
-            nbytes *= d
-        tensors.append(from_raw(dtype, shape, _recv_exact(sock, nbytes), copy=False))
-    return header, tensors
-
-
-# ---- the worker side ---------------------------------------------------------------------------------
-
-
-class DataPlaneServer:
-    """Serves `forward(layer, batch, layout) -> partial` on a TCP port, one thread per connection.
-
-    `host`: the address to listen on (the node's); `token`: what a connection must send first.
-    """
-
-    def __init__(self, forward, worker_id: int, token: bytes, host: str):
-        self._forward = forward
-        self._compute = threading.Lock()  # one layer at a time, as the actor's own calls run
-        self.worker_id = worker_id
-        self.token = token
-        self._sock = socket.create_server((host, 0))
-        self.address = (host, self._sock.getsockname()[1])
-        threading.Thread(target=self._accept, name="data-plane-accept", daemon=True).start()
-
-    def close(self) -> None:
-        """Stop accepting (connections already open end when their router closes them)."""
-        self._sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:  # closed
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="data-plane", daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            hello, _ = recv_frame(conn)
-            if not hmac.compare_digest(bytes(hello.get("token", b"")), self.token):
-                log.warning("expert worker %d: a data-plane connection sent a wrong token", self.worker_id)
-                return
-            while True:
-                header, tensors = recv_frame(conn)
-                layer = header["layer"]
-                try:
-                    with self._compute, tracing.span("worker call", {"layer": layer}):
-                        out = self._forward(layer, ExpertBatch(*tensors), header["layout"])
-                except Exception as e:  # sent back, named; the connection stays usable
-                    send_frame(conn, {"error": str(worker_error(self.worker_id, layer, e))})
-                    continue
-                send_frame(conn, {}, [out])
-        except (ConnectionError, OSError):
-            pass  # the router went away (or was replaced): it reconnects if it needs us
-        finally:
-            conn.close()
 
 
 # ---- the router side ---------------------------------------------------------------------------------
@@ -170,7 +47,6 @@ class SocketTransport(RayTransport):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._token = secrets.token_bytes(16)
         # One connection per worker and micro-batch lane: two lanes in flight never share a socket,
         # so each reads its own replies.
         self._conns: dict[int, list[socket.socket]] = {}
@@ -179,17 +55,17 @@ class SocketTransport(RayTransport):
 
     def _connect(self, workers) -> None:
         """Open a connection to each worker; one that cannot be reached keeps plain actor calls."""
-        refs = {w: self._actors[w].open_data_plane.remote(self._token) for w in workers if w in self._actors}
+        refs = {w: self._actors[w].open_data_plane.remote() for w in workers if w in self._actors}
         for w, ref in refs.items():
             socks = []
             try:
-                host, port = ray.get(ref, timeout=DESCRIBE_TIMEOUT_S)
+                host, port, token = ray.get(ref, timeout=DESCRIBE_TIMEOUT_S)
                 for _ in range(LANES):
                     sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
                     socks.append(sock)
                     sock.settimeout(None)  # a hung worker is the watchdog's to find
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    send_frame(sock, {"token": self._token})
+                    send_frame(sock, {"token": token})
             except Exception as e:  # noqa: BLE001 - any failure leaves this worker on actor calls
                 log.warning("expert worker %d: no data-plane connection (%s); using actor calls", w, e)
                 for sock in socks:
@@ -239,7 +115,7 @@ class SocketTransport(RayTransport):
                 send_frame(
                     self._conns[w][lane],
                     {"layer": layer, "layout": layout},
-                    [getattr(batch, f) for f in _FIELDS],
+                    [getattr(batch, f) for f in BATCH_FIELDS],
                 )
                 sent.append(w)
             except OSError as e:

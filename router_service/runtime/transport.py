@@ -13,7 +13,7 @@ layout, retire workers. Worker ids are stable names chosen by the caller. "local
 as objects in this process; "ray" and "compiled" (`ray_transport.py`, `compiled_transport.py`) run
 them as Ray actors. All three give bit-identical results for the same placement.
 
-This module imports no transport: the factory that picks one is `router.make_transport`.
+This module imports no transport: the factory that picks one is `transports.make_transport`.
 """
 
 from __future__ import annotations
@@ -25,23 +25,11 @@ import torch
 
 from expert_workers.worker import ExpertBatch, ExpertWorker
 from moe_models.spec import ModelSpec
+from router_service.errors import worker_error
 
 LANES = 2  # micro-batches of one step in flight at once, at most (generation/overlap.py)
 Assignment = dict[int, list[int]]  # MoE layer -> expert id of each slot
 LayoutSpec = tuple[int, Assignment]  # (layout key, assignment)
-
-
-class WorkerError(RuntimeError):
-    """Expert-worker code raised; the message names the worker and the layer."""
-
-
-class WorkerStartError(RuntimeError):
-    """A worker could not be started or could not load its experts; the message says why."""
-
-
-def worker_error(worker: int, layer: int, cause: BaseException) -> WorkerError:
-    """The error every transport raises when worker `worker`'s code fails in MoE layer `layer`."""
-    return WorkerError(f"expert worker {worker} failed in MoE layer {layer}: {type(cause).__name__}: {cause}")
 
 
 @dataclass
@@ -80,20 +68,42 @@ class WorkerSetup:
         )
 
 
-class Transport(Protocol):
+class DataPlane(Protocol):
+    """What a router uses: one layer's dispatch, and the workers its passes may address."""
+
     # Whether two micro-batches may run layers at once (from two threads): see generation/overlap.py.
     overlaps: bool
 
-    # ---- the hot path (a pass, under the router's model lock) ----
     def run_layer(
         self, layer: int, work: dict[int, tuple[int, ExpertBatch]], lane: int = 0, waiting=None
     ) -> LayerResult:
         """lane: which micro-batch of a step this is (two may be in flight at once, from two
         threads); waiting: None, or a context manager factory to hold while blocked on workers
-        (the micro-batch hands the router's compute turn over there)."""
+        (the micro-batch hands the router's compute turn over there). Runs in a pass, under the
+        router's model lock."""
         ...
 
-    # ---- membership (the controller's thread; blocking) ----
+    def use_workers(self, workers: tuple[int, ...]) -> None:
+        """The next passes use exactly these workers (called at a pass boundary, under the model
+        lock, when a placement is installed): the compiled transport rebuilds its graph, the socket
+        transport connects to new workers."""
+        ...
+
+    def trace(self, workers: tuple[int, ...], on: bool) -> None:
+        """Start (clearing) or stop step tracing in these workers' processes."""
+        ...
+
+    def take_traces(self, workers: tuple[int, ...]) -> list[dict]:
+        """The trace events these workers recorded (moe_serving.tracing), and clear them."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class WorkerPool(Protocol):
+    """What the membership controller manages: the worker processes and their layouts. Blocking
+    calls, made from the controller's own threads, never from a pass."""
+
     def start_workers(self, specs: dict[int, LayoutSpec]) -> dict[int, BaseException]:
         """Start a worker per id and load its layout; the workers that failed (and were stopped),
         with why. Workers that did start keep running: the caller retires them on a rollback."""
@@ -119,27 +129,19 @@ class Transport(Protocol):
         """Health check of idle workers: the ones dead or not answering within timeout_s, with why."""
         ...
 
-    def use_workers(self, workers: tuple[int, ...]) -> None:
-        """The next passes use exactly these workers (called at a pass boundary, under the model
-        lock, when a placement is published): the compiled transport rebuilds its graph."""
-        ...
-
-    def trace(self, workers: tuple[int, ...], on: bool) -> None:
-        """Start (clearing) or stop step tracing in these workers' processes."""
-        ...
-
-    def take_traces(self, workers: tuple[int, ...]) -> list[dict]:
-        """The trace events these workers recorded (moe_serving.tracing), and clear them."""
-        ...
-
     def discover(self) -> dict[int, dict]:
-        """Workers of this cluster that are already running (a restarted router reattaches to
-        them): id -> describe()."""
+        """Workers of this cluster that are already running (a restarted controller or router
+        finds them): id -> describe()."""
         ...
 
     def describe_workers(self, workers: tuple[int, ...]) -> list[dict]: ...
 
     def close(self) -> None: ...
+
+
+class Transport(DataPlane, WorkerPool, Protocol):
+    """Both halves, as every transport class implements them: a router's data plane and the
+    controller's worker pool (in one process, as with one router, they are the same object)."""
 
 
 class LocalTransport:

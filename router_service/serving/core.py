@@ -22,11 +22,16 @@ from ray.exceptions import RayActorError, RayTaskError
 from moe_models.spec import ModelSpec
 from moe_serving.errors import ServingError, invalid, too_large
 from moe_serving.types import GenerateChunk, GenerateParams
+from router_service.errors import (
+    MembershipBusy,
+    NoCapacityError,
+    QueueFull,
+    RequestTooLarge,
+    ScaleError,
+    WorkerError,
+)
 from router_service.generation.decoding import MAX_LOGPROBS
-from router_service.generation.scheduler import QueueFull, RequestTooLarge
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
-from router_service.runtime.membership import MembershipBusy, NoCapacityError, ScaleError
-from router_service.runtime.transport import WorkerError
 from router_service.serving.chat import chat_prompt_ids
 from router_service.serving.detokenize import CompletionText
 from router_service.serving.settings import ServingSettings

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 
+from ray import serve
 from ray.exceptions import RayTaskError
 
 from moe_serving.types import GenerateParams
+from router_service.serving.grpc_server import start_grpc_server
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -78,10 +80,6 @@ class GrpcIngress:
         self._poll = None
 
     async def start(self, host: str, port: int) -> int:
-        from ray import serve
-
-        from router_service.serving.grpc_server import start_grpc_server
-
         handle = serve.get_deployment_handle(self.deployment_name, app_name=self.app_name)
         backend = HandleBackend(handle)
         self.server = await start_grpc_server(backend, host, port)

@@ -23,6 +23,7 @@ import logging
 import time
 
 import msgpack
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +36,8 @@ from moe_serving.errors import ServingError, invalid
 from moe_serving.types import GenerateParams
 from router_service.config import EngineConfig
 from router_service.default_model import ensure_default_model
+from router_service.runtime.ray_transport import NAMESPACE
+from router_service.runtime.router_actor import attach_router_actor, stop_router_actor
 from router_service.serving import openai_api
 from router_service.serving.core import (
     IngressCore,
@@ -43,6 +46,7 @@ from router_service.serving.core import (
     check_size,
     merge_streams,
 )
+from router_service.serving.grpc_ingress import GrpcIngress
 from router_service.serving.metrics import CONTENT_TYPE, Metrics
 from router_service.serving.settings import ServingSettings
 
@@ -57,11 +61,6 @@ def start_grpc_actor(config: EngineConfig, host: str, port: int):
 
     Its server calls this replica's deployment through a handle, so both protocols share one set of
     limits, batches and metrics."""
-    import ray
-
-    from router_service.runtime.ray_transport import NAMESPACE
-    from router_service.serving.grpc_ingress import GrpcIngress
-
     context = serve.get_replica_context()
     actor = (
         ray.remote(GrpcIngress)
@@ -171,8 +170,6 @@ class MoEIngress:
     """
 
     def __init__(self, config: EngineConfig, settings: ServingSettings, grpc_address: tuple[str, int] | None):
-        from router_service.runtime.router_actor import attach_router_actor
-
         self.config = config
         self.settings = settings
         self.router = None
@@ -191,10 +188,6 @@ class MoEIngress:
 
     def __del__(self):
         """A graceful stop: the gRPC server, then the router and its workers."""
-        import ray
-
-        from router_service.runtime.router_actor import stop_router_actor
-
         if getattr(self, "_grpc", None) is not None:
             with contextlib.suppress(Exception):
                 ray.get(self._grpc.stop.remote(), timeout=10)

@@ -12,8 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+from ray import serve
+
 from router_service.config import BatchLimits, EngineConfig
 from router_service.engine import make_config
+from router_service.runtime.ray_transport import NAMESPACE, check_cluster_fits, worker_bundle
+from router_service.runtime.router_actor import ensure_ray, kill_cluster_actors, min_cluster_cpus
+from router_service.serving.http_app import MoEIngress
 from router_service.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -46,8 +52,6 @@ def _check_port_free(host: str, port: int, what: str) -> int:
 def application(config: EngineConfig, settings: ServingSettings, grpc_address: tuple[str, int] | None):
     """The Serve application: the ingress deployment, which owns the router, its workers and the
     gRPC front end (`MoEIngress`). `start_server` and `cluster.serve_app.build_app` both return this."""
-    from router_service.serving.http_app import MoEIngress
-
     options = {"num_cpus": 0, "resources": dict(config.router_resources)}
     return MoEIngress.options(name=DEPLOYMENT_NAME, ray_actor_options=options).bind(
         config, settings, grpc_address
@@ -95,18 +99,9 @@ class Server:
     @property
     def router(self):
         """The Router actor (detached and named: its handle survives its restarts)."""
-        import ray
-
-        from router_service.runtime.ray_transport import NAMESPACE
-
         return ray.get_actor(f"{self.config.cluster_name}:router", namespace=NAMESPACE)
 
     def shutdown(self) -> None:
-        import ray
-        from ray import serve
-
-        from router_service.runtime.router_actor import kill_cluster_actors
-
         if not self._running:
             return
         self._running = False
@@ -145,11 +140,6 @@ def start_server(
 
     engine_kwargs: the other arguments of `Engine.from_pretrained` (worker_resources, elastic, ...).
     """
-    from ray import serve
-
-    from router_service.runtime.ray_transport import check_cluster_fits, worker_bundle
-    from router_service.runtime.router_actor import ensure_ray, min_cluster_cpus
-
     if transport == "local":
         raise ValueError("serving needs a Ray transport: 'ray', 'socket' or 'compiled'")
     settings = settings or ServingSettings(model_name=Path(model_dir).name)

@@ -23,13 +23,14 @@ from torch import nn
 
 from moe_models.spec import ModelSpec
 from moe_serving import tracing
+from router_service.errors import NoCapacityError
 from router_service.stages.gating import Routing
 from router_service.stages.load_stats import ExpertLoad
 from router_service.stages.placement import Placement
 from router_service.stages.plan import combine, pairs_on, plan, shared_choice
 
 if TYPE_CHECKING:
-    from router_service.runtime.transport import Transport
+    from router_service.runtime.transport import DataPlane
 
 
 class ExpertDispatcher:
@@ -40,7 +41,7 @@ class ExpertDispatcher:
     the placement to finish on (it is the membership's).
     """
 
-    def __init__(self, spec: ModelSpec, transport: Transport, load_window: int = 256, recover=None):
+    def __init__(self, spec: ModelSpec, transport: DataPlane, load_window: int = 256, recover=None):
         self.spec = spec
         self.placement: Placement | None = None
         self.transport = transport
@@ -93,8 +94,6 @@ class ExpertDispatcher:
         while lost:  # re-send only what the lost workers had, over a placement without them
             attempts += 1
             if attempts > self.max_attempts or self.recover is None:
-                from router_service.runtime.membership import NoCapacityError
-
                 raise NoCapacityError(
                     f"MoE layer {layer}: expert workers {sorted(lost)} lost and the layer could not be "
                     f"re-placed after {self.max_attempts} attempts: {lost}"
