@@ -262,6 +262,11 @@ class EngineConfig:
     # docs/performance.md "Micro-batch overlap"); "off": never; an int >= 2.
     # Only the "ray" and "socket" transports overlap (the experts must run in other processes).
     micro_batch_min_tokens: int | str = "auto"
+    # Whether a worker's data plane ("socket" transport) runs frames of one layer and layout that
+    # queued up behind a running call (several routers of a pool, or two micro-batch lanes) as one
+    # grouped FFN over their rows; a frame never waits to be merged. See docs/performance.md
+    # ("Merging frames across routers") for which kernels then give bit-identical rows.
+    merge_frames: bool = True
     # Scaling, rebalancing, fault handling and autoscaling of the expert workers.
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     # The name of this deployment's Ray actors ("{cluster_name}:router", "{cluster_name}:worker-N");

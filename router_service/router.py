@@ -93,6 +93,7 @@ class Router:
             config.worker_device,
             config.expert_kernel,
             config.num_threads,
+            merge_frames=config.merge_frames,
         )
         transport = make_transport(config, setup)
         self.dispatcher = ExpertDispatcher(self.spec, transport, config.load_window)

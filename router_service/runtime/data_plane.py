@@ -26,6 +26,7 @@ import threading
 import msgpack
 import torch
 
+from expert_workers.batching import merge_batches, split_output
 from expert_workers.worker import ExpertBatch
 from moe_serving import tracing
 from moe_serving.tensors import from_raw, to_raw
@@ -126,17 +127,69 @@ def recv_frame(sock: socket.socket) -> tuple[dict, list[torch.Tensor | None]]:
 # ---- the worker side ---------------------------------------------------------------------------------
 
 
-class DataPlaneServer:
-    """Serves `forward(layer, batch, layout) -> partial` on a TCP port, one thread per connection.
+MERGE_MAX_ROWS = 8192  # rows of one merged call at most (the first frame is taken whatever its size)
 
-    `host`: the address to listen on (the node's); `token`: what a connection must send first.
+
+@dataclasses.dataclass
+class _Work:
+    """One frame's work, queued by its connection's thread until a call computes it."""
+
+    layer: int
+    layout: int | None
+    batch: ExpertBatch
+    done: bool = False
+    out: torch.Tensor | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        """What frames must share to run as one call: layer, layout, and x's dtype and width."""
+        x = self.batch.x
+        return (self.layer, self.layout, x.dtype, tuple(x.shape[1:]))
+
+
+class DataPlaneServer:
+    """Serves `forward(layer, batch, layout) -> partial` on a TCP port to any number of connections.
+
+    `host`: the address to listen on (the node's); `token`: what a connection must send first (the
+    worker's own; every router of a pool sends the same one).
+
+    Each connection has a thread that reads its frames, queues each one and waits for its result.
+    One call computes at a time (one layer at a time, as the actor's own calls run). With
+    `merge_frames`, a call takes the oldest waiting frame plus every other waiting frame of the same
+    layer and layout (up to `max_rows` rows in all), runs them as one `forward` over the merged batch
+    (`expert_workers.batching`) and hands each connection its own rows. Nothing waits to be merged: a
+    frame that arrives while nothing computes runs at once; only frames that queued up behind a
+    running call are merged. An exception in `forward` comes back as an error frame, named, to every
+    frame of that call; the connections stay usable.
+
+    There is no compute thread of its own: a connection thread that finds no call running runs the
+    next one itself (its own frame, or older ones first), and when a call ends one waiting thread
+    takes the next. A separate compute thread cost every frame two thread hand-offs: the median round
+    trip of an [8, 2048] frame on the loaded 2-core machine was 165 us with one, 125 us this way and
+    116 us before merging existed; merging saves nothing when frames do not wait.
+
+    `stats()`: calls run, frames served and rows computed (rows per call is the GEMMs' batch).
     """
 
-    def __init__(self, forward, worker_id: int, token: bytes, host: str):
+    def __init__(
+        self,
+        forward,
+        worker_id: int,
+        token: bytes,
+        host: str,
+        merge_frames: bool = True,
+        max_rows: int = MERGE_MAX_ROWS,
+    ):
         self._forward = forward
-        self._compute = threading.Lock()  # one layer at a time, as the actor's own calls run
         self.worker_id = worker_id
         self.token = token
+        self.merge_frames = merge_frames
+        self.max_rows = max_rows
+        self._cond = threading.Condition()  # guards everything below
+        self._queue: list[_Work] = []  # waiting frames, oldest first
+        self._computing = False  # a call runs (in some connection's thread)
+        self._stats = {"calls": 0, "frames": 0, "rows": 0, "merged_calls": 0}
         self._sock = socket.create_server((host, 0))
         self.address = (host, self._sock.getsockname()[1])
         threading.Thread(target=self._accept, name="data-plane-accept", daemon=True).start()
@@ -144,6 +197,12 @@ class DataPlaneServer:
     def close(self) -> None:
         """Stop accepting (connections already open end when their router closes them)."""
         self._sock.close()
+
+    def stats(self) -> dict:
+        """{"calls", "frames", "rows", "merged_calls"} so far: `forward` calls, frames they served,
+        rows they computed, and the calls that merged more than one frame."""
+        with self._cond:
+            return dict(self._stats)
 
     def _accept(self) -> None:
         while True:
@@ -162,15 +221,80 @@ class DataPlaneServer:
                 return
             while True:
                 header, tensors = recv_frame(conn)
-                layer = header["layer"]
-                try:
-                    with self._compute, tracing.span("worker call", {"layer": layer}):
-                        out = self._forward(layer, ExpertBatch(*tensors), header["layout"])
-                except Exception as e:  # sent back, named; the connection stays usable
-                    send_frame(conn, {"error": str(worker_error(self.worker_id, layer, e))})
-                    continue
-                send_frame(conn, {}, [out])
+                work = _Work(header["layer"], header["layout"], ExpertBatch(*tensors))
+                self._compute(work)
+                if work.error is not None:  # sent back, named; the connection stays usable
+                    send_frame(conn, {"error": work.error})
+                else:
+                    send_frame(conn, {}, [work.out])
+                work.out = None
         except (ConnectionError, OSError):
-            pass  # the router went away (or was replaced): it reconnects if it needs us
+            pass  # the router went away: it reconnects if it needs us
         finally:
             conn.close()
+
+    def _compute(self, work: _Work) -> None:
+        """Queue `work`; return once a call has computed it (this thread's or another's)."""
+        with self._cond:
+            self._queue.append(work)
+        while True:
+            with self._cond:
+                while self._computing and not work.done:
+                    self._cond.wait()
+                if work.done:
+                    return
+                # No call runs and ours waits (only a call takes frames off the queue): run the next.
+                self._computing = True
+                group = self._take()
+            try:
+                rows = self._call(group)
+            finally:
+                with self._cond:
+                    self._computing = False
+                    for w in group:
+                        w.done = True
+                        if w.out is None and w.error is None:
+                            w.error = f"expert worker {self.worker_id}: the data-plane call did not finish"
+                    self._stats["calls"] += 1
+                    self._stats["frames"] += len(group)
+                    self._stats["rows"] += rows
+                    self._stats["merged_calls"] += len(group) > 1
+                    self._cond.notify_all()
+
+    def _take(self) -> list[_Work]:
+        """Off the queue (under the lock): the oldest frame and, when merging, every waiting frame of
+        its layer and layout that fits under max_rows."""
+        first = self._queue.pop(0)
+        group = [first]
+        if self.merge_frames and self._queue:
+            rows, rest = first.batch.x.shape[0], []
+            for work in self._queue:
+                n = work.batch.x.shape[0]
+                if work.key == first.key and rows + n <= self.max_rows:
+                    group.append(work)
+                    rows += n
+                else:
+                    rest.append(work)
+            self._queue = rest
+        return group
+
+    def _call(self, group: list[_Work]) -> int:
+        """One `forward` over the group's frames merged; each frame gets its rows or the error.
+        Returns the rows computed."""
+        layer, layout = group[0].layer, group[0].layout
+        try:
+            merged, sizes = merge_batches([w.batch for w in group])
+            rows = sum(sizes)
+            with tracing.span("worker call", {"layer": layer, "frames": len(group), "rows": rows}):
+                out = self._forward(layer, merged, layout)
+            if len(group) == 1:
+                group[0].out = out
+            else:
+                for work, part in zip(group, split_output(out.to("cpu"), sizes), strict=True):
+                    work.out = part
+            return rows
+        except Exception as e:  # every frame of the call gets the error, named
+            message = str(worker_error(self.worker_id, layer, e))
+            for work in group:
+                work.out, work.error = None, message
+            return 0

@@ -51,10 +51,14 @@ class WorkerSetup:
     device: str  # "auto" resolves in the worker's own process
     kernel: str | None = None
     num_threads: int | None = None
+    merge_frames: bool = True  # the data plane's: merge frames of one layer that wait together
 
     def build(self, worker_id: int, cls=ExpertWorker, **extra):
         """cls(...) with this setup and no layout yet: the class itself, or any callable taking its
-        arguments (a Ray actor class's `.remote`)."""
+        arguments (a Ray actor class's `.remote`, which also gets `merge_frames`: a plain
+        ExpertWorker serves no data plane)."""
+        if cls is not ExpertWorker:
+            extra.setdefault("merge_frames", self.merge_frames)
         return cls(
             worker_id,
             self.model_dir,

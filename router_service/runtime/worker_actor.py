@@ -33,13 +33,15 @@ class RayExpertWorker(ExpertWorker):
     """ExpertWorker as a Ray actor: the same class, plus load progress, pings and packed tensors.
 
     progress: "bar" (a Ray tqdm bar per worker, drawn by the driver's terminal), "log" (one line per
-    layer, for logs that are not a terminal) or "off".
+    layer, for logs that are not a terminal) or "off". merge_frames: whether the data plane runs
+    frames of one layer that wait together as one `forward` (`DataPlaneServer`).
     """
 
-    def __init__(self, *args, progress: str = "bar", **kwargs):
+    def __init__(self, *args, progress: str = "bar", merge_frames: bool = True, **kwargs):
         self._progress = progress
         self._bar = None
         self._data_plane = None
+        self._merge_frames = merge_frames
         super().__init__(*args, **kwargs)
         tracing.set_process(f"expert worker {self.worker_id}")
 
@@ -77,7 +79,12 @@ class RayExpertWorker(ExpertWorker):
 
     @ray.method(concurrency_group="control")
     def describe(self) -> dict:
-        return super().describe()
+        """ExpertWorker's description, plus the data plane's counters once it serves ("calls",
+        "frames", "rows", "merged_calls": rows / calls is the rows per grouped FFN call)."""
+        info = super().describe()
+        if self._data_plane is not None:
+            info["data_plane"] = self._data_plane.stats()
+        return info
 
     @ray.method(concurrency_group="control")
     def set_labels(self, labels: dict) -> None:
@@ -93,7 +100,9 @@ class RayExpertWorker(ExpertWorker):
         dead router's connections end when its kernel closes them."""
         if self._data_plane is None:
             host = ray.util.get_node_ip_address()
-            self._data_plane = DataPlaneServer(self.forward, self.worker_id, secrets.token_bytes(16), host)
+            self._data_plane = DataPlaneServer(
+                self.forward, self.worker_id, secrets.token_bytes(16), host, merge_frames=self._merge_frames
+            )
         return (*self._data_plane.address, self._data_plane.token)
 
     @ray.method(concurrency_group="control")
