@@ -2,6 +2,7 @@
 the command line. Flags after `--` go to `moe-serve serve` as they are:
 
     python -m cluster up --workers 2 --http-port 8000 -- --max-batch-size 16
+    python -m cluster up --workers 2 --router-nodes 2   # 2 routers, each on a node of its own
     python -m cluster status
     python -m cluster down
 """
@@ -35,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=ClusterOptions.workers,
         metavar="N",
         help="Ray worker nodes (default: %(default)s)",
+    )
+    up.add_argument(
+        "--router-nodes",
+        type=int,
+        default=ClusterOptions.router_nodes,
+        metavar="K",
+        help="Ray nodes for routers only, and K routers on them (default: %(default)s: the router on the head)",
     )
     up.add_argument(
         "--expert-workers",
@@ -93,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="SIGKILL what has not stopped after SIGTERM this long (default: the one `up` had)",
     )
-    sub.add_parser("add-node", help="start one more worker node")
-    kill = sub.add_parser("kill-node", help="SIGKILL a worker node's processes (a node failure)")
+    add = sub.add_parser("add-node", help="start one more worker node (or router node)")
+    add.add_argument(
+        "--router", action="store_true", help="a router node (then `moe-serve routers N` to use it)"
+    )
+    kill = sub.add_parser("kill-node", help="SIGKILL a worker or router node's processes (a node failure)")
     kill.add_argument("index", type=int, help="the node's index in `status` (1..)")
     for p in (up, status, down, sub.choices["add-node"], kill):
         p.add_argument(
@@ -147,10 +158,10 @@ def run(args: argparse.Namespace, server_args: list[str]) -> int:
         print(f"stopped {stopped} processes" if stopped else f"nothing running in {cluster.base_dir}")
         return 0
     if args.command == "add-node":
-        print(f"worker node {cluster.add_node()} up")
+        print(f"{'router' if args.router else 'worker'} node {cluster.add_node(router=args.router)} up")
         return 0
     killed = cluster.kill_node(args.index)
-    print(f"killed worker node {args.index} ({len(killed)} processes)")
+    print(f"killed node {args.index} ({len(killed)} processes)")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 `LocalCluster(base_dir, workers=N).up()` (or `python -m cluster up --workers N`) starts a Ray head
 node and N Ray worker nodes with `ray start --block`, then `moe-serve serve` joined to them, and
-returns once the server prints its ready line. `status()` says what runs, `kill_node(i)` SIGKILLs a
-worker node (a node failure), `add_node()` adds one, `down()` stops exactly what `up` started. State
+returns once the server prints its ready line. `router_nodes=K` (`--router-nodes K`) adds K router
+nodes and runs K routers, one on each. `status()` says what runs, `kill_node(i)` SIGKILLs a
+worker or router node (a node failure), `add_node()` adds one, `down()` stops exactly what `up` started. State
 (pids, ports, addresses) lives in `BASE/cluster.json`; logs in `BASE/logs/`, each node's Ray
 session under `BASE/n<i>/`. Linux only: processes are found through /proc.
 
@@ -29,6 +30,14 @@ Choices, checked against Ray 2.60 on one machine:
   it Ray puts these zero-CPU actors on any node, and a worker node that fails takes them along
   (measured: the ingress on a worker node in about half the starts). Worker nodes only host expert
   workers, so losing one costs only those.
+- Router nodes (`router_nodes=K`, none by default): K more nodes with `--num-cpus 0 --resources
+  '{"router_node": 1}'`, and the server asks `--routers K --router-resources '{"router_node": 0.01}'
+  --serving-resources '{"head": 0.01}'`: the routers (the dense model, KV caches, decode steps) go
+  to the router nodes, one per node while there are nodes without one (SPREAD), and the
+  controller, the ingress and the gRPC server stay on the head. The share 0.01 only marks the
+  nodes: `moe-serve routers N` with N above K puts a second router on a router node rather than
+  waiting for a node. No CPUs: nothing else lands there. Losing a router node loses its router
+  only; its streams move to the others.
 - Stopping is exact: every process `up` starts carries `MOE_CLUSTER_PROCESS=<cluster id>/<role>` in
   its environment and passes it on (a raylet's actor workers inherit it), so `down` and `kill_node`
   signal only processes with this cluster's tag, never `ray stop` (which stops every Ray on the
@@ -67,6 +76,7 @@ STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
 SLOT_RESOURCE = "expert_node"  # worker nodes have S of it, each expert worker asks for 1
 HEAD_RESOURCE = "head"  # the head has 1, the router and the serving actors ask for 0.01 each
+ROUTER_RESOURCE = "router_node"  # router nodes have 1, each router asks for 0.01 (it marks the nodes)
 NODE_READY = "Ray runtime started"
 SERVER_READY = re.compile(r"^moe-serve: serving .* HTTP (\S+)\s+gRPC (\S+)", re.M)
 # The GCS (on the head) checks each node every second, not every 3 s, and declares it dead after 5
@@ -99,6 +109,7 @@ class ClusterOptions:
     """What `up` starts; the server's own defaults (model, ports) apply where a field is None."""
 
     workers: int = 2  # Ray worker nodes (besides the head)
+    router_nodes: int = 0  # Ray nodes for routers only, and the server's routers (one each); 0: on the head
     expert_workers: int | None = None  # the server's expert workers; None: one per worker node
     model: str | None = None  # checkpoint directory; None: the built-in default model
     http_port: int | None = None  # 0: a free port
@@ -116,6 +127,8 @@ class ClusterOptions:
         object.__setattr__(self, "server_args", tuple(self.server_args))
         if self.workers < 1:
             raise ValueError(f"workers (worker nodes) must be >= 1, got {self.workers}")
+        if self.router_nodes < 0:
+            raise ValueError(f"router_nodes must be >= 0, got {self.router_nodes}")
         if self.expert_workers is not None and self.expert_workers < 1:
             raise ValueError(f"expert_workers must be >= 1, got {self.expert_workers}")
         if self.node_cpus < 1 or self.head_cpus < 0:
@@ -151,10 +164,11 @@ class NodeRecord:
     temp_dir: str
     node_id: str = ""  # the Ray node id, once its raylet runs
     start: int = 0  # the process's start time (`process_start`): with the pid, it names the process
+    router: bool = False  # a router node (ROUTER_RESOURCE) rather than a worker node
 
     @property
     def role(self) -> str:
-        return "head" if self.index == 0 else "worker"
+        return "head" if self.index == 0 else "router" if self.router else "worker"
 
 
 @dataclass
@@ -334,8 +348,8 @@ def default_base_dir() -> Path:
 
 
 class LocalCluster:
-    """A Ray head, worker nodes and the MoE server on this machine. `LocalCluster(base_dir,
-    workers=2).up()`; `status()`, `kill_node(i)`, `add_node()`, `down()`; `http_url`,
+    """A Ray head, worker nodes (and router nodes, `router_nodes=K`) and the MoE server on this
+    machine. `LocalCluster(base_dir, workers=2).up()`; `status()`, `kill_node(i)`, `add_node()`, `down()`; `http_url`,
     `grpc_target`, `ray_address` once up. Another process may attach to a running cluster with
     `LocalCluster(base_dir)` (its options come from the state file)."""
 
@@ -398,8 +412,8 @@ class LocalCluster:
     # ---- up -------------------------------------------------------------------------------------
 
     def up(self) -> ClusterStatus:
-        """Start the head, the worker nodes and the server; return once the server is ready. On any
-        failure, stop what was started and raise LauncherError naming what failed."""
+        """Start the head, the worker nodes, the router nodes and the server; return once the server
+        is ready. On any failure, stop what was started and raise LauncherError naming what failed."""
         if self.state is not None:
             if self._processes():
                 raise LauncherError(
@@ -429,6 +443,8 @@ class LocalCluster:
             self._start_node(ray, 0)
             self._wait_gcs()  # the worker nodes start once they can join, while the head finishes
             added = [self._start_node(ray, i) for i in range(1, opts.workers + 1)]
+            first = opts.workers + 1
+            added += [self._start_node(ray, i, router=True) for i in range(first, first + opts.router_nodes)]
             self._wait_nodes([0, *added])
             self._start_server()
         except BaseException:
@@ -463,25 +479,35 @@ class LocalCluster:
         self._children[proc.pid] = proc
         return proc
 
-    def _start_node(self, ray: str, index: int) -> int:
+    def node_argv(self, ray: str, index: int, router: bool = False) -> list[str]:
+        """The `ray start` command line of node `index` (0: the head; a router node if `router`)."""
         opts = self.options
         temp_dir = self.base_dir / f"n{index}"  # short: Ray's unix socket paths live under it
-        log_path = self.base_dir / "logs" / f"node-{index}.log"
         argv = [ray, "start", "--block", "--temp-dir", str(temp_dir), "--disable-usage-stats"]
         argv += ["--log-style", "record", "--log-color", "false", "--dashboard-agent-listen-port", "0"]
         argv += ["--min-worker-port", "0", "--max-worker-port", "0"]
         if index == 0:
-            argv += ["--head", "--port", self.state.ray_address.rsplit(":", 1)[1]]
+            argv += ["--head", "--port", self._require_up().ray_address.rsplit(":", 1)[1]]
             argv += ["--num-cpus", str(opts.head_cpus), "--resources", json.dumps({HEAD_RESOURCE: 1})]
             argv += ["--include-dashboard", "false"]
             argv += ["--dashboard-port", "0", "--ray-client-server-port", str(_free_port())]
+        elif router:
+            argv += ["--address", self._require_up().ray_address, "--num-cpus", "0"]
+            argv += ["--resources", json.dumps({ROUTER_RESOURCE: 1})]
         else:
-            argv += ["--address", self.state.ray_address, "--num-cpus", str(opts.node_cpus)]
+            argv += ["--address", self._require_up().ray_address, "--num-cpus", str(opts.node_cpus)]
             argv += ["--resources", json.dumps({SLOT_RESOURCE: opts.slots_per_node})]
-        log.info("starting %s node %d", "head" if index == 0 else "worker", index)
+        return argv
+
+    def _start_node(self, ray: str, index: int, router: bool = False) -> int:
+        temp_dir = self.base_dir / f"n{index}"
+        log_path = self.base_dir / "logs" / f"node-{index}.log"
+        argv = self.node_argv(ray, index, router)
+        log.info("starting %s node %d", "head" if index == 0 else "router" if router else "worker", index)
         proc = self._spawn(argv, f"node-{index}", log_path)
         start = process_start(proc.pid) or 0  # our child, not yet reaped: its pid is still its own
-        self.state.nodes.append(NodeRecord(index, proc.pid, str(log_path), str(temp_dir), start=start))
+        record = NodeRecord(index, proc.pid, str(log_path), str(temp_dir), start=start, router=router)
+        self.state.nodes.append(record)
         self._save()
         return index
 
@@ -533,9 +559,11 @@ class LocalCluster:
             time.sleep(0.2)
         self._save()
 
-    def _start_server(self) -> None:
+    def server_argv(self) -> list[str]:
+        """The `moe-serve serve` command line `up` runs (the options' server_args last: they win)."""
         opts = self.options
-        argv = [sys.executable, "-m", "router_service.cli", "serve", "--ray-address", self.state.ray_address]
+        argv = [sys.executable, "-m", "router_service.cli", "serve"]
+        argv += ["--ray-address", self._require_up().ray_address]
         argv += ["--workers", str(opts.num_expert_workers)]
         argv += [
             "--worker-resources",
@@ -543,7 +571,12 @@ class LocalCluster:
             "--worker-cpus",
             f"{opts.worker_cpus:g}",
         ]
-        argv += ["--router-resources", json.dumps({HEAD_RESOURCE: 0.01})]
+        if opts.router_nodes:  # the routers on the router nodes, the serving actors on the head
+            argv += ["--routers", str(opts.router_nodes)]
+            argv += ["--router-resources", json.dumps({ROUTER_RESOURCE: 0.01})]
+            argv += ["--serving-resources", json.dumps({HEAD_RESOURCE: 0.01})]
+        else:
+            argv += ["--router-resources", json.dumps({HEAD_RESOURCE: 0.01})]
         if opts.model is not None:
             argv += ["--model", str(opts.model)]
         if opts.http_port is not None:
@@ -551,6 +584,11 @@ class LocalCluster:
         if opts.grpc_port is not None:
             argv += ["--grpc-port", str(opts.grpc_port)]
         argv += list(opts.server_args)  # after ours: argparse lets the last one win
+        return argv
+
+    def _start_server(self) -> None:
+        opts = self.options
+        argv = self.server_argv()
         log_path = self.base_dir / "logs" / "server.log"
         log.info("starting the server (%d expert workers)", opts.num_expert_workers)
         proc = self._spawn(argv, "server", log_path)
@@ -604,7 +642,7 @@ class LocalCluster:
     # ---- faults and growth ----------------------------------------------------------------------
 
     def kill_node(self, index: int) -> list[int]:
-        """SIGKILL every process of worker node `index` (its raylet, agents and actor workers), as
+        """SIGKILL every process of worker or router node `index` (its raylet, agents and actors), as
         a machine failure would; returns their pids once all are gone (exited, not merely out of
         the tag scan: see `is_running`)."""
         node = self._node(index)
@@ -615,27 +653,28 @@ class LocalCluster:
         procs |= self._leaders(roles, procs)
         if left := self._kill_until_gone(roles, procs):
             raise LauncherError(f"processes {left} of node {index} outlived SIGKILL for {KILL_TIMEOUT_S:g}s")
-        log.info("killed worker node %d (%d processes)", index, len(procs))
+        log.info("killed %s node %d (%d processes)", node.role, index, len(procs))
         return sorted(procs)
 
-    def add_node(self) -> int:
-        """Start one more worker node (the options' CPUs and slots); its index once it is up."""
+    def add_node(self, router: bool = False) -> int:
+        """Start one more worker node (the options' CPUs and slots), or router node if `router`;
+        its index once it is up. `moe-serve routers N` then puts a router on a new router node."""
         state = self._require_up()
         if not self._processes():
             raise LauncherError(f"the cluster in {self.base_dir} is not running")
         index = max(n.index for n in state.nodes) + 1
         try:
-            self._start_node(find_ray(), index)
+            self._start_node(find_ray(), index, router=router)
             self._wait_nodes([index])
         except BaseException:
-            self._stop({f"node-{index}"}, f"worker node {index}", {})
+            self._stop({f"node-{index}"}, f"{'router' if router else 'worker'} node {index}", {})
             raise
         return index
 
     # ---- down -----------------------------------------------------------------------------------
 
     def down(self) -> int:
-        """Stop the server, then the worker nodes, then the head: SIGTERM, SIGKILL after
+        """Stop the server, then the worker and router nodes, then the head: SIGTERM, SIGKILL after
         `stop_timeout_s`; return once every process it stopped has exited. Only processes with this
         cluster's tag, or started by `up` (known by pid and start time), are signalled. Returns how
         many processes it stopped; a cluster that is not there is a no-op (0). Processes that

@@ -384,8 +384,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         metavar="JSON",
         type=json_object,
         default={},
-        help="custom node resources for the router and the serving actors, e.g. '{\"head\": 0.01}' "
-        "to keep them on a head started with that resource (default: any node)",
+        help="custom node resources for each router and (unless --serving-resources is given) the "
+        "serving actors, e.g. '{\"head\": 0.01}' to keep them on a head started with that resource "
+        "(default: any node)",
+    )
+    g.add_argument(
+        "--serving-resources",
+        metavar="JSON",
+        type=json_object,
+        default=None,
+        help="custom node resources for the serving actors (the controller, the ingress, the gRPC "
+        "server), e.g. '{\"head\": 0.01}' with --router-resources '{\"router_node\": 1}': routers on "
+        "nodes of their own, the rest on the head (default: --router-resources)",
     )
     g.add_argument(
         "--placement-strategy",
@@ -505,6 +515,7 @@ def run_serve(args: argparse.Namespace) -> int:
             elastic=elastic_from_args(args),
             worker_resources=worker_resources_from_args(args),
             router_resources=args.router_resources,
+            serving_resources=args.serving_resources,
             micro_batch_min_tokens=args.micro_batch_min_tokens,
         )
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time

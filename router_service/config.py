@@ -272,10 +272,15 @@ class EngineConfig:
     # The name of this deployment's Ray actors ("{cluster_name}:router", "{cluster_name}:worker-N");
     # None: a fresh one. A restarted router finds its workers by it.
     cluster_name: str | None = None
-    # Custom Ray resources the router (and a Serve app's ingress and gRPC actors) must run with, e.g.
-    # {"head": 0.01} with the head node started with that resource: keeps them off worker nodes
-    # that come and go. Empty: any node (preferably the starting process's).
+    # Custom Ray resources each router (and, unless serving_resources is given, the controller and a
+    # Serve app's ingress and gRPC actors) must run with, e.g. {"head": 0.01} with the head node
+    # started with that resource: keeps them off worker nodes that come and go. Empty: any node
+    # (preferably the starting process's).
     router_resources: dict[str, float] = field(default_factory=dict)
+    # Custom Ray resources of the serving actors: the membership controller, a Serve app's ingress
+    # replica and its gRPC actor. None: router_resources. Set it apart to put the routers on nodes of
+    # their own, e.g. router_resources {"router_node": 1} and serving_resources {"head": 0.01}.
+    serving_resources: dict[str, float] | None = None
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -310,6 +315,10 @@ class EngineConfig:
         bad = {k: v for k, v in self.router_resources.items() if not isinstance(v, int | float) or v < 0}
         if bad:
             raise ValueError(f"router_resources must be non-negative numbers, got {bad}")
+        if self.serving_resources is not None:
+            bad = {k: v for k, v in self.serving_resources.items() if not isinstance(v, int | float) or v < 0}
+            if bad:
+                raise ValueError(f"serving_resources must be non-negative numbers, got {bad}")
         if isinstance(self.elastic, dict):
             object.__setattr__(self, "elastic", from_dict(ElasticConfig, self.elastic, "elastic"))
         if self.cluster_name is None:
@@ -320,6 +329,13 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def serving_actor_resources(self) -> dict[str, float]:
+        """The custom resources the controller, the ingress replica and the gRPC actor ask for:
+        serving_resources, or router_resources when that is None."""
+        chosen = self.router_resources if self.serving_resources is None else self.serving_resources
+        return dict(chosen)
 
     @property
     def worker_device(self) -> str:

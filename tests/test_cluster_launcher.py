@@ -2,7 +2,8 @@
 with the server joined to them; expert workers one per worker node and none on the head; a worker
 node SIGKILLed under streaming load changes no token and the server gets back to two workers by
 itself; `down` leaves no process behind, twice. Plus, without Ray: `down` waits out processes that
-the tag scan no longer sees, and the fast failures, which start nothing."""
+the tag scan no longer sees, the command lines of router nodes (`--router-nodes K`) and of the
+server that runs its routers there, and the fast failures, which start nothing."""
 
 from __future__ import annotations
 
@@ -22,7 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from cluster.launcher import TAG_ENV, ClusterOptions, LauncherError, LocalCluster, tagged_processes
+from cluster.__main__ import build_parser as cluster_parser
+from cluster.launcher import (
+    TAG_ENV,
+    ClusterOptions,
+    ClusterState,
+    LauncherError,
+    LocalCluster,
+    NodeRecord,
+    tagged_processes,
+)
 from moe_serving.http_client import HTTPClient
 from router_service import Engine
 from router_service.default_model import default_model_dir
@@ -289,6 +299,72 @@ def test_down_waits_for_processes_the_tag_scan_has_lost(tmp_path, caplog):
             p.kill()
             p.wait()
             p.stdout.close()
+
+
+# ---- command lines of router nodes: nothing starts --------------------------------------------------
+
+
+def _planned(tmp_path, **fields) -> LocalCluster:
+    """A cluster object with the state `up` writes before it starts anything, to read its command lines."""
+    c = LocalCluster(tmp_path, **fields)
+    c.state = ClusterState(cluster_id="0" * 16, ray_address="127.0.0.1:6390", options={})
+    return c
+
+
+def _flag(argv: list[str], name: str):
+    """The value after the last `name` in argv (argparse's last one wins), JSON-decoded when it is."""
+    value = argv[len(argv) - 1 - argv[::-1].index(name) + 1]
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def test_router_nodes_run_the_routers_and_the_head_the_serving_actors(tmp_path):
+    from router_service.cli import build_parser as serve_parser
+    from router_service.engine import make_config
+
+    c = _planned(tmp_path, workers=2, router_nodes=2)
+    worker, router = c.node_argv("ray", 1), c.node_argv("ray", 3, router=True)
+    assert _flag(worker, "--resources") == {"expert_node": 16}
+    assert _flag(router, "--resources") == {"router_node": 1} and _flag(router, "--num-cpus") == 0
+    assert _flag(router, "--address") == "127.0.0.1:6390" and "--head" not in router
+    assert _flag(c.node_argv("ray", 0), "--resources") == {"head": 1}  # the head: no router_node
+
+    argv = c.server_argv()
+    assert argv[1:4] == ["-m", "router_service.cli", "serve"]
+    args = serve_parser().parse_args(argv[3:])  # moe-serve's own parser knows every flag
+    assert args.num_routers == 2 and args.router_strategy == "SPREAD"
+    assert args.router_resources == {"router_node": 0.01} and args.serving_resources == {"head": 0.01}
+    assert args.worker_resources == {"expert_node": 1}
+    config, _ = make_config(
+        args.model or default_model_dir(),
+        num_workers=args.num_workers,
+        transport="socket",
+        router_resources=args.router_resources,
+        serving_resources=args.serving_resources,
+        num_routers=args.num_routers,
+    )
+    assert config.router_resources == {"router_node": 0.01}  # each router: a router node
+    assert config.serving_actor_resources == {"head": 0.01}  # controller, ingress, gRPC: the head
+
+    # flags after `--` win; without router nodes the command line is what it always was
+    more = _planned(tmp_path, router_nodes=2, server_args=("--routers", "4")).server_argv()
+    assert serve_parser().parse_args(more[3:]).num_routers == 4
+    plain = _planned(tmp_path).server_argv()
+    assert _flag(plain, "--router-resources") == {"head": 0.01}
+    assert "--routers" not in plain and "--serving-resources" not in plain
+    args = serve_parser().parse_args(plain[3:])
+    assert args.serving_resources is None and args.num_routers == 1
+
+    assert (
+        NodeRecord(3, 1, "", "", router=True).role == "router" and NodeRecord(1, 1, "", "").role == "worker"
+    )
+    assert cluster_parser().parse_args(["up", "--router-nodes", "2"]).router_nodes == 2
+    assert cluster_parser().parse_args(["up"]).router_nodes == 0
+    assert cluster_parser().parse_args(["add-node", "--router"]).router
+    with pytest.raises(ValueError, match="router_nodes must be >= 0"):
+        ClusterOptions(router_nodes=-1)
 
 
 # ---- fast failures: nothing starts -----------------------------------------------------------------

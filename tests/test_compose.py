@@ -46,6 +46,68 @@ def test_compose_file_structure(compose):
     assert server["depends_on"]["ray-head"]["condition"] == "service_healthy"
 
 
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """What compose makes of ${VAR}, ${VAR:-default} and $$ in `text` (the forms the file uses)."""
+
+    def value(m: re.Match) -> str:
+        if m[0] == "$$":
+            return "$"
+        name, default = m[1], m[2] or ""
+        return env.get(name) or default
+
+    return re.sub(r"\$\$|\$\{(\w+)(?::-([^}]*))?\}", value, text)
+
+
+def server_flags(compose: dict, env: dict[str, str]):
+    """`moe-serve serve`'s arguments as the server container runs them with `env` set for compose:
+    compose's interpolation, then the container's shell (word splitting, quotes, ${MOE_MODEL:+...})."""
+    from router_service.cli import build_parser
+
+    command = compose["services"]["server"]["command"]
+    assert command[:2] == ["sh", "-c"], command
+    line = interpolate(command[2], env)
+    assert line.startswith("exec moe-serve serve "), line
+    words = subprocess.run(
+        ["sh", "-c", "printf '%s\\n' " + line.removeprefix("exec moe-serve serve ")],
+        env={"PATH": os.environ.get("PATH", ""), "MOE_MODEL": env.get("MOE_MODEL", "")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    return build_parser().parse_args(["serve", *words])
+
+
+def test_routers_on_nodes_of_their_own(compose):
+    """The `routers` profile: router-node services for routers only; by default (no profile, no
+    MOE_ROUTER* settings) the server's flags put its one router on the head, as before."""
+    services = compose["services"]
+    node = services["router-node"]
+    assert node.get("profiles") == ["routers"], "off unless the profile is asked for"
+    text = command_text(node)
+    assert "ray-head:6379" in text and "--block" in text and "--num-cpus=0" in text
+    assert '{"router_node": 1}' in text and "expert_node" not in text
+    assert "build" not in node and "ports" not in node, "router nodes scale: nothing fixed to publish"
+    assert node["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert "healthcheck.py ray-worker" in " ".join(node["healthcheck"]["test"])
+    for name in ("ray-head", "ray-worker"):
+        assert "router_node" not in command_text(services[name]), f"{name} must not offer router_node"
+
+    plain = server_flags(compose, {})
+    assert plain.num_routers == 1 and plain.router_resources == {"head": 0.01}
+    assert plain.serving_resources == {"head": 0.01} and plain.worker_resources == {"expert_node": 1}
+    assert plain.model is None and plain.ray_address == "ray-head:6379"
+    routed = server_flags(
+        compose, {"MOE_ROUTERS": "2", "MOE_ROUTER_RESOURCE": "router_node", "MOE_MODEL": "/models/m"}
+    )
+    assert routed.num_routers == 2 and routed.router_resources == {"router_node": 0.01}
+    assert routed.serving_resources == {"head": 0.01}, "the controller, ingress and gRPC stay on the head"
+    assert str(routed.model) == "/models/m"
+    example = (ROOT / ".env.example").read_text()
+    assert re.search(r"^# MOE_ROUTERS=1$", example, re.M) and re.search(
+        r"^# MOE_ROUTER_RESOURCE=head$", example, re.M
+    )
+
+
 def test_ports_published_and_health_checked(compose):
     services = compose["services"]
     # The server runs in the head's network namespace (a Ray driver belongs on a node), so the

@@ -1,7 +1,8 @@
 """cluster/kuberay/rayservice.yaml, the KubeRay RayService, without Kubernetes: its serveConfigV2 passes
 Ray Serve's own schema and builds the same application as cluster/serve_config.yaml (AppArgs parse its
 args); the Ray cluster is laid out as the app needs it (expert workers only on worker pods, the
-ingress pinned to the head, ports, token auth from a Secret, /dev/shm); its fields are ones the
+ingress pinned to the head, room for the routers, ports, token auth from a Secret, /dev/shm), also
+with the routers moved to pods of their own as the manifest says; its fields are ones the
 RayService CRD knows (a few facts of KubeRay v1.7.0's CRD, written out here: the CRD itself is not
 vendored); and Ray's KubeRay autoscaler reads the node types the app's workers need from it. Each
 check also runs on broken copies of the manifest, which it must reject."""
@@ -26,6 +27,8 @@ SERVE_CONFIG = REPO / "cluster" / "serve_config.yaml"
 
 SECRET_KEY = "auth_token"  # the key KubeRay's authOptions.secretName requires in the Secret
 EXPERT_RESOURCE = "expert_node"
+ROUTER_RESOURCE = "router_node"  # what the `routers` group's pods have, one router each
+ROUTER_GROUP = "routers"
 # args that differ from cluster/serve_config.yaml on purpose (the manifest says why); any other
 # difference is drift between the two.
 K8S_ARGS = {
@@ -35,6 +38,7 @@ K8S_ARGS = {
     "worker_gpus",
     "worker_resources",
     "router_resources",
+    "serving_resources",
     "autoscaling_config",
 }
 
@@ -278,16 +282,21 @@ def check_same_app_as_serve_config(m: dict) -> None:
     assert differ <= K8S_ARGS, f"args differ from cluster/serve_config.yaml: {sorted(differ - K8S_ARGS)}"
 
 
+def serving_resources(args: AppArgs) -> dict:
+    """What the ingress, the controller and the gRPC actor ask for (EngineConfig.serving_actor_resources)."""
+    return args.router_resources if args.serving_resources is None else args.serving_resources
+
+
 def check_ingress_on_head(m: dict) -> None:
-    """The ingress replica, the Router and the gRPC server run on the head pod: the app's
-    router_resources ask for a custom resource only the head has (and a deployment override, if any,
-    keeps that and asks for no CPU: the head has none)."""
+    """The ingress replica, the membership controller and the gRPC server run on the head pod: the
+    app's serving_resources (router_resources when absent) ask for a custom resource only the head
+    has (and a deployment override, if any, keeps that and asks for no CPU: the head has none)."""
     from router_service.serving.launch import APP_NAME, DEPLOYMENT_NAME
 
     app = the_app(m)
     assert app["name"] == APP_NAME
-    wanted = AppArgs.from_args(app["args"]).router_resources
-    assert wanted, "router_resources must ask for a head-only resource"
+    wanted = serving_resources(AppArgs.from_args(app["args"]))
+    assert wanted, "serving_resources must ask for a head-only resource"
     by_group = {name: custom_resources(g.get("rayStartParams", {})) for name, g in groups(m).items()}
     for resource, amount in wanted.items():
         assert 0 < amount <= by_group["head"].get(resource, 0), (resource, by_group["head"])
@@ -299,6 +308,33 @@ def check_ingress_on_head(m: dict) -> None:
             options = deployment["ray_actor_options"]
             assert options.get("num_cpus") == 0 and not options.get("num_gpus"), options
             assert options.get("resources") == wanted, options
+
+
+def check_routers(m: dict) -> None:
+    """Every router the app may run has a place on the pods that are always there (the head, each
+    group's minReplicas: a new router is pinned to a pod that exists, so it does not wait for the
+    autoscaler): they hold num_routers and router autoscaling's max_routers. The `routers` group is
+    for routers only (no expert slot, no CPUs), and no other pod offers its resource, so a router
+    that asks for it never lands elsewhere."""
+    args = AppArgs.from_args(the_app(m)["args"])
+    wanted = {k: v for k, v in args.router_resources.items() if v > 0}
+    most = max(args.num_routers, (args.router_autoscaling_config or {}).get("max_routers", 1))
+    room = 0
+    for name, g in groups(m).items():
+        offered = custom_resources(g.get("rayStartParams", {}))
+        if all(offered.get(k, 0) >= v for k, v in wanted.items()):
+            per_pod = min((int(offered[k] // v) for k, v in wanted.items()), default=most)
+            room += per_pod * (1 if name == "head" else g["minReplicas"])
+    assert room >= most, f"room for {room} routers asking for {wanted}, the app may run {most}"
+    routers = groups(m)[ROUTER_GROUP]
+    params = routers.get("rayStartParams", {})
+    assert custom_resources(params).get(ROUTER_RESOURCE, 0) >= 1, params
+    assert EXPERT_RESOURCE not in custom_resources(params), "expert workers must not land on router pods"
+    assert params.get("num-cpus") == "0", "nothing that asks for CPUs may land on a router pod"
+    assert routers["minReplicas"] <= routers.get("replicas", routers["minReplicas"]) <= routers["maxReplicas"]
+    for name, g in groups(m).items():
+        if name != ROUTER_GROUP:
+            assert ROUTER_RESOURCE not in custom_resources(g.get("rayStartParams", {})), name
 
 
 def check_head(m: dict) -> None:
@@ -400,6 +436,7 @@ CHECKS = [
     check_serve_config,
     check_same_app_as_serve_config,
     check_ingress_on_head,
+    check_routers,
     check_head,
     check_worker_groups,
     check_token_auth,
@@ -411,6 +448,24 @@ CHECKS = [
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_manifest(manifest, check):
     check(manifest)
+
+
+def routers_on_their_own_pods(m: dict, k: int = 2) -> dict:
+    """The manifest changed as its `routers` group's comment says, for K routers on router pods."""
+    m = copy.deepcopy(m)
+    groups(m)[ROUTER_GROUP].update(replicas=k, minReplicas=k)
+    _edit_args(m, lambda a: a.update(num_routers=k, router_resources={ROUTER_RESOURCE: 1}))
+    return m
+
+
+@pytest.mark.parametrize(
+    "check", [c for c in CHECKS if c is not check_same_app_as_serve_config], ids=lambda c: c.__name__
+)
+def test_manifest_with_routers_on_their_own_pods(manifest, check):
+    variant = routers_on_their_own_pods(manifest)
+    check(variant)
+    args = AppArgs.from_args(the_app(variant)["args"])
+    assert args.router_resources == {ROUTER_RESOURCE: 1} and serving_resources(args) == {"head": 0.01}
 
 
 # ---- broken copies: (what, the check that must reject it, the change) -----------------------------
@@ -484,12 +539,60 @@ BROKEN = [
     (
         "ingress not pinned",
         check_ingress_on_head,
-        lambda m: _edit_args(m, lambda a: a.update(router_resources={})),
+        lambda m: _edit_args(m, lambda a: a.update(router_resources={}, serving_resources={})),
     ),
     (
         "pinned to a worker resource",
         check_ingress_on_head,
-        lambda m: _edit_args(m, lambda a: a.update(router_resources={"expert_node": 1})),
+        lambda m: _edit_args(m, lambda a: a.update(serving_resources={"expert_node": 1})),
+    ),
+    (
+        "ingress follows routers to router pods",
+        check_ingress_on_head,
+        lambda m: _edit_args(
+            m, lambda a: a.update(serving_resources=None, router_resources={"router_node": 1})
+        ),
+    ),
+    (
+        "routers on router pods, none there",
+        check_routers,
+        lambda m: _edit_args(m, lambda a: a.update(router_resources={"router_node": 1})),
+    ),
+    (
+        "more routers than router pods",
+        check_routers,
+        lambda m: _edit_args(m, lambda a: a.update(router_resources={"router_node": 1}, num_routers=5)),
+    ),
+    (
+        "router autoscaling past the router pods",
+        check_routers,
+        lambda m: _edit_args(
+            m,
+            lambda a: a.update(
+                router_resources={"router_node": 1}, router_autoscaling_config={"max_routers": 8}
+            ),
+        ),
+    ),
+    (
+        "router pods with expert slots",
+        check_routers,
+        lambda m: _params(m, "routers").update(resources='\'{"router_node": 1, "expert_node": 16}\''),
+    ),
+    (
+        "router pods that may scale away",
+        check_routers,
+        lambda m: (m.update(routers_on_their_own_pods(m)), groups(m)["routers"].update(minReplicas=0)),
+    ),
+    ("router pods with CPUs", check_routers, lambda m: _params(m, "routers").pop("num-cpus")),
+    (
+        "head offers router_node",
+        check_routers,
+        lambda m: _params(m, "head").update(resources='\'{"head": 1, "router_node": 1}\''),
+    ),
+    (
+        "no router group",
+        check_routers,
+        lambda m: cluster_of(m)["workerGroupSpecs"].remove(groups(m)["routers"]),
     ),
     (
         "override asks for a CPU",
@@ -516,7 +619,11 @@ BROKEN = [
         lambda m: _params(m, "head").update(resources='\'{"expert_node": 1, "head": 1}\''),
     ),
     ("resources unquoted", check_head, lambda m: _params(m, "head").update(resources='{"head": 1}')),
-    ("no gpu group", check_worker_groups, lambda m: cluster_of(m)["workerGroupSpecs"].pop()),
+    (
+        "no gpu group",
+        check_worker_groups,
+        lambda m: cluster_of(m)["workerGroupSpecs"].remove(groups(m)["gpu-workers"]),
+    ),
     (
         "gpu group without GPU",
         check_worker_groups,
@@ -604,3 +711,8 @@ def test_the_autoscaler_sees_the_node_types_the_app_needs(manifest):
         assert resources["CPU"] >= args.worker_cpus and resources[EXPERT_RESOURCE] == 16, (name, resources)
         assert node_types[name]["min_workers"] == group["minReplicas"]
         assert node_types[name]["max_workers"] == group["maxReplicas"]
+    # router pods: what a router on them asks for (routers_on_their_own_pods), nothing for experts
+    routers = node_types[ROUTER_GROUP]
+    assert routers["resources"].get(ROUTER_RESOURCE) == 1 and not routers["resources"].get("CPU"), routers
+    assert EXPERT_RESOURCE not in routers["resources"]
+    assert routers["max_workers"] == groups(manifest)[ROUTER_GROUP]["maxReplicas"]

@@ -65,6 +65,34 @@ def test_app_args_from_the_command_line_and_bad_ones():
         build_app({"transport": "local"})
 
 
+def test_routers_on_nodes_of_their_own_and_the_serving_actors_on_the_head():
+    """num_routers, router_strategy and router_autoscaling_config reach the config; router_resources
+    place the routers and serving_resources the ingress (and, through the config, the controller and
+    the gRPC actor); without serving_resources they follow router_resources, as before."""
+    app = build_app(
+        {
+            "num_routers": "3",
+            "router_strategy": "STRICT_SPREAD",
+            "router_resources": '{"router_node": 1}',
+            "serving_resources": '{"head": 0.01}',
+            "router_autoscaling_config": '{"min_routers": 2, "max_routers": 6}',
+        }
+    )
+    config = app._bound_deployment.init_args[0]
+    assert config.num_routers == 3 and config.router_strategy == "STRICT_SPREAD"
+    assert config.elastic.router_autoscaling.max_routers == 6
+    assert config.router_resources == {"router_node": 1}
+    assert config.serving_actor_resources == {"head": 0.01}
+    assert app._bound_deployment.ray_actor_options == {"num_cpus": 0, "resources": {"head": 0.01}}
+    app = build_app({"router_resources": {"head": 0.01}})
+    assert app._bound_deployment.init_args[0].serving_actor_resources == {"head": 0.01}
+    assert app._bound_deployment.ray_actor_options["resources"] == {"head": 0.01}
+    with pytest.raises(ValueError, match="router_strategy must be"):
+        build_app({"router_strategy": "RANDOM"})
+    with pytest.raises(ValueError, match="min_routers <= max_routers"):
+        build_app({"router_autoscaling_config": {"min_routers": 3, "max_routers": 2}})
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A one-node Ray cluster started with `ray start --head` (its own process group)."""

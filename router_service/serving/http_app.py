@@ -66,7 +66,7 @@ def start_grpc_actor(config: EngineConfig, host: str, port: int):
         ray.remote(GrpcIngress)
         .options(
             num_cpus=0,
-            resources=config.router_resources,
+            resources=config.serving_actor_resources,
             name=f"{config.cluster_name}:grpc",
             namespace=NAMESPACE,
         )

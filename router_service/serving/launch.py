@@ -52,7 +52,7 @@ def _check_port_free(host: str, port: int, what: str) -> int:
 def application(config: EngineConfig, settings: ServingSettings, grpc_address: tuple[str, int] | None):
     """The Serve application: the ingress deployment, which owns the router, its workers and the
     gRPC front end (`MoEIngress`). `start_server` and `cluster.serve_app.build_app` both return this."""
-    options = {"num_cpus": 0, "resources": dict(config.router_resources)}
+    options = {"num_cpus": 0, "resources": config.serving_actor_resources}
     return MoEIngress.options(name=DEPLOYMENT_NAME, ray_actor_options=options).bind(
         config, settings, grpc_address
     )
@@ -166,6 +166,8 @@ def start_server(
         check_cluster_fits(worker_bundle(config.worker_resources, config.worker_resources.num_gpus or 0))
         if config.router_resources:
             check_cluster_fits(config.router_resources, "the router")
+        if config.serving_actor_resources not in ({}, config.router_resources):
+            check_cluster_fits(config.serving_actor_resources, "the serving actors")
         serve.start(
             http_options={"host": options.host, "port": http_port}, logging_config={"log_level": "WARNING"}
         )
