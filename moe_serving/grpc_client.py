@@ -249,6 +249,11 @@ class GrpcClient:
         """Re-place experts by EPLB over the recent load; the balance before and after."""
         return json.loads(self._call(self._stub.Rebalance, pb.RebalanceRequest()).json)
 
+    def scale_routers(self, num_routers: int) -> dict:
+        """Run `num_routers` routers; {"from_routers", "num_routers", "seconds", "routers"}."""
+        request = pb.ScaleRoutersRequest(num_routers=int(num_routers))
+        return json.loads(self._call(self._stub.ScaleRouters, request).json)
+
     def health(self, service: str = SERVICE_NAME) -> bool:
         """True when the server's health service reports SERVING for `service`."""
         try:
@@ -330,6 +335,10 @@ class AsyncGrpcClient:
 
     async def rebalance(self) -> dict:
         return json.loads((await self._call(self._stub.Rebalance, pb.RebalanceRequest())).json)
+
+    async def scale_routers(self, num_routers: int) -> dict:
+        request = pb.ScaleRoutersRequest(num_routers=int(num_routers))
+        return json.loads((await self._call(self._stub.ScaleRouters, request)).json)
 
     async def health(self, service: str = SERVICE_NAME) -> bool:
         try:

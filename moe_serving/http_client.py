@@ -374,6 +374,11 @@ class HTTPClient:
         (POST /v1/cluster/rebalance)."""
         return _json_answer(self._send("POST", "/v1/cluster/rebalance"))
 
+    def scale_routers(self, num_routers: int) -> dict:
+        """Run `num_routers` routers (POST /v1/cluster/routers); 400 for a bad count, 409 while
+        another router change runs, 503 when a new router could not start."""
+        return _json_answer(self._send("POST", "/v1/cluster/routers", json={"num_routers": num_routers}))
+
     def models(self) -> dict:
         """OpenAI's model list (GET /v1/models)."""
         return _json_answer(self._send("GET", "/v1/models"))
@@ -505,6 +510,11 @@ class AsyncHTTPClient:
 
     async def rebalance(self) -> dict:
         return _json_answer(await self._send("POST", "/v1/cluster/rebalance"))
+
+    async def scale_routers(self, num_routers: int) -> dict:
+        return _json_answer(
+            await self._send("POST", "/v1/cluster/routers", json={"num_routers": num_routers})
+        )
 
     async def models(self) -> dict:
         return _json_answer(await self._send("GET", "/v1/models"))

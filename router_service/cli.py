@@ -40,6 +40,7 @@ from router_service.config import (
     AutoscalingConfig,
     BatchLimits,
     ElasticConfig,
+    RouterAutoscalingConfig,
     WorkerResources,
     from_dict,
 )
@@ -398,6 +399,21 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "nodes of their own, the rest on the head (default: --router-resources)",
     )
     g.add_argument(
+        "--routers",
+        dest="num_routers",
+        metavar="N",
+        type=int,
+        default=ENGINE_DEFAULTS["num_routers"],
+        help="routers: replicas of the dense model over one pool of expert workers, requests spread "
+        "over them by load (default: %(default)s; docs/deploy.md says how to size them)",
+    )
+    g.add_argument(
+        "--router-strategy",
+        choices=("SPREAD", "PACK", "STRICT_SPREAD"),
+        default=ENGINE_DEFAULTS["router_strategy"],
+        help="where routers go (default: %(default)s: the node with the fewest of them)",
+    )
+    g.add_argument(
         "--placement-strategy",
         choices=PLACEMENT_STRATEGIES,
         default=WORKER_RESOURCES["strategy"],
@@ -442,6 +458,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help='autoscale the workers, e.g. \'{"min_workers": 1, "max_workers": 4, '
         '"target_tokens_per_worker": 16}\' (fields: AutoscalingConfig; default: off)',
     )
+    g.add_argument(
+        "--router-autoscaling-config",
+        metavar="JSON",
+        type=json_object,
+        default=None,
+        help='autoscale the routers, e.g. \'{"min_routers": 1, "max_routers": 4, '
+        '"target_sequences_per_router": 32}\' (default: off; docs/elasticity.md)',
+    )
 
 
 def json_object(text: str) -> dict:
@@ -470,6 +494,9 @@ def elastic_from_args(args: argparse.Namespace) -> ElasticConfig:
         rebalance_every_steps=args.rebalance_every_steps,
         rebalance_threshold=args.rebalance_threshold,
         autoscaling=from_dict(AutoscalingConfig, args.autoscaling_config, "--autoscaling-config"),
+        router_autoscaling=from_dict(
+            RouterAutoscalingConfig, args.router_autoscaling_config, "--router-autoscaling-config"
+        ),
     )
 
 
@@ -516,6 +543,8 @@ def run_serve(args: argparse.Namespace) -> int:
             worker_resources=worker_resources_from_args(args),
             router_resources=args.router_resources,
             serving_resources=args.serving_resources,
+            num_routers=args.num_routers,
+            router_strategy=args.router_strategy,
             micro_batch_min_tokens=args.micro_batch_min_tokens,
         )
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
@@ -531,7 +560,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         _stop_on_sigterm()  # again: ray.init and Ray's core worker replaced ours
         print(
-            f"{PROG}: serving {server.model_name} ({args.num_workers} workers, {args.transport}) — "
+            f"{PROG}: serving {server.model_name} ({args.num_workers} workers, {args.transport}"
+            + (f", {args.num_routers} routers" if args.num_routers > 1 else "")
+            + ") — "
             f"HTTP {server.http_url}  gRPC {server.grpc_target}  "
             f"(ready in {time.perf_counter() - t0:.1f}s; Ctrl-C to stop)",
             flush=True,
@@ -600,6 +631,38 @@ def run_scale(args: argparse.Namespace) -> None:
         f"{state['placement_version']} serving ({took:.1f}s)\n"
     )
     print(format_cluster(state))
+
+
+def add_routers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("num_routers", metavar="N", type=int, help="the number of routers to run")
+    add_server_address(p)
+
+
+def run_routers(args: argparse.Namespace) -> None:
+    with client_of(args) as client:
+        result = client.scale_routers(args.num_routers)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['from_routers']} -> {result['num_routers']} routers ({result['seconds']:.1f}s)\n")
+    print(format_routers(result.get("routers") or []))
+
+
+def format_routers(routers: list[dict]) -> str:
+    """One line per router: id, node, pid, sequences, tokens/s, the placement version it pins."""
+    lines = [
+        f"{'router':>6}  {'node ip':<15} {'pid':>7} {'running':>7} {'waiting':>7} {'tokens/s':>9}  placement"
+    ]
+    for r in routers:
+        if "state" in r:
+            lines.append(f"{r['router_id']:>6}  {r['state']}")
+            continue
+        lines.append(
+            f"{r['router_id']:>6}  {str(r.get('node_ip', '-')):<15} {r.get('pid', '-'):>7} {r.get('running', 0):>7} "
+            f"{r.get('waiting', 0):>7} {r.get('tokens_per_s', 0.0):>9.1f}  v{r.get('placement_version', '-')}"
+            + ("  (draining)" if r.get("draining") else "")
+        )
+    return "\n".join(lines)
 
 
 def add_rebalance_args(p: argparse.ArgumentParser) -> None:
@@ -750,6 +813,8 @@ def format_cluster(state: dict) -> str:
             lines.append(f"  prefills by batch size:     {_counts(gen.get('prefills_by_batch_size'))}")
         if gen.get("limits"):
             lines.append("  limits: " + "   ".join(f"{k} {v}" for k, v in gen["limits"].items()))
+    if state.get("routers"):
+        lines += ["", format_routers(state["routers"])]
     return "\n".join(lines)
 
 
@@ -787,6 +852,11 @@ COMMANDS = {
     ),
     "rebalance": Command(
         "re-place a running server's experts by their recent load (EPLB)", add_rebalance_args, run_rebalance
+    ),
+    "routers": Command(
+        "change a running server's number of routers (dense-model replicas; no request fails)",
+        add_routers_args,
+        run_routers,
     ),
 }
 

@@ -158,6 +158,43 @@ class AutoscalingConfig:
 
 
 @dataclass(frozen=True)
+class RouterAutoscalingConfig:
+    """When to add or remove routers by themselves, in the worker autoscaler's style. Off unless
+    given.
+
+    The load is the sequences running plus waiting, summed over every router and averaged over
+    `look_back_period_s`; the wanted router count is ceil(load / target_sequences_per_router), within
+    [min_routers, max_routers]; up once wanted for `upscale_delay_s`, down once for
+    `downscale_delay_s` (a removed router drains first). A router costs a copy of the dense model and
+    its own KV caches, so the default delays are longer than the workers'.
+    """
+
+    min_routers: int = 1
+    max_routers: int = 4
+    target_sequences_per_router: float = 32.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+    look_back_period_s: float = 5.0
+
+    def __post_init__(self):
+        if not isinstance(self.min_routers, int) or not isinstance(self.max_routers, int):
+            raise ValueError(
+                f"min_routers and max_routers must be ints, got {self.min_routers!r}, {self.max_routers!r}"
+            )
+        if not 1 <= self.min_routers <= self.max_routers:
+            raise ValueError(
+                f"router autoscaling needs 1 <= min_routers <= max_routers, got {self.min_routers} and {self.max_routers}"
+            )
+        if not self.target_sequences_per_router > 0:
+            raise ValueError(
+                f"target_sequences_per_router must be > 0, got {self.target_sequences_per_router}"
+            )
+        for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class ElasticConfig:
     """How the expert-worker set changes at run time (docs/elasticity.md).
 
@@ -182,12 +219,23 @@ class ElasticConfig:
     recovery_attempts: int = 3
     restore_interval_s: float = 2.0
     router_max_restarts: int = 5
+    # How long a router that is being removed (scale_routers) may finish its sequences before it
+    # is stopped; streams still open then move to the other routers.
+    router_drain_timeout_s: float = 60.0
     autoscaling: AutoscalingConfig | None = None
+    # Router autoscaling (Ray transports): a RouterAutoscalingConfig, or None (off).
+    router_autoscaling: RouterAutoscalingConfig | None = None
 
     def __post_init__(self):
         if isinstance(self.autoscaling, dict):
             object.__setattr__(
                 self, "autoscaling", from_dict(AutoscalingConfig, self.autoscaling, "autoscaling")
+            )
+        if isinstance(self.router_autoscaling, dict):
+            object.__setattr__(
+                self,
+                "router_autoscaling",
+                from_dict(RouterAutoscalingConfig, self.router_autoscaling, "router_autoscaling"),
             )
         if isinstance(self.redundant_experts, bool) or not isinstance(self.redundant_experts, int):
             raise ValueError(f"redundant_experts must be an int, got {self.redundant_experts!r}")
@@ -269,7 +317,8 @@ class EngineConfig:
     merge_frames: bool = True
     # Scaling, rebalancing, fault handling and autoscaling of the expert workers.
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
-    # The name of this deployment's Ray actors ("{cluster_name}:router", "{cluster_name}:worker-N");
+    # The name of this deployment's Ray actors ("{cluster_name}:controller", "{cluster_name}:router-N",
+    # "{cluster_name}:worker-N");
     # None: a fresh one. A restarted router finds its workers by it.
     cluster_name: str | None = None
     # Custom Ray resources each router (and, unless serving_resources is given, the controller and a
@@ -281,6 +330,13 @@ class EngineConfig:
     # replica and its gRPC actor. None: router_resources. Set it apart to put the routers on nodes of
     # their own, e.g. router_resources {"router_node": 1} and serving_resources {"head": 0.01}.
     serving_resources: dict[str, float] | None = None
+    # Routers: replicas of the dense model, each with its own KV caches and scheduler, over one pool
+    # of expert workers (Ray transports; "local" has one). The ingress spreads requests over them by
+    # load; one lost moves its streams to the others.
+    num_routers: int = 1
+    # Where the routers go: "SPREAD" (prefer nodes with the fewest routers: one node's loss takes
+    # as few as possible), "PACK" (fill a node first), "STRICT_SPREAD" (one router per node).
+    router_strategy: str = "SPREAD"
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -312,6 +368,21 @@ class EngineConfig:
             raise ValueError(f"micro_batch_min_tokens must be 'auto', 'off' or an int >= 2, got {m!r}")
         if self.load_window < 1:
             raise ValueError(f"load_window must be >= 1, got {self.load_window}")
+        if (
+            isinstance(self.num_routers, bool)
+            or not isinstance(self.num_routers, int)
+            or self.num_routers < 1
+        ):
+            raise ValueError(f"num_routers must be a positive int, got {self.num_routers!r}")
+        if self.num_routers > 1 and self.transport in ("local", "compiled"):
+            raise ValueError(
+                f"num_routers={self.num_routers} needs the 'socket' or 'ray' transport: 'local' runs the "
+                "experts in its one router's process, and a compiled graph holds its workers for one router"
+            )
+        if self.router_strategy not in ("SPREAD", "PACK", "STRICT_SPREAD"):
+            raise ValueError(
+                f"router_strategy must be 'SPREAD', 'PACK' or 'STRICT_SPREAD', got {self.router_strategy!r}"
+            )
         bad = {k: v for k, v in self.router_resources.items() if not isinstance(v, int | float) or v < 0}
         if bad:
             raise ValueError(f"router_resources must be non-negative numbers, got {bad}")

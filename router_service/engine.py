@@ -29,12 +29,11 @@ from router_service.config import (
 )
 from router_service.default_model import ensure_default_model
 from router_service.router import Router
+from router_service.runtime.cluster import router_handles, start_cluster, stop_cluster
 from router_service.runtime.router_actor import (
     RouterDied,
     call_actor,
     restart_deadline,
-    start_router_actor,
-    stop_router_actor,
     stream_actor,
     wait_for_restart,
 )
@@ -81,12 +80,20 @@ def make_config(
 class Engine:
     """A served MoE model. Use `Engine.from_pretrained(...)`; also a context manager."""
 
-    def __init__(self, config: EngineConfig, spec: ModelSpec, router, owns_ray: bool = False):
+    def __init__(
+        self, config: EngineConfig, spec: ModelSpec, router, owns_ray: bool = False, controller=None
+    ):
         self.config = config
         self.spec = spec
-        # A Router object (local) or a Ray actor handle on one (ray / compiled).
+        # A Router object (local) or a Ray actor handle on router 0 (Ray transports): the one that
+        # answers calls (forward, scale, cluster state); streams are spread over every router.
         self._router = router
+        self._controller = controller  # the controller actor (Ray transports)
+        self._routers: list = [router]
+        self._next = 0
         self._owns_ray = owns_ray
+        if controller is not None:
+            self._routers = list(router_handles(controller).values()) or [router]
 
     @classmethod
     def from_pretrained(
@@ -109,6 +116,9 @@ class Engine:
         elastic: ElasticConfig | dict | None = None,
         cluster_name: str | None = None,
         router_resources: dict | None = None,
+        num_routers: int = 1,
+        router_strategy: str = "SPREAD",
+        merge_frames: bool = True,
     ) -> Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
 
@@ -134,8 +144,14 @@ class Engine:
         elastic: scaling, fault-handling and autoscaling settings (`ElasticConfig` or a dict;
         `redundant_experts` above wins over its field of the same name).
         cluster_name: the name of the Ray actors (Ray transports; default: a fresh one).
-        router_resources: custom Ray resources the Router actor needs, e.g. {"head": 0.01} to keep
+        router_resources: custom Ray resources each Router actor needs, e.g. {"head": 0.01} to keep
         it on a head node started with that resource.
+        num_routers: router replicas (Ray transports "socket" and "ray"): each holds the dense model,
+        its own KV caches and batch, over one pool of expert workers; streams are spread over them.
+        router_strategy: where routers go: "SPREAD" (fewest routers per node), "PACK" or
+        "STRICT_SPREAD" (one per node).
+        merge_frames: whether a worker runs one layer's frames that queued up together (from several
+        routers, or two micro-batches) as one grouped FFN ("socket" transport).
         """
         config, spec = make_config(
             model_dir,
@@ -154,11 +170,15 @@ class Engine:
             elastic=elastic,
             cluster_name=cluster_name,
             router_resources=router_resources or {},
+            num_routers=num_routers,
+            router_strategy=router_strategy,
+            merge_frames=merge_frames,
         )
         if config.transport == "local":
             return cls(config, spec, Router(config))
-        router, owns_ray = start_router_actor(config, ray_address)
-        return cls(config, spec, router, owns_ray)
+        controller, owns_ray = start_cluster(config, ray_address)
+        routers = router_handles(controller)
+        return cls(config, spec, routers[min(routers, key=int)], owns_ray, controller)
 
     # ---- calls -------------------------------------------------------------------------------------
 
@@ -237,17 +257,24 @@ class Engine:
             )
         return self._remote_stream(prompt_ids, max_new_tokens, temperature, top_p, seed, options)
 
+    def _pick(self, avoid=None):
+        """The next router for a stream (round robin), other than `avoid` when there is another."""
+        choices = [r for r in self._routers if r is not avoid] or self._routers
+        self._next += 1
+        return choices[self._next % len(choices)]
+
     def _remote_stream(self, prompt_ids, max_new_tokens, temperature, top_p, seed, options) -> Iterator[dict]:
         """The Router actor's stream; if the router dies, wait for its restart and go on from the
         tokens already yielded (re-submitted as prompt), so the caller sees one unbroken stream."""
         prompt = torch.as_tensor(prompt_ids).reshape(-1).tolist()
         made: list[int] = []
         request_id, done = uuid.uuid4().hex, False
+        router = self._pick()
         try:
             while not done:
                 try:
                     for chunk in stream_actor(
-                        self._router,
+                        router,
                         "generate_stream",
                         prompt + made,
                         max_new_tokens - len(made),
@@ -262,13 +289,15 @@ class Engine:
                         done = chunk["finish_reason"] is not None
                         yield chunk
                 except RouterDied as e:
-                    if not wait_for_restart(self._router, restart_deadline()):
+                    if len(self._routers) > 1:  # another router goes on at once
+                        router = self._pick(avoid=router)
+                    elif not wait_for_restart(router, restart_deadline()):
                         raise RuntimeError(str(e)) from None
-                    log.warning("router restarted; resuming a stream after %d tokens", len(made))
+                    log.warning("router lost; resuming a stream after %d tokens", len(made))
                     request_id = uuid.uuid4().hex
         finally:
             if not done and self._router is not None:
-                self._router.cancel_generation.remote(request_id)
+                router.cancel_generation.remote(request_id)
 
     def cluster_state(self) -> dict:
         """Workers (node, device, experts per layer, bytes), placement, expert load and balance,
@@ -290,6 +319,15 @@ class Engine:
         """{"serving": bool, "reason": str, "workers": n, "target_workers": n, ...}."""
         return self._call("health")
 
+    def scale_routers(self, num_routers: int) -> dict:
+        """Run `num_routers` router replicas (Ray transports): new ones load the dense model and join
+        while the others serve; removed ones drain first. ValueError for a bad count."""
+        if self._controller is None:
+            raise ValueError("the 'local' transport runs one router in this process")
+        out = call_actor(self._controller, "scale_routers", num_routers)
+        self._routers = list(router_handles(self._controller).values()) or self._routers
+        return out
+
     def start_trace(self) -> None:
         """Start recording timed spans of the router and every expert worker (docs/performance.md,
         "Tracing a decode step")."""
@@ -305,7 +343,7 @@ class Engine:
         if self.is_local:
             self._router.shutdown()
         else:
-            stop_router_actor(self._router, self._owns_ray, self.config.cluster_name)
+            stop_cluster(self._controller, self._owns_ray, self.config.cluster_name)
         self._router = None
 
     def __enter__(self) -> Engine:

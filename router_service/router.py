@@ -25,12 +25,13 @@ from router_service.generation.decoding import SamplingParams
 from router_service.generation.overlap import DEFAULT_MIN_TOKENS, MicroBatchRunner
 from router_service.generation.scheduler import GenerationScheduler, eos_ids
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
-from router_service.runtime.membership import Membership
+from router_service.runtime.controller import Controller
 from router_service.runtime.transport import WorkerSetup
 from router_service.runtime.transports import make_transport
 from router_service.stages import trace_hooks
 from router_service.stages.dense_model import build_router_model
 from router_service.stages.moe_layer import ExpertDispatcher
+from router_service.stages.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,20 @@ class ModelTurn:
 class Router:
     """Holds the non-expert weights and runs the model layer by layer over the expert workers.
 
-    reattach: a restarted Router actor adopts the expert workers still running instead of starting
-    new ones.
+    controller: the membership controller this router serves under (a `ControllerClient` of the
+    cluster's controller actor), or None: then the router makes its own, in this process, over its
+    transport's workers (the "local" transport, and one-process use). router_id: this router's name
+    among its controller's routers. reattach: with its own controller, adopt the expert workers
+    still running instead of starting new ones.
     """
 
-    def __init__(self, config: EngineConfig, reattach: bool = False):
+    def __init__(self, config: EngineConfig, reattach: bool = False, controller=None, router_id: str = "0"):
         t0 = time.perf_counter()
         self.config = config
+        self.router_id = router_id
         self.incarnation = uuid.uuid4().hex  # this process's router (see generation_events)
         # One model, many callers (actor threads, the generation loop): model calls take turns.
-        # Holding it is also what makes a moment a pass boundary for the membership controller.
+        # Holding it is also what makes a moment a pass boundary, where a placement is installed.
         self.lock = ModelTurn(1)  # the thread count is set below, once the model's size is known
         self._scheduler: GenerationScheduler | None = None
         self._sinks: dict[str, queue.SimpleQueue] = {}
@@ -86,31 +91,26 @@ class Router:
         self.threads = router_threads_for(config, self.spec.hidden_size)
         self.lock.num_threads = self.threads
         torch.set_num_threads(self.threads)  # a no-op in-process unless asked for
-        setup = WorkerSetup(
-            config.model_dir,
-            self.spec,
-            self.dtype,
-            config.worker_device,
-            config.expert_kernel,
-            config.num_threads,
-            merge_frames=config.merge_frames,
-        )
-        transport = make_transport(config, setup)
+        transport = make_transport(config, worker_setup(config, self.spec), owns_workers=controller is None)
         self.dispatcher = ExpertDispatcher(self.spec, transport, config.load_window)
-        self.membership = Membership(
-            self.spec, transport, self.dispatcher, self.lock, config, self._generation_load
-        )
-        self.dispatcher.recover = self.membership.recover
+        self.dispatcher.recover = self._recover
         self.dispatcher.max_attempts = config.elastic.recovery_attempts
+        self._owns_controller = controller is None
         try:
-            self.membership.start(reattach=reattach)
+            if controller is None:
+                controller = Controller(self.spec, transport, config, routers=LocalRouters(self))
+                controller.start(reattach=reattach)
+            else:
+                self._install(controller.attach_router(router_id))
+            self.controller = controller
             self.model = build_router_model(
                 config.model_dir, hf_config, self.spec, self.dtype, self.device, self.dispatcher
             )
         except BaseException:
             transport.close()
             raise
-        self.membership.start_controller()
+        if self._owns_controller:
+            self.controller.start_loop()
         log.info(
             "loaded %s (%d MoE layers x %d experts) on %d %s worker(s) in %.1fs",
             self.spec.model_type,
@@ -120,6 +120,58 @@ class Router:
             config.transport,
             time.perf_counter() - t0,
         )
+
+    # ---- placements ---------------------------------------------------------------------------------
+
+    def install_placement(self, placement: Placement) -> int:
+        """Use `placement` from the next pass on (older ones are ignored: a recovery may have
+        overtaken it); returns the version installed. Taken at a pass boundary, under the model
+        lock: once this returns, no pass of this router uses an older placement."""
+        with self.lock:
+            self._install(placement)
+            return self.dispatcher.placement.version
+
+    def _install(self, placement: Placement, same_version: bool = False) -> None:
+        """Newer placements only; `same_version`: also one of the current version (a placement the
+        router made itself, without the controller, from the current one minus lost workers)."""
+        current = self.dispatcher.placement
+        newer = current is None or placement.version > current.version
+        if newer or (same_version and placement.version == current.version):
+            self.dispatcher.transport.use_workers(placement.worker_ids)
+            self.dispatcher.placement = placement
+
+    def _recover(self, placement: Placement, lost: dict[int, str]) -> Placement:
+        """A pass (holding the model lock) lost workers: the controller's placement without them,
+        installed here at once, since the old one cannot serve."""
+        new = self.controller.recover(placement, lost, self.router_id)
+        self._install(new, same_version=True)
+        return self.dispatcher.placement
+
+    def describe(self) -> dict:
+        """This router for `GET /v1/cluster`: id, sequences, tokens/s, the placement it pins."""
+        stats = self._scheduler.stats() if self._scheduler is not None else None
+        return {
+            "router_id": self.router_id,
+            "running": stats["running"] if stats else 0,
+            "waiting": stats["waiting"] if stats else 0,
+            "tokens_per_s": round(self._scheduler.tokens_per_s(), 2) if self._scheduler else 0.0,
+            "placement_version": self.dispatcher.placement.version,
+        }
+
+    def report(self) -> dict:
+        """What the controller sums over the routers (EPLB's load, the autoscaler's sequences) and
+        what the ingress balances requests by."""
+        stats = self._scheduler.stats() if self._scheduler is not None else {"running": 0, "waiting": 0}
+        return {
+            "router_id": self.router_id,
+            "expert_load": self.dispatcher.load.totals(),
+            "passes": self.dispatcher.passes,
+            "sequences": float(stats["running"] + stats["waiting"]),
+            "running": stats["running"],
+            "waiting": stats["waiting"],
+            "placement_version": self.dispatcher.placement.version,
+            "placement": self.dispatcher.placement,
+        }
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         """Results stay on the device in-process; a Router actor returns CPU tensors to its caller."""
@@ -280,10 +332,11 @@ class Router:
         )
         return self.incarnation
 
-    def generation_events(self, subscriber: str = "default") -> Iterator[tuple[str, list]]:
-        """(incarnation, events) messages for the subscriber's requests, `events` a list of
-        (request_id, token_ids, finish_reason, error, logprobs), one message per batch of news; an
-        empty list after a second of silence (a heartbeat).
+    def generation_events(self, subscriber: str = "default") -> Iterator[tuple[str, list, tuple]]:
+        """(incarnation, events, (running, waiting)) messages for the subscriber's requests, `events`
+        a list of (request_id, token_ids, finish_reason, error, logprobs), one message per batch of
+        news; an empty list after a second of silence (a heartbeat). The load is this router's
+        sequences when the message left: what front ends balance requests by.
 
         `incarnation` names this router process: a reader whose stream goes silent asks
         `event_stream_status`, and a different incarnation tells it that the process it was
@@ -292,8 +345,9 @@ class Router:
         with self._sinks_lock:
             self._readers[subscriber] = self._readers.get(subscriber, 0) + 1
         try:
-            for events in self.scheduler.events(self._sink(subscriber)):
-                yield self.incarnation, events
+            scheduler = self.scheduler
+            for events in scheduler.events(self._sink(subscriber)):
+                yield self.incarnation, events, scheduler.load()
         finally:
             with self._sinks_lock:
                 self._readers[subscriber] -= 1
@@ -354,14 +408,7 @@ class Router:
             transport.trace(workers, False)
         return tracing.chrome_trace(events)
 
-    # ---- membership -------------------------------------------------------------------------------
-
-    def _generation_load(self) -> float:
-        """Sequences running plus waiting: the tokens the next decode step has to process."""
-        if self._scheduler is None:
-            return 0.0
-        st = self._scheduler.stats()
-        return float(st["running"] + st["waiting"])
+    # ---- membership (the controller's) --------------------------------------------------------------
 
     def scale(self, num_workers: int) -> dict:
         """Run on `num_workers` expert workers; returns the cluster state once the new placement serves.
@@ -370,25 +417,28 @@ class Router:
         happens between two forward passes. Raises ValueError for a bad count, MembershipBusy while
         another change runs, ScaleError when the change could not finish (it was rolled back).
         """
-        self.membership.scale(num_workers)
+        self.controller.scale(num_workers)
         return self.cluster_state()
 
     def rebalance(self) -> dict:
         """Re-place experts and replicas by EPLB over the recent load; the balance before and after."""
-        return self.membership.rebalance()
+        return self.controller.rebalance()
 
     def health(self) -> dict:
         """{"serving": bool, "reason": str, "workers", "target_workers", ...}: serving is False
         whenever a request cannot be served now (all workers lost and none could be started)."""
-        return self.membership.health()
+        return self.controller.health()
 
     def cluster_state(self) -> dict:
         """Workers, placement (version, slots), the experts and bytes each worker holds, expert
         load, balance, membership events and generation statistics."""
         p = self.dispatcher.placement
-        workers = self.dispatcher.transport.describe_workers(p.worker_ids)
+        workers = self.controller.describe_workers(p.worker_ids)
+        if workers is None:  # the controller is away: what this router's data plane can tell
+            workers = self.dispatcher.transport.describe_workers(p.worker_ids)
         for info in workers:
             info["tokens"] = self.dispatcher.worker_tokens.get(info["worker_id"], 0)
+        health = self.controller.health()
         return {
             "model_type": self.spec.model_type,
             "transport": self.config.transport,
@@ -399,13 +449,54 @@ class Router:
             "workers": workers,
             "placement": p.to_dict(),
             "expert_load": self.dispatcher.load.snapshot(),
-            "balance": self.membership.balance(),
-            "elastic": {**self.membership.stats(), "health": self.membership.health()},
+            "balance": self.controller.balance(),
+            "elastic": {**self.controller.stats(), "health": health},
             "generation": self._scheduler.stats() if self._scheduler else None,
         }
 
     def shutdown(self) -> None:
-        self.membership.stop()
+        if self._owns_controller:
+            self.controller.stop()
         if self._scheduler is not None:
             self._scheduler.close()
         self.dispatcher.transport.close()
+
+
+def worker_setup(config: EngineConfig, spec) -> WorkerSetup:
+    """What every expert worker of `config` is built from."""
+    return WorkerSetup(
+        config.model_dir,
+        spec,
+        config.torch_dtype,
+        config.worker_device,
+        config.expert_kernel,
+        config.num_threads,
+        merge_frames=config.merge_frames,
+    )
+
+
+class LocalRouters:
+    """The `Routers` of a controller living in its one router's process."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    def install(self, placement: Placement, skip: str | None = None, wait: bool = True) -> None:
+        if skip != self.router.router_id:
+            self.router.install_placement(placement)
+
+    def describe(self) -> dict:
+        """This router for `GET /v1/cluster`: id, sequences, tokens/s, the placement it pins."""
+        stats = self._scheduler.stats() if self._scheduler is not None else None
+        return {
+            "router_id": self.router_id,
+            "running": stats["running"] if stats else 0,
+            "waiting": stats["waiting"] if stats else 0,
+            "tokens_per_s": round(self._scheduler.tokens_per_s(), 2) if self._scheduler else 0.0,
+            "placement_version": self.dispatcher.placement.version,
+        }
+
+    def report(self) -> dict:
+        if not hasattr(self.router, "dispatcher"):  # still being built
+            return {}
+        return self.router.report()

@@ -6,7 +6,8 @@ import threading
 
 from moe_serving.errors import ServingError
 from moe_serving.types import GenerateParams
-from router_service.serving.core import IngressCore, OpenGeneration
+from router_service.serving.core import IngressCore
+from router_service.serving.router_links import OpenGeneration
 from router_service.serving.settings import ServingSettings
 
 
@@ -34,8 +35,9 @@ def test_stop_from_another_thread_ends_the_pump_and_fails_open_streams():
     async def main():
         core = IngressCore(SilentStream(), spec=None, tokenizer=None, settings=ServingSettings())
         req = OpenGeneration(prompt=[1, 2], params=GenerateParams(), news=asyncio.Queue())
+        req.link = core.links["0"]
         core._open["r1"] = req
-        core._ensure_pump()
+        core._ensure_pumps()
         await asyncio.sleep(0.05)  # the pump is reading the stream
         stopper = threading.Thread(target=core.stop)  # Serve calls __del__ off the event loop
         stopper.start()
@@ -44,6 +46,6 @@ def test_stop_from_another_thread_ends_the_pump_and_fails_open_streams():
         assert (tokens, finish) == ([], None)
         assert isinstance(err, ServingError) and "stopping" in str(err)
         await asyncio.sleep(0.05)
-        assert core._pump_task.cancelled() and core.stopping
+        assert core.links["0"].pump_task.cancelled() and core.stopping
 
     asyncio.run(main())

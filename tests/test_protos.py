@@ -50,4 +50,5 @@ def test_generated_code_imports():
         "GetClusterState",
         "Scale",
         "Rebalance",
+        "ScaleRouters",
     }

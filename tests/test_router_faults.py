@@ -77,18 +77,56 @@ async def _stream(url: str, i: int, seen: dict[int, list], times: dict[int, list
 
 
 def _router_pids(server_pid: int) -> list[int]:
-    return [pid for pid, cmd in descendants(server_pid).items() if cmd.startswith("ray::RouterActor")]
+    return _pids(server_pid, "ray::RouterActor")
 
 
-def test_router_sigkilled_mid_stream_loses_no_token(server):
-    url = server.http_url
+def _pids(server_pid: int, prefix: str) -> list[int]:
+    return [pid for pid, cmd in descendants(server_pid).items() if cmd.startswith(prefix)]
 
-    async def reference():
-        seen, times = {i: [] for i in range(STREAMS)}, {i: [] for i in range(STREAMS)}
-        return await asyncio.gather(*(_stream(url, i, seen, times) for i in range(STREAMS)))
 
-    want = asyncio.run(reference())
+def _routers(url: str) -> list[dict]:
+    return httpx.get(f"{url}/v1/cluster", timeout=60).json()["routers"]
+
+
+def _wait_for(what: str, check, timeout: float = CLIENT_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
+        time.sleep(0.2)
+    return result
+
+
+async def _streams(url: str, n: int = STREAMS, disturb=None):
+    """n concurrent greedy streams; `disturb(seen)` runs once every stream has 2 tokens or more
+    (mid-stream) and returns the time of the fault. Returns (tokens per stream, longest gap between
+    two tokens of a stream after the fault, what `disturb` returned)."""
+    seen, times = {i: [] for i in range(n)}, {i: [] for i in range(n)}
+    streams = [asyncio.ensure_future(_stream(url, i, seen, times)) for i in range(n)]
+    fault_at, extra = None, None
+    if disturb is not None:
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while not all(len(s) >= 2 for s in seen.values()):
+            assert time.monotonic() < deadline and not any(s.done() for s in streams), seen
+            await asyncio.sleep(0.01)
+        fault_at, extra = await disturb(seen)
+    got = await asyncio.gather(*streams)
+    gaps = [
+        b - a for t in times.values() for a, b in zip(t, t[1:], strict=False) if fault_at and b > fault_at
+    ]
+    return got, max(gaps, default=0.0), extra
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """The undisturbed single-router run every faulted run must equal, token for token."""
+    want, _, _ = asyncio.run(_streams(server.http_url))
     assert all(len(w) == MAX_TOKENS for w in want), [len(w) for w in want]
+    return want
+
+
+def test_router_sigkilled_mid_stream_loses_no_token(server, reference):
+    url = server.http_url
+    want = reference
     routers = _router_pids(server.proc.pid)
     assert len(routers) == 1, routers
 
@@ -130,6 +168,143 @@ def test_router_sigkilled_mid_stream_loses_no_token(server):
     assert health.status_code == 200 and health.json()["serving"], health.text
 
 
+def test_two_routers_share_the_load_and_a_killed_one_moves_its_streams(server, reference):
+    """`POST /v1/cluster/routers` to 2; streams spread over both; SIGKILL of one mid-stream moves its
+    streams to the other at once (no failure, no lost or repeated token); Ray brings it back."""
+    url = server.http_url
+    for bad in (0, 65, "2", None):
+        r = httpx.post(f"{url}/v1/cluster/routers", json={"num_routers": bad}, timeout=60)
+        assert r.status_code == 400 and "num_routers" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{url}/v1/cluster/routers", json={"num_routers": 2}, timeout=CLIENT_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    assert (r.json()["from_routers"], r.json()["num_routers"]) == (1, 2)
+    routers = _routers(url)
+    assert [x["router_id"] for x in routers] == ["0", "1"] and len({x["pid"] for x in routers}) == 2, routers
+    assert sorted(_router_pids(server.proc.pid)) == sorted(x["pid"] for x in routers)
+
+    async def kill_the_busiest(seen):
+        now = await asyncio.to_thread(_routers, url)
+        busy = [x for x in now if x["running"] + x["waiting"]]
+        assert len(busy) == 2, now  # the streams went to both
+        victim = max(busy, key=lambda x: x["running"] + x["waiting"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        return time.monotonic(), victim
+
+    got, gap, victim = asyncio.run(_streams(url, disturb=kill_the_busiest))
+    assert got == reference
+    print(f"two routers, one SIGKILLed: longest gap between two tokens of a stream {gap:.2f}s")
+    state = httpx.get(f"{url}/v1/cluster", timeout=60).json()
+    assert state["generation"] is not None
+    metrics = httpx.get(f"{url}/metrics", timeout=60).text
+    assert 'moe_router_running{router="0"}' in metrics and 'moe_router_running{router="1"}' in metrics
+    # Ray restarts the killed router in place; it attaches to the controller and serves again.
+    _wait_for(
+        "the killed router back",
+        lambda: all(
+            "pid" in x and x["pid"] != victim["pid"]
+            for x in _routers(url)
+            if x["router_id"] == victim["router_id"]
+        ),
+    )
+    got, _, _ = asyncio.run(_streams(url))
+    assert got == reference
+
+
+def test_removing_a_router_drains_it(server, reference):
+    """Scale 2 -> 1 routers while streams run: the removed router takes nothing new, finishes (or
+    hands over) what it has, and no stream fails or changes."""
+    url = server.http_url
+    if len(_routers(url)) != 2:
+        assert (
+            httpx.post(
+                f"{url}/v1/cluster/routers", json={"num_routers": 2}, timeout=CLIENT_TIMEOUT_S
+            ).status_code
+            == 200
+        )
+
+    async def remove_one(seen):
+        r = await asyncio.to_thread(
+            httpx.post, f"{url}/v1/cluster/routers", json={"num_routers": 1}, timeout=CLIENT_TIMEOUT_S
+        )
+        assert r.status_code == 200, r.text
+        return time.monotonic(), r.json()
+
+    got, _, result = asyncio.run(_streams(url, disturb=remove_one))
+    assert got == reference
+    assert (result["from_routers"], result["num_routers"]) == (2, 1)
+    assert [x["router_id"] for x in _routers(url)] == ["0"]
+    _wait_for("one router process", lambda: len(_router_pids(server.proc.pid)) == 1)
+
+
+def test_a_worker_lost_under_two_routers_is_recovered_once(server, reference):
+    """Both routers' passes lose the same worker (SIGKILL mid-stream): one recovery placement, not
+    one per router; no stream notices; the controller restores the worker count."""
+    url = server.http_url
+    r = httpx.post(f"{url}/v1/cluster/routers", json={"num_routers": 2}, timeout=CLIENT_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    before = httpx.get(f"{url}/v1/cluster", timeout=60).json()["elastic"]["events"]
+
+    async def kill_a_worker(seen):
+        (victim, *_) = sorted(_pids(server.proc.pid, "ray::RayExpertWorker"))
+        os.kill(victim, signal.SIGKILL)
+        return time.monotonic(), victim
+
+    got, gap, _ = asyncio.run(_streams(url, disturb=kill_a_worker))
+    assert got == reference
+    print(f"a worker SIGKILLed under two routers: longest gap between two tokens {gap:.2f}s")
+    state = _wait_for(
+        "back to 2 workers",
+        lambda: (
+            (s := httpx.get(f"{url}/v1/cluster", timeout=60).json())["num_workers"] == 2
+            and s["elastic"]["health"]["serving"]
+            and s
+        ),
+    )
+    after = state["elastic"]["events"]
+    assert after.get("workers_lost", 0) - before.get("workers_lost", 0) == 1, (before, after)
+    assert after.get("failover", 0) - before.get("failover", 0) == 1, (before, after)
+    _wait_for(
+        "every router on one placement", lambda: len({x["placement_version"] for x in _routers(url)}) == 1
+    )
+    r = httpx.post(f"{url}/v1/cluster/routers", json={"num_routers": 1}, timeout=CLIENT_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+
+
+def test_controller_sigkilled_routers_keep_serving(server, reference):
+    """SIGKILL of the controller mid-stream: the routers keep serving on their placement (no stream
+    notices); a scale meanwhile is refused naming the controller (503) or, once it is back, done;
+    the controller comes back with the cluster as it was and scales again."""
+    url = server.http_url
+    (controller,) = _pids(server.proc.pid, "ray::ControllerActor")
+    answers = []
+
+    async def kill_controller(seen):
+        os.kill(controller, signal.SIGKILL)
+        fault_at = time.monotonic()
+        r = await asyncio.to_thread(
+            httpx.post, f"{url}/v1/cluster/scale", json={"num_workers": 3}, timeout=CLIENT_TIMEOUT_S
+        )
+        answers.append(r)
+        return fault_at, None
+
+    got, _, _ = asyncio.run(_streams(url, disturb=kill_controller))
+    assert got == reference
+    (r,) = answers
+    assert r.status_code in (200, 503), r.text
+    if r.status_code == 503:
+        assert "controller" in r.json()["error"]["message"], r.text
+    _wait_for(
+        "the controller back",
+        lambda: _pids(server.proc.pid, "ray::ControllerActor") not in ([], [controller]),
+    )
+    r = httpx.post(f"{url}/v1/cluster/scale", json={"num_workers": 2}, timeout=CLIENT_TIMEOUT_S)
+    assert r.status_code == 200 and r.json()["num_workers"] == 2, r.text
+    got, _, _ = asyncio.run(_streams(url))
+    assert got == reference
+    health = httpx.get(f"{url}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["workers"] == 2, health.text
+
+
 # ---- the ingress's side, without Ray: a stream Ray never ends --------------------------------------
 
 
@@ -169,9 +344,9 @@ class _Stream:
             if self.router.process != self.process:
                 await asyncio.Event().wait()  # dead: never ends, never raises
             if self.router.news:
-                return _Ref((self.process, [self.router.news.pop(0)]))
+                return _Ref((self.process, [self.router.news.pop(0)], (1, 0)))
             await asyncio.sleep(0.01)
-        return _Ref((self.process, []))
+        return _Ref((self.process, [], (1, 0)))
 
 
 class _Router:

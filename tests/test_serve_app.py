@@ -201,9 +201,13 @@ def test_serve_deploy_then_serve_run_start_the_server_and_shutdown_removes_it(he
     run("serve", "deploy", str(path), "--address", head["dashboard"])
     wait_serving(head, http, grpc)
     actors = named_actors(head)
-    assert {"moe-serving:router", "moe-serving:grpc", "moe-serving:worker-0", "moe-serving:worker-1"} <= set(
-        actors
-    )
+    assert {
+        "moe-serving:controller",
+        "moe-serving:router-0",
+        "moe-serving:grpc",
+        "moe-serving:worker-0",
+        "moe-serving:worker-1",
+    } <= set(actors)
     shut_down(head)
 
     http, grpc = free_port(), free_port()

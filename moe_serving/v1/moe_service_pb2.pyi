@@ -144,6 +144,24 @@ class RebalanceRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ScaleRoutersRequest(_message.Message):
+    __slots__ = ("num_routers",)
+    NUM_ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    num_routers: int
+    def __init__(self, num_routers: _Optional[int] = ...) -> None: ...
+
+class ScaleRoutersResponse(_message.Message):
+    __slots__ = ("from_routers", "num_routers", "seconds", "json")
+    FROM_ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    from_routers: int
+    num_routers: int
+    seconds: float
+    json: str
+    def __init__(self, from_routers: _Optional[int] = ..., num_routers: _Optional[int] = ..., seconds: _Optional[float] = ..., json: _Optional[str] = ...) -> None: ...
+
 class LayerBalance(_message.Message):
     __slots__ = ("layer", "balancedness", "imbalance")
     LAYER_FIELD_NUMBER: _ClassVar[int]

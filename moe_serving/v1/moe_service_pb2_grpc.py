@@ -5,7 +5,7 @@ import warnings
 
 from moe_serving.v1 import moe_service_pb2 as moe__serving_dot_v1_dot_moe__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -64,6 +64,11 @@ class MoEServiceStub:
                 '/moe_serving.v1.MoEService/Rebalance',
                 request_serializer=moe__serving_dot_v1_dot_moe__service__pb2.RebalanceRequest.SerializeToString,
                 response_deserializer=moe__serving_dot_v1_dot_moe__service__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
+        self.ScaleRouters = channel.unary_unary(
+                '/moe_serving.v1.MoEService/ScaleRouters',
+                request_serializer=moe__serving_dot_v1_dot_moe__service__pb2.ScaleRoutersRequest.SerializeToString,
+                response_deserializer=moe__serving_dot_v1_dot_moe__service__pb2.ScaleRoutersResponse.FromString,
                 _registered_method=True)
 
 
@@ -124,6 +129,18 @@ class MoEServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScaleRouters(self, request, context):
+        """Change the number of routers (replicas of the dense model over one pool of expert workers). New
+        routers load the model and join while the others serve; removed ones drain first (their open
+        streams finish or move to the others). Returns the routers once the change is done.
+        INVALID_ARGUMENT for a count outside 1 to 64 (or a server with the "local" transport);
+        FAILED_PRECONDITION while another router change runs; UNAVAILABLE when a new router could not
+        start (the ones started were stopped) or the controller is away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MoEServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +173,11 @@ def add_MoEServiceServicer_to_server(servicer, server):
                     servicer.Rebalance,
                     request_deserializer=moe__serving_dot_v1_dot_moe__service__pb2.RebalanceRequest.FromString,
                     response_serializer=moe__serving_dot_v1_dot_moe__service__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'ScaleRouters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleRouters,
+                    request_deserializer=moe__serving_dot_v1_dot_moe__service__pb2.ScaleRoutersRequest.FromString,
+                    response_serializer=moe__serving_dot_v1_dot_moe__service__pb2.ScaleRoutersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -321,6 +343,33 @@ class MoEService:
             '/moe_serving.v1.MoEService/Rebalance',
             moe__serving_dot_v1_dot_moe__service__pb2.RebalanceRequest.SerializeToString,
             moe__serving_dot_v1_dot_moe__service__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleRouters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serving.v1.MoEService/ScaleRouters',
+            moe__serving_dot_v1_dot_moe__service__pb2.ScaleRoutersRequest.SerializeToString,
+            moe__serving_dot_v1_dot_moe__service__pb2.ScaleRoutersResponse.FromString,
             options,
             channel_credentials,
             insecure,

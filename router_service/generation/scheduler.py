@@ -13,6 +13,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 
 from moe_serving import tracing
 from router_service.config import BatchLimits
@@ -43,6 +44,8 @@ class GenerationScheduler:
         self._stopping = False
         self.steps_by_batch_size: collections.Counter[int] = collections.Counter()
         self.prefill_batches: collections.Counter[int] = collections.Counter()
+        self.tokens_made = 0  # tokens sampled, every sequence, every step and prefill
+        self._token_samples: collections.deque = collections.deque(maxlen=64)
 
     # ---- the caller's side -----------------------------------------------------------------------
 
@@ -140,6 +143,21 @@ class GenerationScheduler:
                 del self._outputs[key]  # nobody reads a shared request's news once it is cancelled
             self._cv.notify()
 
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences, read without the lock (a snapshot for load balancing)."""
+        return len(self.batch), len(self._waiting)
+
+    def tokens_per_s(self, window_s: float = 10.0) -> float:
+        """Tokens made per second over about the last `window_s` (one per sequence per step or
+        prefill)."""
+        now = time.monotonic()
+        samples = self._token_samples
+        samples.append((now, self.tokens_made))
+        while len(samples) > 2 and now - samples[1][0] > window_s:
+            samples.popleft()
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
     def stats(self) -> dict:
         with self._cv:
             return {
@@ -207,11 +225,13 @@ class GenerationScheduler:
                     events = []
                     if new:
                         self.prefill_batches[len(new)] += 1
+                        self.tokens_made += len(new)
                         with tracing.span("prefill", {"sequences": len(new)}):
                             events += self.batch.add(new)
                         self.batch.evict(self._finished())
                     if len(self.batch):
                         self.steps_by_batch_size[len(self.batch)] += 1
+                        self.tokens_made += len(self.batch)
                         with tracing.span("decode step", {"sequences": len(self.batch)}):
                             events += self.batch.step()
                         self.batch.evict(self._finished())

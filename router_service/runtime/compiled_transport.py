@@ -76,6 +76,7 @@ class CompiledTransport(RayTransport):
 
     def use_workers(self, workers: tuple[int, ...]) -> None:
         """Called at a pass boundary: drop the graph, build one over `workers` in the background."""
+        super().use_workers(workers)  # handles on new workers, by name
         self._drop_graph()
         with self._cv:
             if self._ready is not None:  # compiled, never used: its loops still hold the actors

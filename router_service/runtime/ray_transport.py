@@ -126,8 +126,12 @@ class RayTransport:
         cluster: str = "moe",
         worker_timeout_s: float = 10.0,
         expected_workers: int = 1,
+        owns_workers: bool = True,
     ):
         self.setup = setup
+        # The controller's pool owns the workers (starts, retires, and on close kills them); a
+        # router's data plane only addresses them, by name, and leaves them to the others on close.
+        self.owns_workers = owns_workers
         self.resources = resources
         self.progress = progress
         self.cluster = cluster
@@ -323,7 +327,22 @@ class RayTransport:
         return lost
 
     def use_workers(self, workers: tuple[int, ...]) -> None:
-        pass
+        """Handles on the workers a router's passes will address, looked up by name (the
+        controller started them); one Ray no longer knows is lost at its first layer."""
+        for w in workers:
+            if w in self._actors:
+                continue
+            try:
+                actor = ray.get_actor(self.name_of(w), namespace=NAMESPACE)
+            except ValueError:
+                self._lost_why.setdefault(w, "not running (no actor by its name)")
+                continue
+            with self._lock:
+                self._actors[w] = actor
+        keep = set(workers)
+        with self._lock:
+            for w in [w for w in self._actors if w not in keep and not self.owns_workers]:
+                self._actors.pop(w, None)  # another placement's: the controller retires it
 
     def trace(self, workers: tuple[int, ...], on: bool) -> None:
         ray.get([self._actors[w].set_tracing.remote(on) for w in workers if w in self._actors])
@@ -390,6 +409,8 @@ class RayTransport:
         self._watch.stop()
         with self._lock:
             actors, self._actors = list(self._actors.values()), {}
+        if not self.owns_workers:
+            return
         for a in actors:
             kill_actor(a)
         try:

@@ -1,10 +1,11 @@
-"""The Router as a Ray actor, and the driver-side calls that start, use and stop it.
+"""The Router as a Ray actor, the client it talks to the controller through, and the driver-side
+calls that use it.
 
-The Engine starts (or joins) a Ray cluster and one Router actor, named `{cluster}:router` in the
-`moe-serving` namespace; the Router actor creates the expert-worker actors through its transport.
-The actor restarts when its process dies (`ElasticConfig.router_max_restarts`): Ray re-runs the
-constructor, which then rebuilds the router and reattaches to the running workers instead of
-waiting for `start()`; callers' handles stay valid across the restart.
+Routers are replicas named `{cluster}:router-{id}` in the `moe-serving` namespace, started by the
+cluster's controller actor (`controller_actor.py`), which also owns the expert workers. A router
+whose process dies restarts (`ElasticConfig.router_max_restarts`): Ray re-runs the constructor,
+which rebuilds the router and attaches it to the controller again (it gets the current placement)
+instead of waiting for `start()`; callers' handles stay valid across the restart.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from router_service.config import EngineConfig
-from router_service.errors import WorkerError
+from router_service.errors import NoCapacityError, ScaleError, WorkerError
 from router_service.router import Router
 from router_service.runtime.local_ray import start_local_ray
 from router_service.runtime.ray_transport import cluster_gpus
 from router_service.runtime.worker_actor import NAMESPACE
+from router_service.stages.placement import without_workers
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,9 @@ class RouterActor(Router):
     After a crash, Ray re-runs the constructor, and then it builds the router itself, reattaching to
     the live workers (calls wait until it is done)."""
 
-    def __init__(self, config: EngineConfig):  # Router.__init__ runs in start()
+    def __init__(self, config: EngineConfig, router_id: str = "0"):  # Router.__init__ runs in start()
         self._config = config
+        self._router_id = router_id
         self._started = False
         self._starting = threading.Lock()
         if ray.get_runtime_context().was_current_actor_reconstructed:
@@ -127,9 +130,28 @@ class RouterActor(Router):
         """Build the router (once: later calls wait for the first, then return)."""
         with self._starting:
             if not self._started:
-                super().__init__(self._config, reattach=reattach)
+                controller = ControllerClient(self._config)
+                super().__init__(self._config, reattach, controller=controller, router_id=self._router_id)
                 self._started = True
         return True
+
+    def ping(self) -> bool:
+        """Answered once built (calls wait while the router loads or reattaches)."""
+        return True
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "node_id": self.node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+        }
 
     def generate_stream(self, *args, **kwargs):
         # A generator function, as Ray's streaming calls need (Router's version returns one so
@@ -141,23 +163,140 @@ class RouterActor(Router):
             super().shutdown()
 
 
-def _router_actor_class(config: EngineConfig, **options):
-    """RouterActor with its options: named; threaded (generation streams wait in their own threads
-    while the decode loop runs; model calls take turns on the Router's lock); restarted by Ray when
-    its process dies; preferably on the caller's node (the head, usually): the router is the one
-    actor whose loss costs a restart, and worker nodes come and go."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+def router_name(cluster: str, router_id: str) -> str:
+    return f"{cluster}:router-{router_id}"
+
+
+def controller_name(cluster: str) -> str:
+    return f"{cluster}:controller"
+
+
+def router_actor_class(config: EngineConfig, router_id: str, node: str | None = None, soft: bool = True):
+    """RouterActor with its options: named, detached (it belongs to the cluster, not to whichever
+    process started it; `stop_cluster` removes it); threaded (generation streams wait in their own
+    threads while the decode loop runs; model calls take turns on the Router's lock); restarted by
+    Ray when its process dies; on `node` when given (the controller spreads the routers)."""
+    strategy = "DEFAULT" if node is None else NodeAffinitySchedulingStrategy(node, soft=soft)
     return ray.remote(RouterActor).options(
-        scheduling_strategy=here,
-        name=f"{config.cluster_name}:router",
+        scheduling_strategy=strategy,
+        name=router_name(config.cluster_name, router_id),
         namespace=NAMESPACE,
+        lifetime="detached",
         num_cpus=0,
         num_gpus=1 if _wants_gpu(config) else 0,
         max_concurrency=ROUTER_MAX_CONCURRENCY,
         max_restarts=config.elastic.router_max_restarts,
         resources=config.router_resources,
-        **options,
     )
+
+
+class ControllerClient:
+    """A router's (or a front end's) handle on the cluster's controller actor, with what a router
+    does while the controller is away (restarting, or its node lost): it keeps serving on the
+    placement it has; a pass that loses workers finishes on their replicas when every lost expert
+    has one, else waits for the controller to come back (up to the placement timeout); scale and
+    rebalance fail with ScaleError (503) naming the cause."""
+
+    CALL_TIMEOUT_S = 10.0
+
+    def __init__(self, config: EngineConfig):
+        self.cluster = config.cluster_name
+        self.timeout_s = config.worker_resources.placement_timeout_s
+        self._actor = None
+
+    @property
+    def actor(self):
+        if self._actor is None:
+            self._actor = ray.get_actor(controller_name(self.cluster), namespace=NAMESPACE)
+        return self._actor
+
+    def _call(self, method: str, *args, timeout: float | None = None):
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout)
+        except RayTaskError as e:
+            raise (e.cause if e.cause is not None else e) from None
+
+    def attach_router(self, router_id: str):
+        """The placement to start on; waits for a controller that is (re)starting."""
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                return self._call("attach_router", router_id)
+            except (RayActorError, ValueError) as e:  # restarting, or not yet named
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the membership controller of {self.cluster} is not running: {e}"
+                    ) from None
+                self._actor = None
+                time.sleep(0.5)
+
+    def recover(self, placement, lost: dict[int, str], caller: str | None = None):
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return self._call("recover", placement, lost, caller, timeout=self.timeout_s)
+            except (RayActorError, GetTimeoutError, ValueError) as e:
+                survivors = without_workers(placement, set(lost), placement.version)
+                if survivors is not None:
+                    log.warning("the controller is away (%s); finishing on the lost workers' replicas", e)
+                    return survivors
+                if time.monotonic() > deadline:
+                    raise NoCapacityError(
+                        f"expert workers {sorted(lost)} lost while the membership controller is away ({e})"
+                    ) from None
+                self._actor = None
+                time.sleep(0.5)
+
+    def _admin(self, method: str, *args):
+        try:
+            return self._call(method, *args)
+        except (RayActorError, ValueError) as e:
+            self._actor = None
+            raise ScaleError(
+                f"the membership controller is not running ({type(e).__name__}); the routers keep serving "
+                "on their placement; retry once it is back"
+            ) from None
+
+    def scale(self, n: int):
+        return self._admin("scale", n)
+
+    def rebalance(self) -> dict:
+        return self._admin("rebalance")
+
+    def scale_routers(self, n: int) -> dict:
+        return self._admin("scale_routers", n)
+
+    def health(self) -> dict:
+        try:
+            return self._call("health", timeout=self.CALL_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError, ValueError) as e:
+            self._actor = None
+            return {"serving": True, "reason": "", "controller": f"not answering ({type(e).__name__})"}
+
+    def describe_workers(self, workers: tuple[int, ...]) -> list[dict] | None:
+        """The workers as the controller's pool knows them; None while it is away."""
+        try:
+            return self._call("describe_workers", workers, timeout=self.CALL_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError, ValueError):
+            self._actor = None
+            return None
+
+    def balance(self) -> dict:
+        try:
+            return self._call("balance", timeout=self.CALL_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError, ValueError):
+            self._actor = None
+            return {}
+
+    def stats(self) -> dict:
+        try:
+            return self._call("stats", timeout=self.CALL_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError, ValueError) as e:
+            self._actor = None
+            return {"controller": f"not answering ({type(e).__name__})"}
+
+    def stop(self) -> None:
+        pass  # the controller belongs to the cluster, not to this router
 
 
 def _wants_gpu(config: EngineConfig) -> bool:
@@ -169,29 +308,6 @@ def min_cluster_cpus(config: EngineConfig) -> int:
     auto = config.elastic.autoscaling
     most = max(config.num_workers, auto.max_workers if auto else 0)
     return most * int(max(1, config.worker_resources.num_cpus)) + 1
-
-
-def start_router_actor(config: EngineConfig, address: str | None):
-    """Start the Router actor (which starts the workers), owned by this process, and wait until the
-    model is loaded (the Engine's way)."""
-    owns = ensure_ray(address, min_cpus=min_cluster_cpus(config))
-    actor = _router_actor_class(config).remote(config)
-    try:
-        call_actor(actor, "start")
-    except BaseException:
-        stop_router_actor(actor, owns, config.cluster_name)
-        raise
-    return actor, owns
-
-
-def attach_router_actor(config: EngineConfig):
-    """The Router actor of `config.cluster_name`, started if it is not running yet (a Serve app's
-    way): detached, so that it belongs to no process: the app starts it from its ingress replica, and
-    it must outlive a replica that crashes and the process that deployed the app.
-    `stop_router_actor` removes it and its workers. Waits until the model is loaded."""
-    actor = _router_actor_class(config, get_if_exists=True, lifetime="detached").remote(config)
-    call_actor(actor, "start", True)  # reattach: this cluster's workers may already run
-    return actor
 
 
 @contextlib.contextmanager
@@ -254,17 +370,6 @@ def stream_actor(actor, method: str, *args, **kwargs) -> Iterator:
     with actor_errors():
         for ref in refs:
             yield ray.get(ref)
-
-
-def stop_router_actor(actor, owns_ray: bool, cluster: str) -> None:
-    try:
-        ray.get(actor.shutdown.remote(), timeout=30)
-    except (RayActorError, RayTaskError, GetTimeoutError) as e:
-        log.warning("router shutdown did not finish cleanly: %s", e)
-    ray.kill(actor, no_restart=True)
-    kill_cluster_actors(cluster)  # workers a dead router could not stop
-    if owns_ray:
-        ray.shutdown()
 
 
 def kill_cluster_actors(cluster: str) -> None:

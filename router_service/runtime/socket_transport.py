@@ -79,6 +79,13 @@ class SocketTransport(RayTransport):
             for sock in self._conns.pop(w, ()):
                 sock.close()
 
+    def use_workers(self, workers: tuple[int, ...]) -> None:
+        """At a pass boundary: connect to the placement's new workers, drop the connections to the
+        ones it no longer uses."""
+        super().use_workers(workers)
+        self._disconnect([w for w in self._conns if w not in workers])
+        self._connect([w for w in workers if w not in self._conns])
+
     def start_workers(self, specs):
         errors = super().start_workers(specs)
         self._connect([w for w in specs if w not in errors])

@@ -14,8 +14,8 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
+import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
@@ -32,8 +32,17 @@ from router_service.errors import (
 )
 from router_service.generation.decoding import MAX_LOGPROBS
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
+from router_service.runtime.worker_actor import NAMESPACE
 from router_service.serving.chat import chat_prompt_ids
 from router_service.serving.detokenize import CompletionText
+from router_service.serving.router_links import (
+    HEALTH_PROBE_TIMEOUT_S,
+    STREAM_SILENCE_S,
+    OpenGeneration,
+    RouterLink,
+    RouterReplaced,
+    pick,
+)
 from router_service.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -94,14 +103,6 @@ def check_size(tokens: int, limit: int, what: str) -> None:
 
 
 MAX_N = 16  # choices per request
-# The router's event stream sends a heartbeat every second; after this long without one, the pump
-# asks the router which process it is (see IngressCore._read_events).
-STREAM_SILENCE_S = 2.0
-HEALTH_PROBE_TIMEOUT_S = 5.0
-
-
-class RouterReplaced(Exception):
-    """The router process an event stream came from is gone, though Ray did not end the stream."""
 
 
 MAX_STOP = 16  # stop strings per request
@@ -268,97 +269,152 @@ def _merge_news(first: tuple, news: asyncio.Queue) -> tuple[tuple, tuple | None]
     return (tokens, finish, error, logprobs), held
 
 
-@dataclass
-class OpenGeneration:
-    """A generation the ingress is streaming: what it needs to re-submit it to a restarted router."""
-
-    prompt: list[int]
-    params: GenerateParams
-    news: asyncio.Queue
-    tokens: list[int] = field(default_factory=list)
-    # The router process that accepted it (None: none yet); submissions take turns on the lock, so
-    # a request is submitted at most once to each router process.
-    incarnation: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
 class IngressCore:
     """Validation and Router calls shared by the HTTP deployment (and through it, gRPC).
 
-    `router` is the Router actor handle; `tokenizer` a transformers tokenizer or None (then only
-    token-id prompts are accepted).
+    `router`: a Router actor handle (the only router, or the one to use before the controller has
+    listed them); `controller`: the cluster's controller actor, or None (then `router` is the only
+    router). `tokenizer`: a transformers tokenizer or None (then only token-id prompts are accepted).
 
-    A Router actor that dies restarts (Ray re-creates it, and it reattaches to its workers); calls
-    that failed on the dead one are made again once it answers, and every open generation is
-    re-submitted with the tokens it already streamed appended to its prompt, so its client sees the
-    stream go on, neither losing nor repeating a token. Past `settings.router_restart_timeout_s`
-    without a router, requests fail as unavailable (HTTP 503 / gRPC UNAVAILABLE).
+    Generation requests are spread over the routers by load (`router_links.py`); a router that dies
+    moves its open streams to the others at once, or, with no other router, they wait for it to
+    restart (Ray re-creates it, and it attaches to the workers again) and go on there. Either way
+    the client sees its stream go on, neither losing nor repeating a token. Other calls go to the
+    first live router, and are made again on another (or the restarted one) when it dies. Past
+    `settings.router_restart_timeout_s` without any router, requests fail as unavailable (HTTP 503 /
+    gRPC UNAVAILABLE).
     """
 
-    def __init__(self, router, spec: ModelSpec, tokenizer, settings: ServingSettings):
-        self.router = router
+    MEMBERSHIP_REFRESH_S = 1.0  # how often the router list is read from the controller
+
+    def __init__(self, router, spec: ModelSpec, tokenizer, settings: ServingSettings, controller=None):
         self.spec = spec
         self.tokenizer = tokenizer
         self.settings = settings
-        self._subscriber = uuid.uuid4().hex  # this replica's name for its generation stream
+        self.controller = controller
+        self._subscriber = uuid.uuid4().hex  # this replica's name for its generation streams
         self._open: dict[str, OpenGeneration] = {}
-        self._pump_task: asyncio.Task | None = None
-        self._back: asyncio.Future | None = None  # set while waiting for a restarted router
-        self._suspect = asyncio.Event()  # a submission met a dead router: the pump checks at once
-        self._incarnation: str | None = None  # the router process the event stream last came from
-        self.router_restarts = 0  # restarts this replica saw (metrics)
-        self.stopping = False  # set by stop(): the router going away is then expected, not a fault
+        self.links: dict[str, RouterLink] = {"0": RouterLink("0", router)}
+        self._tasks: set[asyncio.Task] = set()  # the pumps and the membership watch
+        self._watch_task: asyncio.Task | None = None
+        self._back: dict[str, asyncio.Future] = {}  # router id -> the wait for its restart
+        self.router_restarts = 0  # router losses this replica saw (metrics)
+        self.streams_moved = 0  # open streams moved to another router (metrics)
+        self.stopping = False  # set by stop(): routers going away is then expected, not a fault
+
+    @property
+    def router(self):
+        """The first live router's handle (calls other than generation)."""
+        return self._primary().handle
+
+    def _primary(self) -> RouterLink:
+        live = [lk for lk in self.links.values() if lk.alive] or list(self.links.values())
+        return min(live, key=lambda lk: int(lk.id) if lk.id.isdigit() else 0)
 
     def stop(self) -> None:
-        """The replica is stopping and takes the router with it: the event stream's end is not a
+        """The replica is stopping and takes the routers with it: the event streams' end is not a
         router crash to wait out and recover from (nor to log as one)."""
         self.stopping = True
-        if self._pump_task is not None:
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
             stopped = ServingError("unavailable", "the server is stopping")
             with contextlib.suppress(RuntimeError):  # its loop already closed
-                loop = self._pump_task.get_loop()
-                loop.call_soon_threadsafe(self._pump_task.cancel)
+                loop = tasks[0].get_loop()
+                for t in tasks:
+                    loop.call_soon_threadsafe(t.cancel)
                 loop.call_soon_threadsafe(self._fail_open, stopped)  # any stream still open ends now
 
-    # ---- calling the router, across its restarts --------------------------------------------------
+    # ---- the routers ------------------------------------------------------------------------------
+
+    def _ensure_pumps(self) -> None:
+        """Start what reads the routers: a pump per router, and the membership watch."""
+        for link in self.links.values():
+            if link.pump_task is None or link.pump_task.done():
+                link.pump_task = self._background(self._pump(link))
+        if self.controller is not None and (self._watch_task is None or self._watch_task.done()):
+            self._watch_task = self._background(self._watch())
+
+    def _background(self, coro) -> asyncio.Task:
+        # Started in an empty context, not the current request's: Serve cancels the Ray calls a
+        # request made when that request is cancelled, and these serve every request.
+        loop = asyncio.get_running_loop()
+        task = contextvars.Context().run(loop.create_task, coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def refresh_routers(self) -> None:
+        """Read the router list from the controller: new routers get a link (and a pump), removed
+        ones are drained (nothing new goes there; their open streams finish or move)."""
+        if self.controller is None:
+            return
+        try:
+            infos = await asyncio.wait_for(self.controller.routers.remote(), timeout=HEALTH_PROBE_TIMEOUT_S)
+        except (RayActorError, RayTaskError, asyncio.TimeoutError):
+            return  # the controller is away: the routers we know keep serving
+        listed = {}
+        for info in infos:
+            listed[info["router_id"]] = info
+            if info["router_id"] not in self.links:
+                try:
+                    handle = ray.get_actor(info["name"], namespace=NAMESPACE)
+                except ValueError:
+                    continue
+                self.links[info["router_id"]] = RouterLink(info["router_id"], handle)
+        for rid, link in list(self.links.items()):
+            link.draining = rid not in listed or listed[rid]["draining"]
+            if rid not in listed and not any(req.link is link for req in self._open.values()):
+                del self.links[rid]  # removed, and nothing of ours left on it
+                if link.pump_task is not None:
+                    link.pump_task.cancel()
+        self._ensure_pumps()
+
+    async def _watch(self) -> None:
+        while not self.stopping:
+            await self.refresh_routers()
+            await asyncio.sleep(self.MEMBERSHIP_REFRESH_S)
 
     async def call(self, method: str, *args):
-        """One router call; if the router actor died, wait for it to be back and call again."""
+        """One router call; if the router died, make it again on another live router, or on the
+        same one once it is back."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.router_restart_timeout_s
         while True:
+            link = self._primary()
             try:
                 with _raise_actor_errors():
-                    return await getattr(self.router, method).remote(*args)
+                    return await getattr(link.handle, method).remote(*args)
             except RayActorError as e:
                 if loop.time() > deadline:
-                    raise ServingError(
-                        "unavailable", f"the router is not running: {_first_line(e)}"
-                    ) from None
-                await self._router_back()
+                    raise ServingError("unavailable", f"no router is running: {_first_line(e)}") from None
+                link.alive = False
+                link.suspect.set()
+                if not any(lk.alive for lk in self.links.values()):
+                    await self._router_back(link)
 
-    async def _router_back(self) -> None:
-        """Wait until the router answers again (one wait shared by every caller); raises
+    async def _router_back(self, link: RouterLink) -> None:
+        """Wait until router `link` answers again (one wait shared by every caller); raises
         ServingError("unavailable") when it does not within the restart timeout."""
-        if self._back is None or self._back.done():
-            self._back = asyncio.ensure_future(self._wait_for_router())
-        ok = await asyncio.shield(self._back)
-        if not ok:
+        back = self._back.get(link.id)
+        if back is None or back.done():
+            back = self._back[link.id] = asyncio.ensure_future(self._wait_for_router(link))
+        if not await asyncio.shield(back):
             raise ServingError(
                 "unavailable",
-                f"the router actor died and was not back within {self.settings.router_restart_timeout_s:g}s",
+                f"router {link.id} died and was not back within {self.settings.router_restart_timeout_s:g}s",
             )
 
-    async def _wait_for_router(self) -> bool:
+    async def _wait_for_router(self, link: RouterLink) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.router_restart_timeout_s
-        log.warning("the router actor died; waiting for it to restart")
-        while loop.time() < deadline:
+        log.warning("router %s died; waiting for it to restart", link.id)
+        while loop.time() < deadline and not self.stopping:
             try:
                 # Calls to a restarting actor wait for it; one to a dead one fails at once.
-                await asyncio.wait_for(self.router.health.remote(), timeout=max(1.0, deadline - loop.time()))
+                await asyncio.wait_for(link.handle.health.remote(), timeout=max(1.0, deadline - loop.time()))
                 self.router_restarts += 1
-                log.warning("the router actor is back")
+                link.alive = True
+                log.warning("router %s is back", link.id)
                 return True
             except (RayActorError, asyncio.TimeoutError, RayTaskError):
                 await asyncio.sleep(0.5)
@@ -429,9 +485,9 @@ class IngressCore:
         leaving early (client gone) cancels them in the router. Choice i of a seeded request uses
         seed + i, so each is reproducible and they differ from each other.
 
-        Tokens arrive through the replica's one multiplexed `generation_events` stream (see
-        `_pump`), not one Ray stream per request; the n copies are separate sequences in the
-        router's continuous batch, so they run together.
+        Tokens arrive through each router's one multiplexed `generation_events` stream per replica
+        (see `_pump`), not one Ray stream per request; the n copies are separate sequences, spread
+        over the routers like any other requests.
         """
         ids = self.prompt_ids(p)
         if p.n == 1:
@@ -456,7 +512,7 @@ class IngressCore:
         text = CompletionText(self.tokenizer, ids, p.stop, p.stop_token_ids, p.logprobs is not None)
         finished = router_finished = False
         try:
-            self._ensure_pump()
+            self._ensure_pumps()
             await self._submit_first(request_id, req)
             held = None
             while not finished:
@@ -479,29 +535,36 @@ class IngressCore:
                 )
         finally:
             self._open.pop(request_id, None)
-            if not router_finished:  # the client left, or a stop string ended the text here
-                self.router.cancel_generation.remote(request_id)
+            if not router_finished and req.link is not None:  # the client left, or a stop string ended it
+                req.link.handle.cancel_generation.remote(request_id)
 
     async def _submit_first(self, request_id: str, req: OpenGeneration) -> None:
-        """Submit a new request; when the router is dead (restarting), wait for it and submit there,
-        unless the pump has re-submitted it meanwhile."""
+        """Submit a new request to the least loaded live router; when that one is dead, to another,
+        or (none left) to it once it is back, unless a pump has re-submitted it meanwhile."""
         while True:
+            link = req.link or pick(self.links.values()) or self._primary()
             try:
                 async with req.lock:
                     if req.incarnation is None:
+                        req.link = link
+                        link.pending += 1
                         await self._submit(request_id, req)
                 return
             except RayActorError:
-                self._suspect.set()  # the pump's stream may be dead too, and Ray may not say so
-                await self._router_back()
+                link.alive = False
+                link.suspect.set()  # its pump's stream may be dead too, and Ray may not say so
+                if req.link is link and req.incarnation is None:
+                    req.link = None
+                if pick(self.links.values()) is None:
+                    await self._router_back(link)
 
     async def _submit(self, request_id: str, req: OpenGeneration) -> None:
-        """Submit (or re-submit, after a router restart: prompt + the tokens already streamed), under
+        """Submit (or re-submit: prompt + the tokens already streamed) to `req.link`, under
         `req.lock`; records the router process that accepted it."""
         p, done = req.params, len(req.tokens)
         try:
             with _raise_actor_errors():
-                req.incarnation = await self.router.submit_generation.remote(
+                req.incarnation = await req.link.handle.submit_generation.remote(
                     request_id,
                     req.prompt + req.tokens,
                     p.max_tokens - done,
@@ -516,79 +579,80 @@ class IngressCore:
             if "already in use" not in e.message:
                 raise
             # Only this replica knows the (random) id: an earlier submission of ours got there.
-            req.incarnation = self._incarnation
+            req.incarnation = req.link.incarnation
 
-    def _ensure_pump(self) -> None:
-        if self._pump_task is None or self._pump_task.done():
-            # Started in an empty context, not the current request's: Serve cancels the Ray calls a
-            # request made when that request is cancelled, and the pump serves every request.
-            loop = asyncio.get_running_loop()
-            self._pump_task = contextvars.Context().run(loop.create_task, self._pump())
-
-    async def _pump(self) -> None:
-        """Read the router's event stream for this replica and hand each request its news; when the
-        router dies, wait for its restart and re-submit every open request."""
-        while True:
+    async def _pump(self, link: RouterLink) -> None:
+        """Read router `link`'s event stream for this replica and hand each request its news; when
+        the router is lost, move its open requests to the others (or wait for it to be back)."""
+        while not self.stopping:
             try:
-                await self._read_events()
+                await self._read_events(link)
             except (RayActorError, RouterReplaced) as e:
                 if self.stopping:
                     return
-                log.warning("generation event stream lost (%s)", _first_line(e))
+                log.warning("router %s lost (%s)", link.id, _first_line(e))
+                link.alive = False
+                link.incarnation = None
+                await self._move_open(link)
+                if link.draining:
+                    return  # removed from the cluster: nothing comes back
                 try:
-                    await self._router_back()  # the new stream's first message re-submits
+                    await self._router_back(link)  # the new stream's first message re-submits
                 except (ServingError, RayActorError) as err:
-                    self._fail_open(err)
+                    self._fail_open(err, link)
                     return
-            except Exception as e:  # anything else: every open stream learns it
-                log.warning("generation event stream ended (%s: %s)", type(e).__name__, _first_line(e))
-                self._fail_open(e)
+            except Exception as e:  # anything else: every open stream of it learns it
+                log.warning(
+                    "router %s event stream ended (%s: %s)", link.id, type(e).__name__, _first_line(e)
+                )
+                self._fail_open(e, link)
                 return
 
-    async def _read_events(self) -> None:
-        """One `generation_events` stream, read until it ends. Each message names the router process
-        it comes from: the first from a process other than the last one's (a restarted router)
-        re-submits the open requests that process has not accepted.
+    async def _read_events(self, link: RouterLink) -> None:
+        """One `generation_events` stream of router `link`, read until it ends. Each message names
+        the router process it comes from and carries its load; the first from a process other than
+        the last one's (a restarted router) re-submits the open requests that process has not
+        accepted.
 
         Raises RayActorError when Ray says the router died, and RouterReplaced when the stream went
-        silent (no heartbeat for STREAM_SILENCE_S, or a submission met a dead router) and the router
-        says it is not the process the stream came from: Ray does not always end a stream whose
-        actor died and restarted (ray-project/ray#43914), and a stream nobody reads leaves every
-        open request, and every one submitted to the restarted router, hanging."""
-        refs = self.router.generation_events.options(num_returns="streaming").remote(self._subscriber)
+        silent (no heartbeat for STREAM_SILENCE_S, or a call met a dead router) and the router says
+        it is not the process the stream came from."""
+        refs = link.handle.generation_events.options(num_returns="streaming").remote(self._subscriber)
         source = None  # the router process this stream comes from, once it has said
-        self._suspect.clear()
+        link.suspect.clear()
         with _raise_actor_errors():
             while True:
                 item = asyncio.ensure_future(refs.__anext__())
                 try:
                     while True:
-                        suspect = asyncio.ensure_future(self._suspect.wait())
+                        suspect = asyncio.ensure_future(link.suspect.wait())
                         done, _ = await asyncio.wait(
                             {item, suspect}, timeout=STREAM_SILENCE_S, return_when=asyncio.FIRST_COMPLETED
                         )
                         suspect.cancel()
                         if item in done:
                             break
-                        self._suspect.clear()
-                        await self._check_stream(source)
+                        link.suspect.clear()
+                        await self._check_stream(link, source)
                     ref = item.result()
                 except StopAsyncIteration:
                     return
                 finally:
                     if not item.done():
                         item.cancel()
-                source, events = await ref
+                source, events, load = await ref
+                link.report(load)
                 for request_id, tokens, finish, error, logprobs in events:
                     req = self._open.get(request_id)
                     if req is not None:
                         req.news.put_nowait((tokens, finish, error, logprobs))
-                if source != self._incarnation:
-                    restarted = self._incarnation is not None
-                    self._incarnation = source
-                    await self._resubmit_to(source, restarted)
+                if source != link.incarnation:
+                    restarted = link.incarnation is not None
+                    link.incarnation = source
+                    link.alive = True
+                    await self._resubmit_to(link, source, restarted)
 
-    async def _check_stream(self, source: str | None) -> None:
+    async def _check_stream(self, link: RouterLink, source: str | None) -> None:
         """RouterReplaced when the event stream cannot be coming from the router that answers now:
         it came from another process, or it has not said yet and the router reads no stream of this
         replica. Nothing when it can (the stream is slow; a second stream would split the news), nor
@@ -596,7 +660,7 @@ class IngressCore:
         try:
             with _raise_actor_errors():
                 now = await asyncio.wait_for(
-                    self.router.event_stream_status.remote(self._subscriber), timeout=HEALTH_PROBE_TIMEOUT_S
+                    link.handle.event_stream_status.remote(self._subscriber), timeout=HEALTH_PROBE_TIMEOUT_S
                 )
         except asyncio.TimeoutError:
             return
@@ -605,34 +669,90 @@ class IngressCore:
         if source is None and not now["reading"]:
             raise RouterReplaced("the event stream reached no live router process")
 
-    async def _resubmit_to(self, incarnation: str, restarted: bool) -> None:
-        """Re-submit every open request that router process `incarnation` has not accepted (prompt +
-        the tokens already streamed); one it cannot take fails with the cause."""
-        stale = [(rid, req) for rid, req in list(self._open.items()) if req.incarnation != incarnation]
-        if restarted:
-            log.warning("the router restarted; re-submitting %d open generations", len(stale))
+    async def _resubmit_to(self, link: RouterLink, incarnation: str, restarted: bool) -> None:
+        """Re-submit every open request of `link` that its process `incarnation` has not accepted
+        (prompt + the tokens already streamed); one it cannot take fails with the cause."""
+        stale = [
+            (rid, req)
+            for rid, req in list(self._open.items())
+            if req.link is link and req.incarnation not in (None, incarnation)
+        ]
+        if restarted and stale:
+            log.warning("router %s restarted; re-submitting %d open generations", link.id, len(stale))
         for request_id, req in stale:
             try:
                 async with req.lock:
-                    if req.incarnation != incarnation and request_id in self._open:
+                    if req.link is link and req.incarnation != incarnation and request_id in self._open:
                         await self._submit(request_id, req)
             except RayActorError:
-                self._suspect.set()  # died again: the stream will end, and its successor re-submits
+                link.suspect.set()  # died again: the stream will end, and its successor re-submits
                 return
             except ServingError as e:
                 req.news.put_nowait(([], None, e, None))
 
-    def _fail_open(self, e: BaseException) -> None:
+    async def _move_open(self, dead: RouterLink) -> None:
+        """Move the open requests of a lost router to the live ones (prompt + the tokens already
+        streamed), least loaded first; with no live router they stay, for its restart."""
+        moving = [(rid, req) for rid, req in list(self._open.items()) if req.link is dead]
+        if not moving or pick(self.links.values(), avoid=dead) is None:
+            return
+        log.warning("moving %d open generations off router %s", len(moving), dead.id)
+
+        async def move(request_id: str, req: OpenGeneration) -> None:
+            async with req.lock:
+                if req.link is not dead or request_id not in self._open:
+                    return
+                target = pick(self.links.values(), avoid=dead)
+                if target is None:
+                    return
+                req.link, req.incarnation = target, None
+                target.pending += 1
+                try:
+                    await self._submit(request_id, req)
+                    self.streams_moved += 1
+                except RayActorError:
+                    target.alive = False
+                    target.suspect.set()  # its pump moves it on (or waits for it)
+                    req.incarnation = "lost"  # not accepted anywhere: re-submitted when one is back
+                except ServingError as e:
+                    req.news.put_nowait(([], None, e, None))
+
+        # All at once: each is one router call, and the streams wait until theirs is made.
+        await asyncio.gather(*(move(rid, req) for rid, req in moving))
+
+    def _fail_open(self, e: BaseException, link: RouterLink | None = None) -> None:
         err = (
             e if isinstance(e, ServingError) else ServingError("unavailable", f"generation stream lost: {e}")
         )
         for req in list(self._open.values()):
-            req.news.put_nowait(([], None, err, None))
+            if link is None or req.link is link:
+                req.news.put_nowait(([], None, err, None))
 
     # ---- cluster ------------------------------------------------------------------------------------
 
     async def cluster_state(self) -> dict:
-        return await self.call("cluster_state")
+        state = await self.call("cluster_state")
+        state["routers"] = await self.routers_state()
+        return state
+
+    async def routers_state(self) -> list[dict]:
+        """One entry per router: id, node, pid, running, waiting, tokens/s, placement version, and
+        this replica's view of it (alive, draining, load age)."""
+        if self.controller is not None:
+            await self.refresh_routers()
+        out = []
+        for link in sorted(self.links.values(), key=lambda lk: int(lk.id) if lk.id.isdigit() else 0):
+            entry = link.describe()
+            try:
+                with _raise_actor_errors():
+                    report = await asyncio.wait_for(
+                        link.handle.describe.remote(), timeout=HEALTH_PROBE_TIMEOUT_S
+                    )
+                entry.update(report)
+            except (RayActorError, asyncio.TimeoutError, ServingError) as e:
+                entry["state"] = f"unreachable ({type(e).__name__})"
+            out.append(entry)
+        return out
 
     async def scale(self, num_workers: int) -> dict:
         return await self.call("scale", num_workers)
@@ -640,14 +760,38 @@ class IngressCore:
     async def rebalance(self) -> dict:
         return await self.call("rebalance")
 
-    async def health(self) -> dict:
-        """The router's health; not serving when it does not answer within a few seconds."""
+    async def scale_routers(self, num_routers: int) -> dict:
+        """Run `num_routers` routers (the controller starts or drains them); the routers after."""
+        if self.controller is None:
+            raise invalid("this server runs one router (the 'local' transport)")
         try:
             with _raise_actor_errors():
-                return await asyncio.wait_for(self.router.health.remote(), timeout=5.0)
+                result = await self.controller.scale_routers.remote(num_routers)
+        except RayActorError as e:
+            raise ServingError(
+                "unavailable",
+                f"the membership controller is not running ({type(e).__name__}); retry once it is back",
+            ) from None
+        await self.refresh_routers()
+        return {**result, "routers": await self.routers_state()}
+
+    async def health(self) -> dict:
+        """Serving while any router serves (each asked at once, a few seconds at most)."""
+        links = list(self.links.values())
+        results = await asyncio.gather(*(self._health_of(lk) for lk in links))
+        serving = [h for h in results if h.get("serving")]
+        best = dict(serving[0] if serving else results[0])
+        best["routers"] = len(links)
+        best["routers_serving"] = len(serving)
+        return best
+
+    async def _health_of(self, link: RouterLink) -> dict:
+        try:
+            with _raise_actor_errors():
+                return await asyncio.wait_for(link.handle.health.remote(), timeout=5.0)
         except (RayActorError, asyncio.TimeoutError) as e:
             why = "does not answer" if isinstance(e, asyncio.TimeoutError) else "is not running"
-            return {"serving": False, "reason": f"the router {why} ({type(e).__name__})"}
+            return {"serving": False, "reason": f"router {link.id} {why} ({type(e).__name__})"}
         except ServingError as e:
             return {"serving": False, "reason": e.message}
 

@@ -60,6 +60,9 @@ class HandleBackend:
     async def rebalance(self) -> dict:
         return await self._call("rebalance", "grpc")
 
+    async def scale_routers(self, num_routers: int) -> dict:
+        return await self._call("scale_routers", num_routers, "grpc")
+
     async def health(self) -> dict:
         return await self._call("health")
 

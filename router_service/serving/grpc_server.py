@@ -264,6 +264,20 @@ class MoEServicer(pb_grpc.MoEServiceServicer):
         except Exception as e:
             await self._fail(context, "Rebalance", e)
 
+    async def ScaleRouters(self, request: pb.ScaleRoutersRequest, context):
+        try:
+            if request.num_routers < 1:
+                raise invalid(f"num_routers must be >= 1, got {request.num_routers}")
+            result = await self.backend.scale_routers(request.num_routers)
+            return pb.ScaleRoutersResponse(
+                from_routers=result["from_routers"],
+                num_routers=result["num_routers"],
+                seconds=result["seconds"],
+                json=json.dumps(result),
+            )
+        except Exception as e:
+            await self._fail(context, "ScaleRouters", e)
+
 
 # ---- server --------------------------------------------------------------------------------------
 

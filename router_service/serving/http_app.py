@@ -5,7 +5,8 @@ Routes: OpenAI-compatible `POST /v1/completions` (text or token-id prompts) and
 or not, with `n`, `stop`, `logprobs` and penalties (request parsing and answer formats in
 `openai_api`), and `GET /v1/models`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
 lists, or msgpack `{dtype, shape, data}` maps when Content-Type or Accept is application/msgpack);
-`GET /v1/cluster`, `POST /v1/cluster/scale`, `POST /v1/cluster/rebalance`, `GET /healthz`,
+`GET /v1/cluster`, `POST /v1/cluster/scale`, `POST /v1/cluster/rebalance`,
+`POST /v1/cluster/routers`, `GET /healthz`,
 `GET /metrics`. Every error is a JSON `{"error": {...}}` body with a 4xx/5xx status, never a
 traceback.
 
@@ -36,8 +37,8 @@ from moe_serving.errors import ServingError, invalid
 from moe_serving.types import GenerateParams
 from router_service.config import EngineConfig
 from router_service.default_model import ensure_default_model
+from router_service.runtime.cluster import attach_cluster, router_handles, stop_cluster
 from router_service.runtime.ray_transport import NAMESPACE
-from router_service.runtime.router_actor import attach_router_actor, stop_router_actor
 from router_service.serving import openai_api
 from router_service.serving.core import (
     IngressCore,
@@ -162,11 +163,11 @@ def _json(obj) -> JSONResponse:
 class MoEIngress:
     """The application's front door, and the owner of everything behind it.
 
-    Its constructor attaches to the cluster's Router actor (detached and named; started here if it is
-    not running, so a replica that crashes and comes back finds the router and its workers as they
-    were) and starts the gRPC server actor (owned by this replica: it lives and dies with it). A
-    graceful stop of the replica (`serve shutdown`, `serve.delete`, a redeploy) stops the router and
-    its workers too: the app leaves nothing behind.
+    Its constructor attaches to the cluster's controller actor (detached and named; started here,
+    with its workers and routers, if it is not running, so a replica that crashes and comes back
+    finds the cluster as it was) and starts the gRPC server actor (owned by this replica: it lives
+    and dies with it). A graceful stop of the replica (`serve shutdown`, `serve.delete`, a redeploy)
+    stops the routers, the workers and the controller too: the app leaves nothing behind.
     """
 
     def __init__(self, config: EngineConfig, settings: ServingSettings, grpc_address: tuple[str, int] | None):
@@ -176,8 +177,12 @@ class MoEIngress:
         self._grpc = None
         ensure_default_model(config.model_dir)
         self.spec = spec_from_pretrained(config.model_dir)
-        self.router = attach_router_actor(config)
-        self.core = IngressCore(self.router, self.spec, load_tokenizer(config.model_dir), settings)
+        self.controller = attach_cluster(config)
+        routers = router_handles(self.controller)
+        self.router = routers[min(routers, key=int)]
+        self.core = IngressCore(
+            self.router, self.spec, load_tokenizer(config.model_dir), settings, controller=self.controller
+        )
         self.metrics = Metrics()
         self.created = int(time.time())
         for method in (self._forward_batch, self._moe_batch):
@@ -194,11 +199,11 @@ class MoEIngress:
             with contextlib.suppress(Exception):
                 ray.kill(self._grpc)
             self._grpc = None
-        if getattr(self, "router", None) is not None:
+        if getattr(self, "controller", None) is not None:
             if getattr(self, "core", None) is not None:
                 self.core.stop()
-            stop_router_actor(self.router, False, self.config.cluster_name)
-            self.router = None
+            stop_cluster(self.controller, False, self.config.cluster_name)
+            self.controller = None
 
     async def grpc_port_bound(self) -> int | None:
         """The port the gRPC server listens on (None: no gRPC)."""
@@ -278,6 +283,12 @@ class MoEIngress:
     async def health(self) -> dict:
         return await self.core.health()
 
+    async def scale_routers(self, num_routers: int, protocol: str = "grpc") -> dict:
+        async with self._observe("scale_routers", protocol):
+            if isinstance(num_routers, bool) or not isinstance(num_routers, int):
+                raise invalid(f"num_routers must be an integer, got {num_routers!r}")
+            return await self.core.scale_routers(num_routers)
+
     # ---- HTTP routes --------------------------------------------------------------------------------
 
     @app.get("/healthz")
@@ -306,6 +317,13 @@ class MoEIngress:
         if "num_workers" not in body:
             raise invalid("missing field 'num_workers'")
         return _json(await self.scale(body["num_workers"], "http"))
+
+    @app.post("/v1/cluster/routers")
+    async def http_scale_routers(self, request: Request):
+        body, _ = await _read_body(request)
+        if "num_routers" not in body:
+            raise invalid("missing field 'num_routers'")
+        return _json(await self.scale_routers(body["num_routers"], "http"))
 
     @app.post("/v1/cluster/rebalance")
     async def http_rebalance(self, request: Request):

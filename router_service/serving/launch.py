@@ -18,7 +18,13 @@ from ray import serve
 from router_service.config import BatchLimits, EngineConfig
 from router_service.engine import make_config
 from router_service.runtime.ray_transport import NAMESPACE, check_cluster_fits, worker_bundle
-from router_service.runtime.router_actor import ensure_ray, kill_cluster_actors, min_cluster_cpus
+from router_service.runtime.router_actor import (
+    controller_name,
+    ensure_ray,
+    kill_cluster_actors,
+    min_cluster_cpus,
+    router_name,
+)
 from router_service.serving.http_app import MoEIngress
 from router_service.serving.settings import ServingSettings
 
@@ -98,8 +104,13 @@ class Server:
 
     @property
     def router(self):
-        """The Router actor (detached and named: its handle survives its restarts)."""
-        return ray.get_actor(f"{self.config.cluster_name}:router", namespace=NAMESPACE)
+        """Router 0's actor (detached and named: its handle survives its restarts)."""
+        return ray.get_actor(router_name(self.config.cluster_name, "0"), namespace=NAMESPACE)
+
+    @property
+    def controller(self):
+        """The membership controller's actor."""
+        return ray.get_actor(controller_name(self.config.cluster_name), namespace=NAMESPACE)
 
     def shutdown(self) -> None:
         if not self._running:

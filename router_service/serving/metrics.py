@@ -17,7 +17,17 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-EVENT_KINDS = ("scale", "autoscale", "rebalance", "restore", "failover", "workers_lost", "reattach")
+EVENT_KINDS = (
+    "scale",
+    "autoscale",
+    "rebalance",
+    "restore",
+    "failover",
+    "workers_lost",
+    "reattach",
+    "scale_routers",
+    "autoscale_routers",
+)
 
 
 class _ClusterCollector:
@@ -101,6 +111,31 @@ class _ClusterCollector:
             "Generation requests waiting for a batch slot",
             value=gen.get("waiting", 0),
         )
+        # Per router: its id is the label, and router ids are reused (a restored router takes the id
+        # of the one it replaces), so the series stay as many as the routers.
+        routers = state.get("routers") or []
+        yield GaugeMetricFamily("moe_routers", "Router replicas serving", value=len(routers))
+        per_router = {
+            "running": GaugeMetricFamily(
+                "moe_router_running", "Sequences in each router's batch", labels=["router"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "moe_router_waiting", "Requests waiting at each router", labels=["router"]
+            ),
+            "tokens_per_s": GaugeMetricFamily(
+                "moe_router_tokens_per_second",
+                "Tokens each router made per second (10 s window)",
+                labels=["router"],
+            ),
+            "placement_version": GaugeMetricFamily(
+                "moe_router_placement_version", "Placement version each router serves", labels=["router"]
+            ),
+        }
+        for r in routers:
+            for key, family in per_router.items():
+                if key in r:
+                    family.add_metric([str(r["router_id"])], r[key])
+        yield from per_router.values()
 
 
 class Metrics:
