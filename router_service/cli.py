@@ -300,6 +300,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "(docs/performance.md); default: %(default)s",
     )
     g.add_argument(
+        "--no-merge-frames",
+        dest="merge_frames",
+        action="store_false",
+        help="workers run every frame on its own instead of merging one layer's frames that wait "
+        "together (several routers, or two micro-batches) into one grouped FFN (docs/performance.md)",
+    )
+    g.add_argument(
         "--ray-address",
         metavar="ADDR",
         default=SERVER_DEFAULTS["ray_address"],
@@ -546,6 +553,7 @@ def run_serve(args: argparse.Namespace) -> int:
             num_routers=args.num_routers,
             router_strategy=args.router_strategy,
             micro_batch_min_tokens=args.micro_batch_min_tokens,
+            merge_frames=args.merge_frames,
         )
     except OSError as e:  # a port in use, an address we cannot bind, a server not ready in time
         raise ValueError(e.strerror or str(e)) from e

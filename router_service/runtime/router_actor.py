@@ -190,6 +190,10 @@ def router_actor_class(config: EngineConfig, router_id: str, node: str | None = 
     )
 
 
+class ControllerAway(Exception):
+    """The cluster's controller actor is not there by its name (starting, or gone for good)."""
+
+
 class ControllerClient:
     """A router's (or a front end's) handle on the cluster's controller actor, with what a router
     does while the controller is away (restarting, or its node lost): it keeps serving on the
@@ -207,7 +211,10 @@ class ControllerClient:
     @property
     def actor(self):
         if self._actor is None:
-            self._actor = ray.get_actor(controller_name(self.cluster), namespace=NAMESPACE)
+            try:
+                self._actor = ray.get_actor(controller_name(self.cluster), namespace=NAMESPACE)
+            except ValueError as e:  # no actor by that name (yet, or any more)
+                raise ControllerAway(str(e)) from None
         return self._actor
 
     def _call(self, method: str, *args, timeout: float | None = None):
@@ -222,7 +229,7 @@ class ControllerClient:
         while True:
             try:
                 return self._call("attach_router", router_id)
-            except (RayActorError, ValueError) as e:  # restarting, or not yet named
+            except (RayActorError, ControllerAway) as e:  # restarting, or not yet named
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"the membership controller of {self.cluster} is not running: {e}"
@@ -235,7 +242,7 @@ class ControllerClient:
         while True:
             try:
                 return self._call("recover", placement, lost, caller, timeout=self.timeout_s)
-            except (RayActorError, GetTimeoutError, ValueError) as e:
+            except (RayActorError, GetTimeoutError, ControllerAway) as e:
                 survivors = without_workers(placement, set(lost), placement.version)
                 if survivors is not None:
                     log.warning("the controller is away (%s); finishing on the lost workers' replicas", e)
@@ -250,7 +257,7 @@ class ControllerClient:
     def _admin(self, method: str, *args):
         try:
             return self._call(method, *args)
-        except (RayActorError, ValueError) as e:
+        except (RayActorError, ControllerAway) as e:
             self._actor = None
             raise ScaleError(
                 f"the membership controller is not running ({type(e).__name__}); the routers keep serving "
@@ -269,7 +276,7 @@ class ControllerClient:
     def health(self) -> dict:
         try:
             return self._call("health", timeout=self.CALL_TIMEOUT_S)
-        except (RayActorError, GetTimeoutError, ValueError) as e:
+        except (RayActorError, GetTimeoutError, ControllerAway) as e:
             self._actor = None
             return {"serving": True, "reason": "", "controller": f"not answering ({type(e).__name__})"}
 
@@ -277,21 +284,21 @@ class ControllerClient:
         """The workers as the controller's pool knows them; None while it is away."""
         try:
             return self._call("describe_workers", workers, timeout=self.CALL_TIMEOUT_S)
-        except (RayActorError, GetTimeoutError, ValueError):
+        except (RayActorError, GetTimeoutError, ControllerAway):
             self._actor = None
             return None
 
     def balance(self) -> dict:
         try:
             return self._call("balance", timeout=self.CALL_TIMEOUT_S)
-        except (RayActorError, GetTimeoutError, ValueError):
+        except (RayActorError, GetTimeoutError, ControllerAway):
             self._actor = None
             return {}
 
     def stats(self) -> dict:
         try:
             return self._call("stats", timeout=self.CALL_TIMEOUT_S)
-        except (RayActorError, GetTimeoutError, ValueError) as e:
+        except (RayActorError, GetTimeoutError, ControllerAway) as e:
             self._actor = None
             return {"controller": f"not answering ({type(e).__name__})"}
 
