@@ -118,6 +118,7 @@ class Engine:
         router_resources: dict | None = None,
         num_routers: int = 1,
         router_strategy: str = "SPREAD",
+        serving_resources: dict | None = None,
         merge_frames: bool = True,
     ) -> Engine:
         """Load a Hugging Face MoE checkpoint and start its expert workers.
@@ -150,6 +151,8 @@ class Engine:
         its own KV caches and batch, over one pool of expert workers; streams are spread over them.
         router_strategy: where routers go: "SPREAD" (fewest routers per node), "PACK" or
         "STRICT_SPREAD" (one per node).
+        serving_resources: custom Ray resources of the controller actor (default: router_resources),
+        e.g. {"head": 0.01} to keep it on the head while routers go to nodes of their own.
         merge_frames: whether a worker runs one layer's frames that queued up together (from several
         routers, or two micro-batches) as one grouped FFN ("socket" transport).
         """
@@ -172,6 +175,7 @@ class Engine:
             router_resources=router_resources or {},
             num_routers=num_routers,
             router_strategy=router_strategy,
+            serving_resources=serving_resources,
             merge_frames=merge_frames,
         )
         if config.transport == "local":
