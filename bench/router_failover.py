@@ -51,6 +51,7 @@ import torch
 
 from bench.serve_load import cpu_model, eos_ids, pct, prompt_ids, server_default
 from router_service.default_model import default_model_dir
+from router_service.runtime.cluster import router_handle
 from router_service.serving.launch import ServerOptions, start_server
 
 
@@ -134,20 +135,11 @@ async def wait_routers(client, url: str, n: int, timeout_s: float, exclude_pid: 
         await asyncio.sleep(0.25)
 
 
-def _router_handle(cluster_name: str, router_id: str):
-    import ray
-
-    from router_service.runtime.ray_transport import NAMESPACE
-    from router_service.runtime.router_actor import router_name
-
-    return ray.get_actor(router_name(cluster_name, router_id), namespace=NAMESPACE)
-
-
 async def wait_process(cluster_name: str, router_id: str, old_pid: int, timeout_s: float) -> float:
     """Seconds until router `router_id`'s actor answers from a process other than `old_pid` (Ray
     restarted it and its constructor rebuilt the router); asked through Ray every 0.1 s."""
     t0 = time.perf_counter()
-    handle = _router_handle(cluster_name, router_id)
+    handle = router_handle(cluster_name, router_id)
     while time.perf_counter() - t0 < timeout_s:
         try:
             pid = await asyncio.wait_for(handle.pid.remote(), timeout=1.0)
@@ -165,7 +157,7 @@ async def wait_moved(cluster_name: str, survivors: list[str], moving: int, timeo
     (their own streams only end meanwhile). Asked through Ray (each router's `describe`) every
     0.05 s; nan when it did not happen within `timeout_s`."""
     t0 = time.perf_counter()
-    handles = [_router_handle(cluster_name, rid) for rid in survivors]
+    handles = [router_handle(cluster_name, rid) for rid in survivors]
     low = None
     while time.perf_counter() - t0 < timeout_s:
         try:

@@ -69,6 +69,7 @@ import torch
 
 from router_service.config import EngineConfig
 from router_service.default_model import default_model_dir
+from router_service.runtime.cluster import router_handle
 from router_service.serving.launch import ServerOptions, start_server
 
 
@@ -371,12 +372,7 @@ class RouterProbe:
         self.sample_s = sample_s  # > 0: sample each router's running / waiting this often
 
     def _handle(self, rid: str):
-        import ray
-
-        from router_service.runtime.ray_transport import NAMESPACE
-        from router_service.runtime.router_actor import router_name
-
-        return ray.get_actor(router_name(self.cluster_name, rid), namespace=NAMESPACE)
+        return router_handle(self.cluster_name, rid)
 
     async def steps(self, router_ids: list[str]) -> dict[str, dict] | None:
         if self.cluster_name is None:

@@ -124,7 +124,8 @@ def test_multiplexed_events_carry_every_token_and_one_finish(engine):
         router.submit_generation(key, [3, 4, 5], n, 0.0, 1.0, None, "front-end-1")
     tokens = {key: [] for key in lengths}
     finishes = {key: [] for key in lengths}
-    for incarnation, events in router.generation_events("front-end-1"):
+    for incarnation, events, load in router.generation_events("front-end-1"):
+        assert len(load) == 2  # (running, waiting) for the ingress's pick
         assert incarnation == router.incarnation
         assert router.event_stream_status("front-end-1") == {"incarnation": incarnation, "reading": True}
         for key, ids, finish, error, _logprobs in events:

@@ -24,6 +24,7 @@ from router_service.runtime.router_actor import (
     ensure_ray,
     kill_cluster_actors,
     min_cluster_cpus,
+    router_name,
 )
 from router_service.runtime.worker_actor import NAMESPACE
 
@@ -73,6 +74,11 @@ def attach_cluster(config: EngineConfig):
     controller = controller_actor_class(config, get_if_exists=True).remote(config)
     call_actor(controller, "start", True)  # reattach: this cluster's workers may already run
     return controller
+
+
+def router_handle(cluster: str, router_id: str) -> ray.actor.ActorHandle:
+    """The handle of router `router_id` of `cluster`, by its actor name (ValueError if gone)."""
+    return ray.get_actor(router_name(cluster, router_id), namespace=NAMESPACE)
 
 
 def router_handles(controller) -> dict[str, ray.actor.ActorHandle]:
