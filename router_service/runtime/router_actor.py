@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from router_service.config import EngineConfig
 from router_service.errors import NoCapacityError, ScaleError, WorkerError
 from router_service.router import Router
+from router_service.runtime.liveness import ProcessBeacon
 from router_service.runtime.local_ray import start_local_ray
 from router_service.runtime.ray_transport import cluster_gpus
 from router_service.runtime.worker_actor import NAMESPACE
@@ -120,6 +121,8 @@ class RouterActor(Router):
         self._router_id = router_id
         self._started = False
         self._starting = threading.Lock()
+        # Front ends keep a connection to it and read EOF the moment this process dies (liveness.py).
+        self._beacon = ProcessBeacon(ray.util.get_node_ip_address())
         if ray.get_runtime_context().was_current_actor_reconstructed:
             log.warning(
                 "router actor restarted: reattaching to the expert workers of %s", config.cluster_name
@@ -141,6 +144,13 @@ class RouterActor(Router):
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def liveness(self) -> dict | None:
+        """{"incarnation", "address"}: this router process and its `ProcessBeacon`'s (host, port);
+        None until the router is built."""
+        if not self._started:
+            return None
+        return {"incarnation": self.incarnation, "address": list(self._beacon.address)}
 
     def pid(self) -> int:
         return os.getpid()

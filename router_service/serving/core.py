@@ -32,6 +32,7 @@ from router_service.errors import (
 )
 from router_service.generation.decoding import MAX_LOGPROBS
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
+from router_service.runtime.liveness import wait_closed
 from router_service.runtime.worker_actor import NAMESPACE
 from router_service.serving.chat import chat_prompt_ids
 from router_service.serving.detokenize import CompletionText
@@ -614,12 +615,20 @@ class IngressCore:
         the last one's (a restarted router) re-submits the open requests that process has not
         accepted.
 
-        Raises RayActorError when Ray says the router died, and RouterReplaced when the stream went
-        silent (no heartbeat for STREAM_SILENCE_S, or a call met a dead router) and the router says
-        it is not the process the stream came from."""
+        Raises RayActorError when Ray says the router died, and RouterReplaced when the process's
+        beacon closed, or when the stream went silent (no heartbeat for STREAM_SILENCE_S, or a call
+        met a dead router) and the router says it is not the process the stream came from."""
         refs = link.handle.generation_events.options(num_returns="streaming").remote(self._subscriber)
-        source = None  # the router process this stream comes from, once it has said
         link.suspect.clear()
+        try:
+            await self._read_stream(link, refs)
+        finally:
+            if link.beacon_task is not None:
+                link.beacon_task.cancel()
+                link.beacon_task = None
+
+    async def _read_stream(self, link: RouterLink, refs) -> None:
+        source = None  # the router process this stream comes from, once it has said
         with _raise_actor_errors():
             while True:
                 item = asyncio.ensure_future(refs.__anext__())
@@ -633,6 +642,8 @@ class IngressCore:
                         if item in done:
                             break
                         link.suspect.clear()
+                        if source is not None and link.gone == source:
+                            raise RouterReplaced(f"router process {source[:8]} closed its beacon: it died")
                         await self._check_stream(link, source)
                     ref = item.result()
                 except StopAsyncIteration:
@@ -650,7 +661,31 @@ class IngressCore:
                     restarted = link.incarnation is not None
                     link.incarnation = source
                     link.alive = True
+                    self._watch_beacon(link, source)
                     await self._resubmit_to(link, source, restarted)
+                elif link.beacon_task is None:
+                    self._watch_beacon(link, source)  # a new stream from the same process
+
+    def _watch_beacon(self, link: RouterLink, source: str) -> None:
+        """Watch router process `source`'s beacon: when it closes, the process died, and the pump
+        moves its streams at once instead of waiting for Ray to say so (`runtime/liveness.py`)."""
+        if link.beacon_task is not None:
+            link.beacon_task.cancel()
+
+        async def watch() -> None:
+            try:
+                info = await asyncio.wait_for(link.handle.liveness.remote(), timeout=HEALTH_PROBE_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - no beacon known: Ray's report and the silence remain
+                log.info("router %s: no process beacon (%s)", link.id, _first_line(e))
+                return
+            if info is None or info["incarnation"] != source:
+                return  # already another process: the stream's own checks find out
+            if await wait_closed(tuple(info["address"])):
+                log.warning("router %s: process %s closed its beacon", link.id, source[:8])
+                link.gone = source
+                link.suspect.set()
+
+        link.beacon_task = self._background(watch())
 
     async def _check_stream(self, link: RouterLink, source: str | None) -> None:
         """RouterReplaced when the event stream cannot be coming from the router that answers now:

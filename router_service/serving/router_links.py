@@ -8,8 +8,9 @@ router goes away.
   message count as waiting, so the score is never older than the router's last step. A stream stays
   on its router.
 - Each router's events come over one multiplexed `generation_events` stream per front end. Each
-  message names the router process it comes from (its incarnation). When Ray says the router died,
-  or when the stream went silent and the router answering now is another process (Ray does not
+  message names the router process it comes from (its incarnation). When that process's beacon
+  connection closes (`runtime/liveness.py`: milliseconds after it dies), when Ray says the router
+  died, or when the stream went silent and the router answering now is another process (Ray does not
   always end a stream whose actor died and restarted: ray-project/ray#43914), the router is lost:
   its open streams move at once to the other live routers (prompt + the tokens already streamed;
   seeded sampling goes on from there, so nothing is lost or repeated); with no other router they
@@ -55,6 +56,8 @@ class RouterLink:
         self.draining = False  # being removed: gets nothing new
         self.pump_task: asyncio.Task | None = None
         self.suspect = asyncio.Event()  # a call met a dead router: the pump checks at once
+        self.gone: str | None = None  # a router process whose beacon closed (it died)
+        self.beacon_task: asyncio.Task | None = None  # watches the current process's beacon
 
     def score(self) -> float:
         """vLLM's `4 * waiting + running`, with the requests sent since the report as waiting."""
