@@ -9,8 +9,10 @@ from tiny_models import BUILTIN_VARIANTS, FAMILIES
 from transformers import AutoModelForCausalLM
 
 from router_service import Engine
+from router_service.config import BatchLimits
 from router_service.errors import QueueFull, RequestTooLarge
 from router_service.generation.decoding import DecodeBatch, SamplingParams, Sequence, sample_rows
+from router_service.generation.scheduler import GenerationScheduler
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20, 21]]
 
@@ -62,6 +64,44 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([[10.0, 9.0, -10.0, -10.0]])
     picks = {sample_rows(logits, [Sequence([1], SamplingParams(1, 1.0, 0.5, s))])[0] for s in range(30)}
     assert picks == {0}
+
+
+class TurnGate:
+    """A model lock for the scheduler that lets its first model turn through and each later one
+    only once the reader has taken the previous chunk (`permits`), so that what a chunk holds does
+    not depend on how fast this machine reads it."""
+
+    def __init__(self):
+        self.turns = 0
+        self.permits = threading.Semaphore(0)
+
+    def __enter__(self):
+        if self.turns:
+            self.permits.acquire(timeout=10)  # a loop that steps before handing out shows, not hangs
+        self.turns += 1
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def test_first_token_leaves_with_the_prefill_and_each_later_chunk_is_one_step(tiny_model_dir):
+    """TTFT is queueing + prefill: the prefill's token is handed out before the batch's next decode
+    step (a first chunk of 2 tokens would mean it waited for one)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("deepseek_v3")).eval()
+    gate = TurnGate()
+    scheduler = GenerationScheduler(model, set(), torch.device("cpu"), gate, BatchLimits())
+    prompt = [5, 6, 7]
+    try:
+        scheduler.submit("a", prompt, SamplingParams(4))
+        chunks = []
+        for tokens, finish, _ in scheduler.stream("a", timeout=30):
+            chunks.append((tokens, finish))
+            gate.permits.release()
+    finally:
+        scheduler.close()
+    want = hf_greedy(model, prompt, 4)
+    assert chunks == [([t], None) for t in want[:-1]] + [([want[-1]], "length")]
+    assert gate.turns == 4  # one prefill, three decode steps
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,11 @@
 
 Callers (the Serve deployment through the Router actor, or Python code in-process) `submit` a
 request and read its tokens from `stream`; one background thread runs the model: it admits waiting
-requests between steps (up to the batch limits), runs one step for every live sequence, and hands
-each sequence's token to its reader. A request whose reader goes away is `cancel`led and leaves the
-batch at the next step, freeing its slot.
+requests between steps (up to the batch limits), prefills them and hands their first tokens out at
+once, then runs one step for every live sequence and hands each sequence's token to its reader. So
+a stream's first chunk carries the prefill's one token and waits for no decode step of the batch,
+and every later chunk carries one step's token (more only when its reader falls behind). A request
+whose reader goes away is `cancel`led and leaves the batch at the next step, freeing its slot.
 """
 
 from __future__ import annotations
@@ -218,39 +220,67 @@ class GenerationScheduler:
                         self._cancelled.discard(s.key)
                         self._live.discard(s.key)
                 new = self._admit()
-            try:
-                with self.lock:
-                    if cancelled:
-                        self.batch.evict(cancelled)
-                    events = []
-                    if new:
-                        self.prefill_batches[len(new)] += 1
-                        self.tokens_made += len(new)
-                        with tracing.span("prefill", {"sequences": len(new)}):
-                            events += self.batch.add(new)
-                        self.batch.evict(self._finished())
-                    if len(self.batch):
-                        self.steps_by_batch_size[len(self.batch)] += 1
-                        self.tokens_made += len(self.batch)
-                        with tracing.span("decode step", {"sequences": len(self.batch)}):
-                            events += self.batch.step()
-                        self.batch.evict(self._finished())
-            except Exception as e:  # a worker error: every sequence in the batch gets it
-                log.exception("generation step failed; failing %d sequences", len(self.batch))
-                failed = self.batch.seqs + [s for s in new if s not in self.batch.seqs]
-                self.batch.evict({id(s) for s in self.batch.seqs})
-                with self._cv:
-                    for s in failed:
-                        self._push(s.key, e)
-                        self._live.discard(s.key)
-                        self._cancelled.discard(s.key)
-                continue
-            with self._cv, tracing.span("hand out"):
-                for s, token, finish, lp in events:
-                    self._push(s.key, (token, finish, lp))
-                    if finish is not None:
-                        self._live.discard(s.key)
-                        self._cancelled.discard(s.key)
+            # The prefill's first tokens are handed out before the next decode step, so a stream's
+            # first chunk leaves after its prefill (TTFT = queueing + prefill), not one step later.
+            if cancelled or new:
+                events = self._guarded(new, self._prefill, cancelled, new)
+                if events is None:
+                    continue
+                self._hand_out(events)
+            if len(self.batch):
+                events = self._guarded([], self._decode)
+                if events is not None:
+                    self._hand_out(events)
+
+    def _prefill(self, cancelled: set[int], new: list[Sequence]) -> list[tuple]:
+        """Evict the cancelled sequences, prefill the new ones; their first tokens' events."""
+        events = []
+        with self.lock:
+            if cancelled:
+                self.batch.evict(cancelled)
+            if new:
+                self.prefill_batches[len(new)] += 1
+                self.tokens_made += len(new)
+                with tracing.span("prefill", {"sequences": len(new)}):
+                    events = self.batch.add(new)
+                self.batch.evict(self._finished())
+        return events
+
+    def _decode(self) -> list[tuple]:
+        """One decode step of the whole batch; its events."""
+        with self.lock:
+            self.steps_by_batch_size[len(self.batch)] += 1
+            self.tokens_made += len(self.batch)
+            with tracing.span("decode step", {"sequences": len(self.batch)}):
+                events = self.batch.step()
+            self.batch.evict(self._finished())
+        return events
+
+    def _guarded(self, new: list[Sequence], work, *args) -> list[tuple] | None:
+        """work(*args)'s events, or None when it failed: then every sequence in the batch (and
+        those of `new` that had not joined it) gets the error, and the batch is emptied."""
+        try:
+            return work(*args)
+        except Exception as e:  # a worker error: every sequence in the batch gets it
+            log.exception("generation step failed; failing %d sequences", len(self.batch))
+            failed = self.batch.seqs + [s for s in new if s not in self.batch.seqs]
+            self.batch.evict({id(s) for s in self.batch.seqs})
+            with self._cv:
+                for s in failed:
+                    self._push(s.key, e)
+                    self._live.discard(s.key)
+                    self._cancelled.discard(s.key)
+            return None
+
+    def _hand_out(self, events: list[tuple]) -> None:
+        if not events:
+            return
+        with self._cv, tracing.span("hand out"):
+            for s, token, finish, lp in events:
+                self._push(s.key, (token, finish, lp))
+                if finish is not None:
+                    self._live.discard(s.key)
+                    self._cancelled.discard(s.key)
 
     def _finished(self) -> set[int]:
         return {id(s) for s in self.batch.seqs if s.finish_reason is not None}
