@@ -3,6 +3,7 @@
 import inspect
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,27 @@ def test_serve_and_client_errors_are_one_line_and_exit_2(argv, says, default_dir
     assert out == ""
     assert err.startswith("moe-serve: error: ") and err.count("\n") == 1, err
     assert says in err
+
+
+def test_port_check_passes_time_wait_and_refuses_a_listener():
+    """A restart on the port of a server that just served traffic (its connections in TIME_WAIT)
+    passes the port check; a port a live socket listens on does not."""
+    from router_service.serving.launch import _check_port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's and gRPC's do
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            served, _ = listener.accept()
+            served.close()  # the server side closes first: its end of the connection goes to TIME_WAIT
+            assert client.recv(1) == b""
+        with pytest.raises(OSError, match=f"HTTP port {port} on 127.0.0.1 is not available"):
+            _check_port_free("127.0.0.1", port, "HTTP")
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the TIME_WAIT is there: a bind without SO_REUSEADDR fails
+    assert _check_port_free("127.0.0.1", port, "HTTP") == port
 
 
 def test_serve_takes_only_ray_transports(capsys):

@@ -46,8 +46,15 @@ class ServerOptions:
 
 def _check_port_free(host: str, port: int, what: str) -> int:
     """Fail early with a clear message (Serve's proxy would only log the bind error); port 0 picks a
-    free one."""
+    free one.
+
+    The probe binds with SO_REUSEADDR, as uvicorn (Serve's proxy) and gRPC's server do: connections
+    a server stopped moments ago had accepted sit in TIME_WAIT on the port for about a minute, and
+    without it a restart on the same port would be refused although the servers themselves would
+    bind it. A port some live socket listens on is still refused (Linux never lets a bind share a
+    listener's address, SO_REUSEADDR or not)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
