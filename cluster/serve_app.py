@@ -54,6 +54,7 @@ class AppArgs:
     num_threads: int | None = None
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051  # 0: no gRPC front end
+    max_model_len: int | None = None  # the context; None: the model's max_position_embeddings
     max_request_tokens: int = 8192
     max_batch_tokens: int = 16384
     max_batch_size: int = 32
@@ -160,12 +161,14 @@ def configs(a: AppArgs):
         router_strategy=a.router_strategy,
     )
     settings = ServingSettings(
-        model_name=a.served_model_name or Path(model).name, max_request_tokens=a.max_request_tokens
+        model_name=a.served_model_name or Path(model).name,
+        max_model_len=a.max_model_len,
+        max_request_tokens=a.max_request_tokens,
     )
     if config.transport == "local":
         raise ValueError("the Serve application needs a Ray transport: 'socket', 'ray' or 'compiled'")
     grpc = (a.grpc_host, a.grpc_port) if a.grpc_port else None
-    return config, spec, fit_settings(settings, limits), grpc
+    return config, spec, fit_settings(settings, limits, spec), grpc
 
 
 def build_app(args: dict | None = None):

@@ -298,4 +298,11 @@ def spec_from_block_model(cfg) -> ModelSpec:
         block_forward=fam.block_forward,
         fused_transposed=fam.transposed,
         fused_interleaved=fam.interleaved,
+        max_position_embeddings=_positions(cfg),
     )
+
+
+def _positions(cfg) -> int | None:
+    """config.json's max_position_embeddings (of the text model, for a composite config), or None."""
+    n = getattr(cfg.get_text_config(), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None

@@ -71,6 +71,9 @@ class ModelSpec:
     # Fused expert tensors stored as [E, H, 2I] / [E, I, H] (x @ W), and gate/up interleaved by column.
     fused_transposed: bool = False
     fused_interleaved: bool = False
+    # The positions the model was trained for (config.json's max_position_embeddings): the serving
+    # context, prompt + completion, unless a smaller one is set. None: the config does not say.
+    max_position_embeddings: int | None = None
 
     @property
     def num_experts(self) -> int:

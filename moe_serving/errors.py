@@ -25,27 +25,34 @@ class ServingError(Exception):
     Server side: raised by validation and mapped to an HTTP status / gRPC status by the ingress.
     Client side: raised by the Python clients for any non-OK answer (`status` is the HTTP status or
     the gRPC status name).
+
+    `reason`: OpenAI's more specific error code where there is one (`context_length_exceeded`,
+    `model_not_found`), what SDKs branch on (litellm raises ContextWindowExceededError for the
+    first); the HTTP body's `code` is the reason when set, else `code`.
     """
 
-    def __init__(self, code: str, message: str, status: int | str | None = None):
+    def __init__(self, code: str, message: str, status: int | str | None = None, reason: str | None = None):
         if code not in HTTP_STATUS:
             raise ValueError(f"unknown ServingError code {code!r}; one of {sorted(HTTP_STATUS)}")
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.reason = reason
 
     @property
     def http_status(self) -> int:
         return HTTP_STATUS[self.code]
 
     def to_json(self) -> dict:
-        """The body of an HTTP error answer (OpenAI's error shape: message, type, code)."""
+        """The body of an HTTP error answer (OpenAI's error shape: message, type, param, code)."""
         kind = "invalid_request_error" if self.http_status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "code": self.code}}
+        return {
+            "error": {"message": self.message, "type": kind, "param": None, "code": self.reason or self.code}
+        }
 
     def __reduce__(self):  # crosses Ray (deployment -> handle) as itself
-        return (type(self), (self.code, self.message, self.status))
+        return (type(self), (self.code, self.message, self.status, self.reason))
 
     def __repr__(self) -> str:
         return f"ServingError({self.code!r}, {self.message!r})"
@@ -57,3 +64,24 @@ def invalid(message: str) -> ServingError:
 
 def too_large(message: str) -> ServingError:
     return ServingError("resource_exhausted", message)
+
+
+def context_exceeded(context: int, prompt_tokens: int, max_tokens: int | None) -> ServingError:
+    """A 400 for a request past the model's context, in OpenAI's words (vLLM's too), with
+    OpenAI's `context_length_exceeded` code. `max_tokens` None: the request did not give one."""
+    if max_tokens is None:
+        detail = (
+            f"However, your messages resulted in {prompt_tokens} tokens. "
+            "Please reduce the length of the messages."
+        )
+    else:
+        detail = (
+            f"However, you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+            f"messages, {max_tokens} in the completion). Please reduce the length of the messages "
+            "or completion."
+        )
+    return ServingError(
+        "invalid_argument",
+        f"This model's maximum context length is {context} tokens. {detail}",
+        reason="context_length_exceeded",
+    )

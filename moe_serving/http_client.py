@@ -71,17 +71,19 @@ def _body(response: httpx.Response) -> Any:
 
 def _error(response: httpx.Response) -> ServingError:
     status = response.status_code
-    code, message = _CODE_OF_STATUS.get(status, "internal"), None
+    code, message, reason = _CODE_OF_STATUS.get(status, "internal"), None, None
     try:
         err = _body(response)["error"]
         if isinstance(err.get("code"), str) and err["code"] in HTTP_STATUS:
             code = err["code"]
+        elif isinstance(err.get("code"), str):  # OpenAI's specific code (context_length_exceeded)
+            reason = err["code"]
         message = str(err["message"])
     except Exception:
         code = "internal"
         text = response.text.strip().replace("\n", " ")
         message = f"HTTP {status}: {text[:200]}" if text else f"HTTP {status} {response.reason_phrase}"
-    return ServingError(code, message, status=status)
+    return ServingError(code, message, status=status, reason=reason)
 
 
 def _tensor_answer(response: httpx.Response, key: str, encoding: str, dtype: torch.dtype) -> torch.Tensor:

@@ -15,13 +15,15 @@ class GenerateParams:
     that end it. `logprobs`: None, or report each token's log-probability and that many most likely
     alternatives. Penalties as in OpenAI's API (presence, frequency) and transformers'
     (repetition). `min_tokens`: no end-of-sequence or stop token before that many tokens;
-    `ignore_eos`: the end-of-sequence token does not stop the text.
+    `ignore_eos`: the end-of-sequence token does not stop the text. `max_tokens` None: up to the
+    model's context (what OpenAI and vLLM do for chat without max_tokens); past the context,
+    prompt + max_tokens is refused (400 context_length_exceeded).
     """
 
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[dict] | None = None
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None

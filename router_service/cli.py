@@ -344,6 +344,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("limits")
     g.add_argument(
+        "--max-model-len",
+        metavar="N",
+        type=int,
+        default=SERVING_SETTINGS["max_model_len"],
+        help="the context, prompt + completion tokens: more is refused with 400 "
+        "context_length_exceeded, and chat without max_tokens runs up to it (default: the "
+        "model's max_position_embeddings; at most that)",
+    )
+    g.add_argument(
         "--max-request-tokens",
         metavar="N",
         type=int,
@@ -521,6 +530,7 @@ def run_serve(args: argparse.Namespace) -> int:
     batch = {"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens is not None else {}
     settings = ServingSettings(
         model_name=args.served_model_name or Path(model_dir).name,
+        max_model_len=args.max_model_len,
         max_request_tokens=args.max_request_tokens,
         **batch,
     )

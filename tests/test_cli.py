@@ -134,6 +134,7 @@ def test_serve_flag_defaults_come_from_the_serving_api():
         options.ready_timeout_s,
     )
     assert args.max_request_tokens == settings.max_request_tokens
+    assert args.max_model_len == settings.max_model_len is None, "unset: the model's own context"
     assert args.max_batch_size == limits.max_batch_size
     assert args.max_batch_tokens is None, "unset: the ingress and the batcher keep their own defaults"
     assert args.num_workers == inspect.signature(Engine.from_pretrained).parameters["num_workers"].default
@@ -147,6 +148,11 @@ def test_serve_flag_defaults_come_from_the_serving_api():
         (["serve", "--model", "{default}", "--max-batch-tokens", "0"], "max_batch_tokens must be >= 1"),
         (["serve", "--model", "{default}", "--max-request-tokens", "0"], "max_request_tokens must be >= 1"),
         (["serve", "--model", "{default}", "--max-batch-size", "0"], "max_batch_size must be >= 1"),
+        (["serve", "--model", "{default}", "--max-model-len", "0"], "max_model_len must be an integer >= 1"),
+        (
+            ["serve", "--model", "{default}", "--max-model-len", "4096"],
+            "max_model_len 4096 is more than the model's context (max_position_embeddings 2048",
+        ),
         (["serve", "--model", "/no/such/dir", "--http-port", "0", "--grpc-port", "0"], "no config.json"),
         (["generate", "--url", "http://127.0.0.1:1", "--prompt", "hi", "--model", "{default}"], "--model"),
         (["generate", "--url", "http://127.0.0.1:1", "--prompt", "hi"], "http://127.0.0.1:1 unreachable"),

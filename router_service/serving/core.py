@@ -121,7 +121,8 @@ def check_generate_params(p: GenerateParams) -> None:
     forms = [x is not None for x in (p.prompt, p.prompt_token_ids, p.messages)]
     if sum(forms) != 1:
         raise invalid("give exactly one of prompt (text), prompt token ids and chat messages")
-    if not _is_int(p.max_tokens) or p.max_tokens < 1:
+    # max_tokens None: up to the context (chat's default), resolved with the prompt's length
+    if p.max_tokens is not None and (not _is_int(p.max_tokens) or p.max_tokens < 1):
         raise invalid(f"max_tokens must be a positive integer, got {p.max_tokens!r}")
     if not _is_number(p.temperature) or not 0.0 <= p.temperature <= 100.0:
         raise invalid(f"temperature must be a number in [0, 100], got {p.temperature!r}")
@@ -145,7 +146,7 @@ def check_generate_params(p: GenerateParams) -> None:
             raise invalid(f"{name} must be a number in [-2, 2], got {value!r}")
     if not _is_number(p.repetition_penalty) or not 0.0 < p.repetition_penalty <= 10.0:
         raise invalid(f"repetition_penalty must be a number in (0, 10], got {p.repetition_penalty!r}")
-    if not _is_int(p.min_tokens) or not 0 <= p.min_tokens <= p.max_tokens:
+    if not _is_int(p.min_tokens) or not 0 <= p.min_tokens <= (p.max_tokens or p.min_tokens):
         raise invalid(
             f"min_tokens must be an integer in [0, max_tokens={p.max_tokens}], got {p.min_tokens!r}"
         )
@@ -478,7 +479,7 @@ class IngressCore:
             check_token_ids([ids], self.spec.vocab_size, "prompt token ids")
             if p.stop_token_ids:
                 check_token_ids([list(p.stop_token_ids)], self.spec.vocab_size, "stop_token_ids")
-        check_size(len(ids) + p.max_tokens, self.settings.max_request_tokens, "prompt + max_tokens")
+        self.settings.completion_tokens(len(ids), p.max_tokens)  # the context (400), then the size (413)
         return ids
 
     async def generate(self, p: GenerateParams) -> AsyncIterator[GenerateChunk]:
@@ -491,6 +492,7 @@ class IngressCore:
         over the routers like any other requests.
         """
         ids = self.prompt_ids(p)
+        p = dataclasses.replace(p, max_tokens=self.settings.completion_tokens(len(ids), p.max_tokens))
         if p.n == 1:
             async with contextlib.aclosing(self._generate_one(ids, p, 0)) as chunks:
                 async for chunk in chunks:

@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from moe_models.spec import ModelSpec
 from router_service.config import BatchLimits, EngineConfig
 from router_service.engine import make_config
 from router_service.runtime.ray_transport import NAMESPACE, check_cluster_fits, worker_bundle
@@ -71,15 +72,26 @@ def application(config: EngineConfig, settings: ServingSettings, grpc_address: t
     )
 
 
-def fit_settings(settings: ServingSettings, limits: BatchLimits) -> ServingSettings:
-    """The router's batch must be able to hold any request the ingress accepts."""
+def fit_settings(settings: ServingSettings, limits: BatchLimits, spec: ModelSpec) -> ServingSettings:
+    """The settings the ingress runs with: the context (max_model_len) is the model's
+    max_position_embeddings unless a smaller one is given (a larger one is refused, as vLLM does:
+    positions past those the model was trained for give garbage), and the router's batch must be
+    able to hold any request the ingress accepts."""
+    positions = spec.max_position_embeddings
+    if settings.max_model_len is None:
+        settings = dataclasses.replace(settings, max_model_len=positions)
+    elif positions is not None and settings.max_model_len > positions:
+        raise ValueError(
+            f"max_model_len {settings.max_model_len} is more than the model's context "
+            f"(max_position_embeddings {positions} in its config.json)"
+        )
     if settings.max_request_tokens > limits.max_batch_tokens:
         log.info(
             "max_request_tokens %d lowered to the router's max_batch_tokens %d",
             settings.max_request_tokens,
             limits.max_batch_tokens,
         )
-        return dataclasses.replace(settings, max_request_tokens=limits.max_batch_tokens)
+        settings = dataclasses.replace(settings, max_request_tokens=limits.max_batch_tokens)
     return settings
 
 
@@ -162,7 +174,6 @@ def start_server(
         raise ValueError("serving needs a Ray transport: 'ray', 'socket' or 'compiled'")
     settings = settings or ServingSettings(model_name=Path(model_dir).name)
     batch_limits = batch_limits or BatchLimits()
-    settings = fit_settings(settings, batch_limits)
     config, spec = make_config(
         model_dir,
         num_workers=num_workers,
@@ -172,6 +183,7 @@ def start_server(
         progress=progress,
         **engine_kwargs,
     )
+    settings = fit_settings(settings, batch_limits, spec)
     # Serve's driver-side logger announces every (re)start at INFO; the addresses are printed by us.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     http_port = _check_port_free(options.host, options.http_port, "HTTP")

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_serving.errors import context_exceeded, too_large
+
 
 @dataclass(frozen=True)
 class ServingSettings:
     """What the ingress enforces and how it batches. Generation batching limits live in the
     engine's `BatchLimits` (the router's continuous batch); these are the front end's own.
 
+    max_model_len: the model's context, prompt + completion tokens of one sequence at most: a
+      request asking for more (prompt + max_tokens) is refused with HTTP 400
+      `context_length_exceeded` / gRPC INVALID_ARGUMENT, as OpenAI and vLLM refuse it, and a chat
+      without max_tokens runs up to it. None: the checkpoint's max_position_embeddings
+      (`launch.fit_settings` fills it in; a larger value is refused there, as vLLM does).
     max_request_tokens: the most tokens one forward / MoE-layer request may carry (B*S or T), and
-      the most prompt + max_tokens one completion may ask for; larger requests are refused with
-      HTTP 413 / gRPC RESOURCE_EXHAUSTED.
+      the most prompt + max_tokens one completion may ask for (a size cap, apart from the context:
+      larger requests within the context are refused with HTTP 413 / gRPC RESOURCE_EXHAUSTED).
     max_batch_tokens: forward / MoE-layer requests that arrive together are merged into one router
       call up to this many tokens.
     max_batch_requests / batch_wait_s: at most this many requests merged, waiting at most this long
@@ -22,6 +29,7 @@ class ServingSettings:
     """
 
     model_name: str = "moe-serving"
+    max_model_len: int | None = None
     max_request_tokens: int = 8192
     max_batch_tokens: int = 8192
     max_batch_requests: int = 32
@@ -32,7 +40,38 @@ class ServingSettings:
         for name in ("max_request_tokens", "max_batch_tokens", "max_batch_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int)
+            or isinstance(self.max_model_len, bool)
+            or self.max_model_len < 1
+        ):
+            raise ValueError(f"max_model_len must be an integer >= 1, got {self.max_model_len!r}")
         if self.batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
         if not self.router_restart_timeout_s > 0:
             raise ValueError(f"router_restart_timeout_s must be > 0, got {self.router_restart_timeout_s}")
+
+    def completion_tokens(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The max_tokens a completion of a `prompt_tokens`-token prompt runs with: `max_tokens`
+        itself, or, when None (chat's default, as OpenAI's and vLLM's), all the context leaves,
+        within the size cap.
+
+        The context is checked first: past it, a 400 `context_length_exceeded` with OpenAI's and
+        vLLM's message (what SDKs turn into their context-window errors); then the size cap, 413.
+        """
+        context, cap = self.max_model_len, self.max_request_tokens
+        if context is not None and prompt_tokens + (max_tokens or 1) > context:
+            raise context_exceeded(context, prompt_tokens, max_tokens)
+        if max_tokens is None:
+            max_tokens = min(context or cap, cap) - prompt_tokens
+            if max_tokens < 1:
+                raise too_large(
+                    f"the prompt has {prompt_tokens} tokens; this server takes at most {cap} tokens "
+                    "(prompt + max_tokens) per request"
+                )
+        if prompt_tokens + max_tokens > cap:
+            raise too_large(
+                f"prompt + max_tokens has {prompt_tokens + max_tokens} tokens; this server takes at "
+                f"most {cap} per request"
+            )
+        return max_tokens
