@@ -86,7 +86,7 @@ def generate_request(params: GenerateParams | None = None, **kwargs) -> pb.Gener
     elif kwargs:
         raise TypeError("pass either a GenerateParams or keyword arguments, not both")
     req = pb.GenerateRequest(
-        max_tokens=int(params.max_tokens),
+        max_tokens=int(params.max_tokens or 0),  # 0: the server's default
         temperature=float(params.temperature),
         top_p=float(params.top_p),
         n=int(params.n),
@@ -233,7 +233,9 @@ class GrpcClient:
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[GenerateChunk]:
         """Stream the assistant's answer to `messages` ([{"role": ..., "content": ...}], rendered
-        with the model's chat template); `kwargs`: the other GenerateParams fields."""
+        with the model's chat template); `kwargs`: the other GenerateParams fields (without
+        max_tokens the answer runs up to the model's context)."""
+        kwargs.setdefault("max_tokens", None)
         return self.generate(messages=list(messages), **kwargs)
 
     def cluster_state(self) -> dict:
@@ -324,6 +326,7 @@ class AsyncGrpcClient:
 
     def chat(self, messages: list[dict], **kwargs) -> AsyncIterator[GenerateChunk]:
         """Stream the assistant's answer to `messages` (see GrpcClient.chat)."""
+        kwargs.setdefault("max_tokens", None)
         return self.generate(messages=list(messages), **kwargs)
 
     async def cluster_state(self) -> dict:

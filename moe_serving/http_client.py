@@ -313,7 +313,7 @@ class HTTPClient:
     def chat(
         self,
         messages: list[dict],
-        max_tokens: int = 16,
+        max_tokens: int | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed=None,
@@ -321,14 +321,15 @@ class HTTPClient:
         **options,
     ) -> dict:
         """An OpenAI chat completion (POST /v1/chat/completions) of `messages`
-        ([{"role": ..., "content": ...}]); `options` as for `complete` (logprobs: bool, top_logprobs)."""
+        ([{"role": ..., "content": ...}]); `options` as for `complete` (logprobs: bool, top_logprobs).
+        max_tokens None: up to the model's context (OpenAI's chat default)."""
         body = _chat_body(messages, max_tokens, temperature, top_p, seed, model, False, options)
         return _json_answer(self._send("POST", "/v1/chat/completions", json=body))
 
     def chat_stream(
         self,
         messages: list[dict],
-        max_tokens: int = 16,
+        max_tokens: int | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed=None,
@@ -458,7 +459,7 @@ class AsyncHTTPClient:
     async def chat(
         self,
         messages: list[dict],
-        max_tokens: int = 16,
+        max_tokens: int | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed=None,
@@ -471,7 +472,7 @@ class AsyncHTTPClient:
     def chat_stream(
         self,
         messages: list[dict],
-        max_tokens: int = 16,
+        max_tokens: int | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed=None,

@@ -208,6 +208,8 @@ def test_generate_request_defaults_and_validation(stub):
     assert p == GenerateParams(prompt_token_ids=[1, 2], max_tokens=16, temperature=1.0, top_p=1.0, seed=None)
     p = generate_params(pb.GenerateRequest(prompt="x", max_tokens=3, temperature=0.0, top_p=0.5, seed=0))
     assert (p.prompt, p.max_tokens, p.temperature, p.top_p, p.seed) == ("x", 3, 0.0, 0.5, 0)
+    chat = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")])
+    assert generate_params(chat).max_tokens is None  # a chat runs up to the context, as over HTTP
     for bad, needle in [
         (pb.GenerateRequest(), "exactly one"),
         (pb.GenerateRequest(prompt="x", prompt_token_ids=[1]), "both"),

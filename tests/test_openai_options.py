@@ -221,6 +221,12 @@ def test_parsing_maps_options_and_refuses_unsupported_ones_by_name():
     assert (p.max_tokens, p.logprobs, p.stop, p.n, p.seed, req.chat) == (5, 2, ("\n",), 2, 3, True)
     req = openai_api.parse_completion({"prompt": ["a", [1, 2]], "logprobs": 0, "stop_token_ids": [4]}, "m")
     assert [p.prompt_token_ids for p in req.params] == [None, [1, 2]] and req.params[0].logprobs == 0
+    # Without max_tokens: a completion makes OpenAI's 16, a chat runs up to the context (None)
+    assert req.params[0].max_tokens == 16
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    assert openai_api.parse_chat(chat, "m").params[0].max_tokens is None
+    assert openai_api.parse_chat({**chat, "max_tokens": None}, "m").params[0].max_tokens is None
+    assert openai_api.parse_chat({**chat, "max_tokens": 7}, "m").params[0].max_tokens == 7
     for body, needle in [
         ({"prompt": "a", "logit_bias": {"1": 2}, "tools": [1]}, "logit_bias, tools"),
         ({"prompt": "a", "echo": True}, "echo"),

@@ -42,7 +42,7 @@ from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoEService"].full_name  # "moe_serving.v1.MoEService"
-DEFAULT_MAX_TOKENS = GenerateParams.max_tokens  # what max_tokens = 0 (unset) means
+DEFAULT_MAX_TOKENS = GenerateParams.max_tokens  # what max_tokens = 0 (unset) means for a prompt
 
 __all__ = [
     "SERVICE_NAME",
@@ -72,7 +72,8 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         )
     if request.max_tokens < 0:
         raise invalid(
-            f"max_tokens must be >= 0 (0: the default, {DEFAULT_MAX_TOKENS}), got {request.max_tokens}"
+            f"max_tokens must be >= 0 (0: the default, {DEFAULT_MAX_TOKENS} for a prompt, up to the "
+            f"context for messages), got {request.max_tokens}"
         )
     # Unset fields keep GenerateParams' defaults, the same ones the HTTP API applies.
     optional = (
@@ -87,6 +88,8 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
     given = {name: getattr(request, name) for name in optional if request.HasField(name)}
     if request.max_tokens:
         given["max_tokens"] = request.max_tokens
+    elif messages:
+        given["max_tokens"] = None  # a chat runs up to the context, as over HTTP
     if request.n:
         given["n"] = request.n
     return GenerateParams(

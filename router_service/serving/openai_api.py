@@ -2,7 +2,9 @@
 GenerateChunks -> answers, streamed (server-sent events) or whole. Pure functions, no Ray.
 
 Every field of a request is either used or refused with a 400 that names it: an option this server
-does not implement (tools, logit_bias, echo, ...) is never silently ignored. Usage counts each
+does not implement (tools, logit_bias, echo, ...) is never silently ignored. Without max_tokens a
+completion makes 16 tokens (OpenAI's completions default) and a chat runs up to the model's context
+(OpenAI's and vLLM's chat default). Usage counts each
 prompt once and every choice's completion tokens (so n > 1 adds up the n completions), as OpenAI
 and vLLM do.
 """
@@ -137,6 +139,7 @@ def parse_chat(body: dict, served: str) -> OpenAIRequest:
         if body.get("max_tokens") not in (None, body["max_completion_tokens"]):
             raise invalid("give max_completion_tokens or max_tokens (deprecated), not both")
         given["max_tokens"] = body["max_completion_tokens"]
+    given.setdefault("max_tokens", None)  # none given: up to the context, as OpenAI and vLLM do
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise invalid(
