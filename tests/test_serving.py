@@ -28,6 +28,7 @@ from router_service.serving.launch import ServerOptions, start_server
 from router_service.serving.settings import ServingSettings
 
 MAX_REQUEST_TOKENS = 512
+MAX_MODEL_LEN = 1024  # below the model's 2048 positions (--max-model-len), above the size cap
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,10 @@ def server(model_dir):
     # A generous batch window, so that the merging test does not depend on how fast this machine
     # delivers 8 concurrent requests to the replica.
     settings = ServingSettings(
-        model_name="tiny-moe", max_request_tokens=MAX_REQUEST_TOKENS, batch_wait_s=0.05
+        model_name="tiny-moe",
+        max_model_len=MAX_MODEL_LEN,
+        max_request_tokens=MAX_REQUEST_TOKENS,
+        batch_wait_s=0.05,
     )
     with start_server(
         model_dir,
@@ -405,6 +409,68 @@ def test_cluster_metrics_and_models(server, http):
         "no series per expert: the layer x expert matrix is in /v1/cluster"
     )
     assert http.models()["data"][0]["id"] == "tiny-moe"
+
+
+def test_health_and_one_model_as_vllm_and_openai_serve_them(server):
+    for path in ("/health", "/healthz"):
+        r = httpx.get(f"{server.http_url}{path}", timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["serving"], path
+    card = httpx.get(f"{server.http_url}/v1/models/tiny-moe", timeout=30).json()
+    assert card == {**card, "id": "tiny-moe", "object": "model", "max_model_len": MAX_MODEL_LEN}
+    r = httpx.get(f"{server.http_url}/v1/models/org/other-model", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "'org/other-model'" in r.json()["error"]["message"]
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+    assert client.models.retrieve("tiny-moe").id == "tiny-moe"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_past_the_context_is_openais_context_length_exceeded(server, http, grpc_client, tokenizer):
+    """prompt + max_tokens past --max-model-len: 400 context_length_exceeded with OpenAI's and vLLM's
+    message (what SDKs map to their context-window errors), before the size cap's 413; gRPC
+    INVALID_ARGUMENT with the same message. Within the context but over the cap: still 413."""
+    prompt = [5] * (MAX_MODEL_LEN + 10)  # over the size cap too: the context answers first
+    r = _post(server, "/v1/completions", json={"prompt": prompt, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {
+        "message": f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
+        f"requested {len(prompt) + 4} tokens ({len(prompt)} in the messages, 4 in the completion). "
+        "Please reduce the length of the messages or completion.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "context_length_exceeded",
+    }
+    r = _post(server, "/v1/completions", json={"prompt": "hi", "max_tokens": MAX_REQUEST_TOKENS})
+    assert r.status_code == 413, r.text
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-moe", messages=CHAT, max_tokens=MAX_MODEL_LEN)
+    assert e.value.code == "context_length_exceeded"
+    assert "This model's maximum context length is 1024 tokens" in e.value.message
+    with pytest.raises(ServingError) as e:
+        list(grpc_client.generate(prompt_token_ids=[1, 2], max_tokens=MAX_MODEL_LEN))
+    assert e.value.status == "INVALID_ARGUMENT"
+    assert e.value.message.startswith(f"This model's maximum context length is {MAX_MODEL_LEN} tokens.")
+
+
+def test_chat_without_max_tokens_runs_up_to_the_context(server, tokenizer):
+    """OpenAI's and vLLM's chat default: no max_tokens means up to the context (here the size cap,
+    the smaller), not the completions default of 16."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "x" * (MAX_REQUEST_TOKENS - 40)}]  # byte-level: 1 token a byte
+    prompt_tokens = len(chat_ids(tokenizer, messages))
+    c = client.chat.completions.create(
+        model="tiny-moe", messages=messages, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (
+        prompt_tokens,
+        MAX_REQUEST_TOKENS - prompt_tokens,
+    )
+    assert c.choices[0].finish_reason == "length"
 
 
 # ---- bad input -----------------------------------------------------------------------------------

@@ -3,11 +3,11 @@
 Routes: OpenAI-compatible `POST /v1/completions` (text or token-id prompts) and
 `POST /v1/chat/completions` (messages rendered with the model's chat template), both streamed (SSE)
 or not, with `n`, `stop`, `logprobs` and penalties (request parsing and answer formats in
-`openai_api`), and `GET /v1/models`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
+`openai_api`), `GET /v1/models` and `GET /v1/models/{id}`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
 lists, or msgpack `{dtype, shape, data}` maps when Content-Type or Accept is application/msgpack);
 `GET /v1/cluster`, `POST /v1/cluster/scale`, `POST /v1/cluster/rebalance`,
-`POST /v1/cluster/routers`, `GET /healthz`,
-`GET /metrics`. Every error is a JSON `{"error": {...}}` body with a 4xx/5xx status, never a
+`POST /v1/cluster/routers`, `GET /healthz` (and `GET /health`, the name vLLM, SGLang and TGI serve
+and probes copied from them use), `GET /metrics`. Every error is a JSON `{"error": {...}}` body with a 4xx/5xx status, never a
 traceback.
 
 The deployment's `forward` / `moe_layer` / `generate` / `cluster_state` / `scale` / `rebalance` /
@@ -292,6 +292,7 @@ class MoEIngress:
     # ---- HTTP routes --------------------------------------------------------------------------------
 
     @app.get("/healthz")
+    @app.get("/health")
     async def healthz(self):
         """200 while the server can serve (degraded included: fewer workers than its target); 503
         with the reason while it cannot (no expert worker, the router down)."""
@@ -330,15 +331,29 @@ class MoEIngress:
         await request.body()
         return _json(await self.rebalance("http"))
 
-    @app.get("/v1/models")
-    async def http_models(self):
-        card = {
+    def _model_card(self) -> dict:
+        """OpenAI's model object, with vLLM's max_model_len (the context) beside it."""
+        return {
             "id": self.settings.model_name,
             "object": "model",
             "created": self.created,
             "owned_by": "moe-serving",
+            "max_model_len": self.settings.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models")
+    async def http_models(self):
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def http_model(self, model_id: str):
+        if model_id != self.settings.model_name:
+            raise ServingError(
+                "not_found",
+                f"the model {model_id!r} does not exist; this server serves {self.settings.model_name!r}",
+                reason="model_not_found",
+            )
+        return self._model_card()
 
     @app.post("/v1/forward")
     async def http_forward(self, request: Request):

@@ -65,7 +65,11 @@ def _refuse_unknown(body: dict, allowed: set[str], endpoint: str) -> None:
 def _check_model(body: dict, served: str) -> None:
     model = body.get("model")
     if model is not None and model != served:
-        raise ServingError("not_found", f"model {model!r} is not served here; this server serves {served!r}")
+        raise ServingError(
+            "not_found",
+            f"model {model!r} is not served here; this server serves {served!r}",
+            reason="model_not_found",
+        )
 
 
 def _sampling(body: dict) -> dict:
