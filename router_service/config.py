@@ -267,12 +267,15 @@ class ElasticConfig:
 ROUTER_ALL_CORES_MIN_HIDDEN = 1024
 
 
-def router_threads_for(config: EngineConfig, hidden_size: int) -> int:
-    """The router's intra-op thread count: the configured one, else by model size."""
+def router_threads_for(config: EngineConfig, hidden_size: int, routers_on_node: int = 1) -> int:
+    """The router's intra-op thread count: the configured one, else by model size. A router that
+    computes on every core shares them with the other routers of its node: two routers of 2 threads
+    each on 2 cores spin against each other (OpenMP threads wait busily)."""
     if config.router_threads is not None:
         return config.router_threads
     if hidden_size >= ROUTER_ALL_CORES_MIN_HIDDEN:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // max(1, routers_on_node))
     return config.num_threads
 
 

@@ -156,7 +156,15 @@ class Router:
             "waiting": stats["waiting"] if stats else 0,
             "tokens_per_s": round(self._scheduler.tokens_per_s(), 2) if self._scheduler else 0.0,
             "placement_version": self.dispatcher.placement.version,
+            "threads": self.threads,
         }
+
+    def share_node(self, routers_on_node: int) -> int:
+        """`routers_on_node` routers (this one included) run on this router's node: its own thread
+        count follows (`router_threads_for`), from the next model call on. Returns the count."""
+        self.threads = router_threads_for(self.config, self.spec.hidden_size, routers_on_node)
+        self.lock.num_threads = self.threads
+        return self.threads
 
     def report(self) -> dict:
         """What the controller sums over the routers (EPLB's load, the autoscaler's sequences) and

@@ -8,6 +8,57 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_tiny_model  # noqa: E402
 
+# One intra-op torch thread in the test process. The in-process tests run tiny models, which a
+# second thread does not speed up, and on a busy 2-core machine (CI runs right after other work)
+# OpenMP threads spinning for cores that other processes hold made them many times slower
+# (test_equivalence's fp32 tests: 13 min with 2 threads, 1 min with 1, at load 10). Tests that
+# compare transports bit for bit fix their engines' threads anyway; Ray's processes keep their own.
+torch.set_num_threads(1)
+
+# Modules that start Ray (a local instance, a multi-node `Cluster`, `ray start` nodes, or server
+# processes). They run after the in-process modules, so that a quick failure shows first, and
+# `pytest -m "not ray"` (about 3 minutes) leaves them out.
+RAY_MODULES = {
+    "test_cli_serve.py",
+    "test_cluster_launcher.py",
+    "test_compiled_transport.py",
+    "test_compose.py",
+    "test_elastic.py",
+    "test_fp8.py",
+    "test_frame_merging.py",
+    "test_local_ray.py",
+    "test_multinode.py",
+    "test_ray_runtime.py",
+    "test_router_faults.py",
+    "test_serve_app.py",
+    "test_serving.py",
+    "test_serving_elastic.py",
+    "test_socket_transport.py",
+}
+
+
+def pytest_itemcollected(item):
+    if item.path.name in RAY_MODULES:
+        item.add_marker(pytest.mark.ray)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    # Stable: the in-process modules first, then the Ray ones, each keeping its collection order
+    # (a module's tests stay together, so its module-scoped fixtures are set up once).
+    items.sort(key=lambda item: item.path.name in RAY_MODULES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_behind():
+    """Each module starts from no Ray connection in this process, and leaves none."""
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

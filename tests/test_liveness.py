@@ -39,7 +39,7 @@ def test_a_beacon_that_cannot_be_reached_says_nothing():
     b = ProcessBeacon("127.0.0.1")
     address = b.address
     b.close()
-    assert asyncio.run(wait_closed(address, connect_timeout_s=5)) is False
+    assert asyncio.run(asyncio.wait_for(wait_closed(address, connect_timeout_s=5), timeout=30)) is False
 
 
 def test_a_watch_can_be_cancelled_and_the_beacon_lives_on():

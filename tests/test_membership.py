@@ -3,6 +3,7 @@ autoscaling policy on a fake clock."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -12,7 +13,12 @@ from tiny_models import VOCAB
 
 from moe_models.loading import spec_from_pretrained
 from router_service import Engine
-from router_service.config import AutoscalingConfig
+from router_service.config import (
+    ROUTER_ALL_CORES_MIN_HIDDEN,
+    AutoscalingConfig,
+    EngineConfig,
+    router_threads_for,
+)
 from router_service.errors import NoCapacityError
 from router_service.runtime.autoscaler import Autoscaler
 
@@ -112,3 +118,18 @@ def test_autoscaler_waits_out_its_delays():
     assert a.observe(10.0, 0, current=3) == 1
     with pytest.raises(ValueError, match="min_workers <= max_workers"):
         AutoscalingConfig(min_workers=3, max_workers=2)
+
+
+def test_routers_on_one_node_share_its_cores():
+    """A router that computes on every core (hidden >= ROUTER_ALL_CORES_MIN_HIDDEN) divides them
+    with the other routers of its node; a configured or small-model count stays as it is."""
+    cores = len(os.sched_getaffinity(0))
+    config = EngineConfig(model_dir="unused")
+    big = ROUTER_ALL_CORES_MIN_HIDDEN
+    assert router_threads_for(config, big) == cores
+    assert router_threads_for(config, big, routers_on_node=2) == max(1, cores // 2)
+    assert router_threads_for(config, big, routers_on_node=cores * 4) == 1
+    small = router_threads_for(config, big // 2)  # the workers' count
+    assert router_threads_for(config, big // 2, routers_on_node=2) == small
+    pinned = EngineConfig(model_dir="unused", router_threads=3)
+    assert router_threads_for(pinned, big, routers_on_node=2) == 3

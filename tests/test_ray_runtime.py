@@ -95,52 +95,56 @@ def worker_hooks():
     return on_worker, stash, restore
 
 
-def test_worker_error_names_worker_and_layer_and_engine_recovers(tiny_model_dir):
-    d = tiny_model_dir("deepseek_v3")
-    with Engine.from_pretrained(d, num_workers=2, transport="ray") as engine:
-        ids = torch.randint(3, VOCAB, (2, 16))
-        expected = engine.forward(ids)
-        on_worker, stash, restore = worker_hooks()
-        ray.get(engine._router.__ray_call__.remote(on_worker, 1, stash))
-        with pytest.raises(WorkerError, match="expert worker 1 failed in MoE layer 2"):
-            engine.forward(ids)
-        ray.get(engine._router.__ray_call__.remote(on_worker, 1, restore))
-        assert torch.equal(engine.forward(ids), expected)
-
-
-def test_generate_stream_over_ray_streams_cancels_and_reports_worker_errors(tiny_model_dir):
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """One "ray" engine for the tests below that leave it as they found it (each cluster start
+    costs ~14 s of process start-up on 2 cores)."""
     with Engine.from_pretrained(tiny_model_dir("deepseek_v3"), num_workers=2, transport="ray") as engine:
-        prompt = [3, 4, 5, 6]
-        want = engine.generate(torch.tensor([prompt]), 6)[0, 4:].tolist()
-        chunks = list(engine.generate_stream(prompt, 6))
-        assert [t for c in chunks for t in c["token_ids"]] == want
-        assert chunks[-1]["finish_reason"] == "length"
-        assert all(c["finish_reason"] is None for c in chunks[:-1])
-
-        stream = engine.generate_stream(prompt, 300)
-        next(stream)
-        stream.close()  # the caller leaves: the router drops the sequence
-        for _ in range(100):
-            if engine.cluster_state()["generation"]["running"] == 0:
-                break
-            time.sleep(0.1)
-        assert engine.cluster_state()["generation"]["running"] == 0
-
-        on_worker, stash, restore = worker_hooks()
-        ray.get(engine._router.__ray_call__.remote(on_worker, 1, stash))
-        with pytest.raises(WorkerError, match="expert worker 1 failed in MoE layer 2"):
-            list(engine.generate_stream(prompt, 4))
-        ray.get(engine._router.__ray_call__.remote(on_worker, 1, restore))
-        assert [t for c in engine.generate_stream(prompt, 6) for t in c["token_ids"]] == want
+        yield engine
 
 
-def test_bad_input_over_ray_is_a_plain_value_error(tiny_model_dir):
-    with Engine.from_pretrained(tiny_model_dir("qwen3_moe"), num_workers=2, transport="ray") as engine:
-        with pytest.raises(ValueError, match="outside the vocabulary"):
-            engine.forward(torch.tensor([[1, VOCAB + 5]]))
-        with pytest.raises(ValueError, match="not a MoE layer"):
-            engine.moe_forward(0, torch.randn(2, 32))
-        assert engine.forward(torch.tensor([[3, 4]])).shape == (1, 2, VOCAB)
+def test_worker_error_names_worker_and_layer_and_engine_recovers(engine):
+    ids = torch.randint(3, VOCAB, (2, 16))
+    expected = engine.forward(ids)
+    on_worker, stash, restore = worker_hooks()
+    ray.get(engine._router.__ray_call__.remote(on_worker, 1, stash))
+    with pytest.raises(WorkerError, match="expert worker 1 failed in MoE layer 2"):
+        engine.forward(ids)
+    ray.get(engine._router.__ray_call__.remote(on_worker, 1, restore))
+    assert torch.equal(engine.forward(ids), expected)
+
+
+def test_generate_stream_over_ray_streams_cancels_and_reports_worker_errors(engine):
+    prompt = [3, 4, 5, 6]
+    want = engine.generate(torch.tensor([prompt]), 6)[0, 4:].tolist()
+    chunks = list(engine.generate_stream(prompt, 6))
+    assert [t for c in chunks for t in c["token_ids"]] == want
+    assert chunks[-1]["finish_reason"] == "length"
+    assert all(c["finish_reason"] is None for c in chunks[:-1])
+
+    stream = engine.generate_stream(prompt, 300)
+    next(stream)
+    stream.close()  # the caller leaves: the router drops the sequence
+    for _ in range(100):
+        if engine.cluster_state()["generation"]["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert engine.cluster_state()["generation"]["running"] == 0
+
+    on_worker, stash, restore = worker_hooks()
+    ray.get(engine._router.__ray_call__.remote(on_worker, 1, stash))
+    with pytest.raises(WorkerError, match="expert worker 1 failed in MoE layer 2"):
+        list(engine.generate_stream(prompt, 4))
+    ray.get(engine._router.__ray_call__.remote(on_worker, 1, restore))
+    assert [t for c in engine.generate_stream(prompt, 6) for t in c["token_ids"]] == want
+
+
+def test_bad_input_over_ray_is_a_plain_value_error(engine):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.forward(torch.tensor([[1, VOCAB + 5]]))
+    with pytest.raises(ValueError, match="not a MoE layer"):
+        engine.moe_forward(0, torch.randn(2, 32))
+    assert engine.forward(torch.tensor([[3, 4]])).shape == (1, 2, VOCAB)
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,9 @@ class RayRouters:
         self._handles: dict[str, ray.actor.ActorHandle] = {}
         self._nodes: dict[str, str] = {}
         self.draining: set[str] = set()
+        # One start at a time: a scale's start runs for as long as the new routers load, and the
+        # controller's step (`maintain`) must not take the ids it is starting for missing ones.
+        self._start_lock = threading.Lock()
 
     # ---- the set --------------------------------------------------------------------------------
 
@@ -82,6 +85,10 @@ class RayRouters:
         """Start routers until there are n, spread over nodes by `router_strategy`; returns the new
         ids once each has loaded the dense model and attached. Raises ScaleError (the new ones
         stopped) when one cannot start."""
+        with self._start_lock:
+            return self._start(n)
+
+    def _start(self, n: int) -> list[str]:
         with self._lock:
             taken = set(self._handles)
             ours = collections.Counter(self._nodes.values())
@@ -102,7 +109,11 @@ class RayRouters:
                 raise ScaleError(str(e)) from None
             if node is not None:
                 ours[node] += 1
-            created[rid] = router_actor_class(self.config, rid, node, soft).remote(self.config, rid)
+            try:
+                created[rid] = router_actor_class(self.config, rid, node, soft).remote(self.config, rid)
+            except ValueError as e:  # ActorAlreadyExistsError: the name is still held by the old one
+                self._stop(created)
+                raise ScaleError(f"router {rid} could not be created: {e}") from None
         refs = {rid: h.start.remote() for rid, h in created.items()}
         for rid, ref in refs.items():
             try:
@@ -146,10 +157,14 @@ class RayRouters:
         with_shutdown(handle)
 
     def maintain(self, n: int) -> None:
-        """Bring back routers Ray gave up restarting (their count below `n`)."""
+        """Bring back routers Ray gave up restarting (their count below `n`), and tell each router
+        how many share its node."""
         for rid, handle in self.handles().items():
             try:
-                ray.get(handle.ping.remote(), timeout=REPORT_TIMEOUT_S)
+                node = ray.get(handle.node_id.remote(), timeout=REPORT_TIMEOUT_S)
+                with self._lock:
+                    if rid in self._handles:
+                        self._nodes[rid] = node  # routers adopted by a restarted controller too
             except (GetTimeoutError, ActorUnavailableError):
                 continue  # busy, or restarting: Ray's to bring back
             except ActorDiedError as e:  # for good: no restarts left, or its node is gone
@@ -157,11 +172,24 @@ class RayRouters:
                 with self._lock:
                     self._handles.pop(rid, None)
                     self._nodes.pop(rid, None)
-        if len(self.handles()) < n:
+        if len(self.handles()) < n and not self._start_lock.locked():  # (a scale may be starting them)
             try:
                 self.start(n)
             except ScaleError as e:
                 log.warning("could not restore %d routers: %s", n, e)
+        self._share_nodes()
+
+    def _share_nodes(self) -> None:
+        """Each router learns how many routers run on its node (`Router.share_node`: a router that
+        computes on every core divides them with those). Sent without waiting, every controller
+        step, so a router Ray restarted (back to its own default) hears it again."""
+        with self._lock:
+            per_node = collections.Counter(self._nodes.values())
+            shares = [
+                (h, per_node[self._nodes[rid]]) for rid, h in self._handles.items() if rid in self._nodes
+            ]
+        for handle, count in shares:
+            handle.share_node.remote(count)
 
     # ---- what a controller needs (`controller.Routers`) ------------------------------------------
 

@@ -16,6 +16,7 @@ Imports no transport and no actor: the worker actor and the transports both buil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import logging
@@ -124,6 +125,15 @@ def recv_frame(sock: socket.socket) -> tuple[dict, list[torch.Tensor | None]]:
     return header, tensors
 
 
+def close_listener(sock: socket.socket) -> None:
+    """Stop a listening socket that a thread may be blocked in accept() on. close() alone leaves it
+    listening (the kernel keeps it for that call), and new peers would still connect; shutdown()
+    wakes the accept() up first."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
 # ---- the worker side ---------------------------------------------------------------------------------
 
 
@@ -196,7 +206,7 @@ class DataPlaneServer:
 
     def close(self) -> None:
         """Stop accepting (connections already open end when their router closes them)."""
-        self._sock.close()
+        close_listener(self._sock)
 
     def stats(self) -> dict:
         """{"calls", "frames", "rows", "merged_calls"} so far: `forward` calls, frames they served,

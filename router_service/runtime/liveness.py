@@ -20,6 +20,8 @@ import logging
 import socket
 import threading
 
+from router_service.runtime.data_plane import close_listener
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +44,7 @@ class ProcessBeacon:
 
     def close(self) -> None:
         """Close the port and every connection (the peers read EOF: this process is going)."""
-        self._sock.close()
+        close_listener(self._sock)
         for c in self._conns:
             c.close()
 

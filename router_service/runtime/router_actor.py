@@ -163,6 +163,11 @@ class RouterActor(Router):
             "pid": os.getpid(),
         }
 
+    def share_node(self, routers_on_node: int) -> int:
+        if not self._started:
+            return 0  # being built: the controller's next step tells it again
+        return super().share_node(routers_on_node)
+
     def generate_stream(self, *args, **kwargs):
         # A generator function, as Ray's streaming calls need (Router's version returns one so
         # that bad arguments raise at the call, in-process).
