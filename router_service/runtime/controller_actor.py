@@ -40,6 +40,16 @@ REPORT_TIMEOUT_S = 5.0
 MAX_ROUTERS = 64
 
 
+def free_ids(count: int, taken: set[str]) -> list[str]:
+    """The `count` lowest router ids ("0", "1", ...) not in `taken`."""
+    out, i = [], 0
+    while len(out) < count:
+        if str(i) not in taken:
+            out.append(str(i))
+        i += 1
+    return out
+
+
 class RayRouters:
     """The router replicas of a cluster: detached, named actors `{cluster}:router-{id}`."""
 
@@ -53,6 +63,8 @@ class RayRouters:
         # One start at a time: a scale's start runs for as long as the new routers load, and the
         # controller's step (`maintain`) must not take the ids it is starting for missing ones.
         self._start_lock = threading.Lock()
+        # Routers created ahead of their start (`prepare`), with the node each was placed on.
+        self._prepared: dict[str, tuple[ray.actor.ActorHandle, str | None]] = {}
 
     # ---- the set --------------------------------------------------------------------------------
 
@@ -88,32 +100,67 @@ class RayRouters:
         with self._start_lock:
             return self._start(n)
 
-    def _start(self, n: int) -> list[str]:
+    def prepare(self, n: int) -> None:
+        """Create the actors of the routers `start(n)` would add, without starting them: their
+        processes import the model code (~5 s on 2 cores) while the controller starts the workers,
+        instead of after. A router that cannot be created is left to `start` to report."""
+        with self._start_lock:
+            ours = self._nodes_taken()
+            for rid in self._new_ids(n):
+                try:
+                    self._prepared[rid] = self._create(rid, ours)
+                except ScaleError:
+                    return
+
+    def drop_prepared(self) -> None:
+        """Stop the routers `prepare` created that no `start` took."""
+        with self._start_lock:
+            prepared, self._prepared = self._prepared, {}
+        self._stop({rid: h for rid, (h, _) in prepared.items()})
+
+    def _new_ids(self, n: int) -> list[str]:
+        """The ids of the routers to add, running and prepared ones counted, to have `n`."""
         with self._lock:
-            taken = set(self._handles)
+            taken = set(self._handles) | set(self._prepared)
+        return free_ids(n - len(taken), taken)
+
+    def _nodes_taken(self) -> collections.Counter:
+        """Routers per node: the running ones' and the prepared ones'."""
+        with self._lock:
             ours = collections.Counter(self._nodes.values())
-        new = []
-        next_id = 0
-        while len(taken) + len(new) < n:
-            while str(next_id) in taken:
-                next_id += 1
-            new.append(str(next_id))
-            next_id += 1
+        ours.update(node for _, node in self._prepared.values() if node is not None)
+        return ours
+
+    def _create(self, rid: str, ours: collections.Counter) -> tuple[ray.actor.ActorHandle, str | None]:
+        """Router `rid`'s actor on a node chosen by `router_strategy` (counted in `ours`)."""
         bundle = {"CPU": 0.0, **self.config.router_resources}
-        created = {}
-        for rid in new:
+        try:
+            node, soft = choose_node(self.config.router_strategy, bundle, ours)
+        except ValueError as e:
+            raise ScaleError(str(e)) from None
+        if node is not None:
+            ours[node] += 1
+        try:
+            handle = router_actor_class(self.config, rid, node, soft).remote(self.config, rid)
+        except ValueError as e:  # ActorAlreadyExistsError: the name is still held by the old one
+            raise ScaleError(f"router {rid} could not be created: {e}") from None
+        return handle, node
+
+    def _start(self, n: int) -> list[str]:
+        ours = self._nodes_taken()
+        with self._lock:
+            running = set(self._handles)
+        want = n - len(running)
+        created = {rid: self._prepared.pop(rid)[0] for rid in sorted(self._prepared, key=int)[: max(0, want)]}
+        extra, self._prepared = self._prepared, {}
+        self._stop({rid: h for rid, (h, _) in extra.items()})  # prepared for more than are needed now
+        for rid in free_ids(want - len(created), running | set(created)):
             try:
-                node, soft = choose_node(self.config.router_strategy, bundle, ours)
-            except ValueError as e:
+                created[rid] = self._create(rid, ours)[0]
+            except ScaleError:
                 self._stop(created)
-                raise ScaleError(str(e)) from None
-            if node is not None:
-                ours[node] += 1
-            try:
-                created[rid] = router_actor_class(self.config, rid, node, soft).remote(self.config, rid)
-            except ValueError as e:  # ActorAlreadyExistsError: the name is still held by the old one
-                self._stop(created)
-                raise ScaleError(f"router {rid} could not be created: {e}") from None
+                raise
+        new = sorted(created, key=int)
         refs = {rid: h.start.remote() for rid, h in created.items()}
         for rid, ref in refs.items():
             try:
@@ -274,10 +321,14 @@ class ControllerActor:
             self._routers.discover()
             known = self._routers.placements()
             controller = Controller(spec, pool, config, routers=self._routers)
+            if not routers_in_background:
+                # The routers' processes import the model code while the workers start and load.
+                self._routers.prepare(controller.state.target_routers)
             try:
                 controller.start(reattach=reattach or bool(known), known=known)
             except BaseException:
                 pool.close()
+                self._routers.drop_prepared()
                 raise
             self._controller = controller
             if self._autoscaler is not None and not reattach:  # start within the autoscaler's range
