@@ -34,12 +34,28 @@ import ray
 import torch
 from ray import cloudpickle
 
-from bench.moe_layer import CACHE, H, build_checkpoint, cpu_info, reps_for, time_ms
+from bench.moe_layer import CACHE, Shape, build_checkpoint, cpu_info, reps_for
 from router_service import Engine
 from router_service.default_model import default_model_dir
 from router_service.stages.gating import Routing
 from router_service.stages.moe_layer import shared_scale
 from router_service.stages.plan import combine, plan
+
+# One DeepSeek-V2-Lite MoE layer: hidden 2048, 64 experts of 1408, top-6, 2 shared experts.
+SHAPE = Shape(hidden=2048, inter=1408, experts=64, topk=6, shared=2)
+H = SHAPE.hidden
+
+
+def time_ms(fn, reps: int) -> float:
+    """Minimum wall time of `reps` calls after one warm-up call, in ms."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
 
 LAYER = 0
 
@@ -402,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     # The functions run in the actors travel by value: `bench` is not installed in the actors' path.
     if __name__ != "__main__":
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ckpt = build_checkpoint(Path(args.cache_dir))
+    ckpt = build_checkpoint(SHAPE, Path(args.cache_dir))
     tokens = [int(t) for t in args.tokens.split(",")]
     print(f"load average at the start (1, 5, 15 min): {os.getloadavg()}", flush=True)
     try:
