@@ -42,13 +42,14 @@ class GenerateParams:
 class TokenLogprob:
     """A token's log-probability: its id, text, UTF-8 bytes, and (for a chosen token) the most
     likely tokens at its position, each a TokenLogprob without alternatives. `text_offset`: where
-    the token's text starts in the choice's text."""
+    the token's text starts in the choice's text. An echoed prompt's first token has no context:
+    its logprob and top_logprobs are None (OpenAI's null)."""
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
     bytes: list[int] = field(default_factory=list)
-    top_logprobs: list[TokenLogprob] = field(default_factory=list)
+    top_logprobs: list[TokenLogprob] | None = field(default_factory=list)
     text_offset: int = 0
 
 

@@ -24,6 +24,7 @@ from router_service.generation.decoding import (
 from router_service.serving import openai_api
 from router_service.serving.chat import DEFAULT_CHAT_TEMPLATE, chat_prompt_ids
 from router_service.serving.detokenize import CompletionText, StopStrings, TextStream
+from router_service.serving.prompt_logprobs import echo_token_logprobs, prompt_logprobs
 
 TEXT = "naïve café: 世界 🎉 — ok"  # 1-, 2-, 3- and 4-byte characters
 
@@ -229,10 +230,46 @@ def test_parsing_maps_options_and_refuses_unsupported_ones_by_name():
     assert openai_api.parse_chat({**chat, "max_tokens": 7}, "m").params[0].max_tokens == 7
     for body, needle in [
         ({"prompt": "a", "logit_bias": {"1": 2}, "tools": [1]}, "logit_bias, tools"),
-        ({"prompt": "a", "echo": True}, "echo"),
+        ({"prompt": "a", "echo": True, "stream": True}, "echo"),
+        ({"prompt": "a", "echo": 1}, "echo"),
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens=0"),
         ({"prompt": "a", "best_of": 3}, "best_of"),
     ]:
         with pytest.raises(ServingError, match=needle):
             openai_api.parse_completion(body, "m")
     with pytest.raises(ServingError, match="response_format"):
         openai_api.parse_chat({"messages": [], "response_format": {"type": "json_object"}}, "m")
+
+
+def test_echo_parsing_and_max_tokens_zero():
+    req = openai_api.parse_completion(
+        {"prompt": ["a", [1, 2]], "echo": True, "max_tokens": 0, "logprobs": 1}, "m"
+    )
+    assert req.echo and not req.generate and [p.max_tokens for p in req.params] == [None, None]
+    req = openai_api.parse_completion({"prompt": "a", "echo": True, "max_tokens": 1}, "m")
+    assert req.echo and req.generate and req.params[0].max_tokens == 1
+
+
+@pytest.mark.parametrize("top", [0, 3])
+def test_prompt_logprobs_equal_transformers_log_softmax(tiny_model_dir, tokenizer, top):
+    """The echoed prompt's logprobs: null first, then log_softmax (fp32) of the previous position's
+    logits at each token, as transformers computes them."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("deepseek_v3")).eval()
+    ids = [1, 17, 5, 40, 9, 33, 2, 11]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    lps = echo_token_logprobs(tokenizer, ids, prompt_logprobs(logits, ids, top))
+    assert [lp.token_id for lp in lps] == ids
+    assert lps[0].logprob is None and lps[0].top_logprobs is None
+    expected = [ref[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+    torch.testing.assert_close(
+        torch.tensor([lp.logprob for lp in lps[1:]]), torch.tensor(expected), atol=1e-5, rtol=0
+    )
+    for i, lp in enumerate(lps[1:], start=1):
+        assert len(lp.top_logprobs) == top
+        if top:
+            assert [a.token_id for a in lp.top_logprobs] == ref[i - 1].topk(top).indices.tolist()
+    formatted = openai_api.completion_logprobs(lps)
+    assert formatted["token_logprobs"][0] is None and formatted["top_logprobs"][0] is None
+    assert formatted["text_offset"] == sorted(formatted["text_offset"])

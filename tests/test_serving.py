@@ -480,6 +480,99 @@ def _post(server, path, **kwargs) -> httpx.Response:
     return httpx.post(f"{server.http_url}{path}", timeout=30, **kwargs)
 
 
+# ---- echo, prompt logprobs, the tokenizer routes (what lm-evaluation-harness asks for) ----------
+
+
+def hf_prompt_logprobs(reference, ids: list[int]) -> list[float]:
+    """transformers' log_softmax (fp32) at each prompt token after the first."""
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+
+
+def assert_echoed(choice, ids: list[int], reference, top: int):
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    got = torch.tensor(lp["token_logprobs"][1 : len(ids)])
+    torch.testing.assert_close(got, torch.tensor(hf_prompt_logprobs(reference, ids)), atol=1e-4, rtol=0)
+    assert all(len(t) == top for t in lp["top_logprobs"][1 : len(ids)])
+    assert len(lp["tokens"]) == len(lp["text_offset"]) == len(lp["token_logprobs"])
+
+
+def test_echo_with_max_tokens_0_gives_the_prompts_logprobs_as_transformers(server, reference, tokenizer):
+    text = "The quick brown fox"
+    text_ids = tokenizer.encode(text, add_special_tokens=True)
+    token_prompt = [5, 17, 42, 9, 33, 61]
+    for prompt, ids in [(text, text_ids), (token_prompt, token_prompt)]:
+        r = _post(
+            server, "/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0}
+        )
+        assert r.status_code == 200, r.text
+        (choice,) = r.json()["choices"]
+        assert choice["finish_reason"] == "length" and choice["token_ids"] == []
+        assert len(choice["logprobs"]["tokens"]) == len(ids)
+        assert_echoed(choice, ids, reference, 1)
+        assert choice["text"] == (text if isinstance(prompt, str) else tokenizer.decode(ids))
+        assert r.json()["usage"]["completion_tokens"] == 0
+    # a batch of two prompts: each choice its own prompt
+    r = _post(
+        server,
+        "/v1/completions",
+        json={"prompt": [text, token_prompt], "echo": True, "logprobs": 2, "max_tokens": 0},
+    )
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    for choice, ids in zip(choices, [text_ids, token_prompt], strict=True):
+        assert_echoed(choice, ids, reference, 2)
+    assert r.json()["usage"]["prompt_tokens"] == len(text_ids) + len(token_prompt)
+
+
+def test_echo_with_generation_gives_prompt_then_generated(server, http, reference, tokenizer):
+    prompt = [5, 17, 42, 9, 33, 61]
+    r = _post(
+        server,
+        "/v1/completions",
+        json={"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 3, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(prompt) + 3 and choice["token_ids"] == hf_greedy(reference, prompt, 3)
+    assert_echoed(choice, prompt, reference, 1)
+    plain = _post(
+        server, "/v1/completions", json={"prompt": prompt, "logprobs": 1, "max_tokens": 3, "temperature": 0}
+    ).json()
+    echoed = tokenizer.decode(prompt)
+    assert choice["text"] == echoed + plain["choices"][0]["text"]
+    assert lp["token_logprobs"][len(prompt) :] == plain["choices"][0]["logprobs"]["token_logprobs"]
+    assert lp["text_offset"][len(prompt) :] == [
+        o + len(echoed) for o in plain["choices"][0]["logprobs"]["text_offset"]
+    ]
+    # echo without logprobs: the prompt's text before the generated text, no logprobs
+    r = _post(server, "/v1/completions", json={"prompt": "hello", "echo": True, "max_tokens": 2}).json()
+    assert r["choices"][0]["text"].startswith("hello") and r["choices"][0]["logprobs"] is None
+
+
+def test_tokenize_detokenize_and_tokenizer_info(server, tokenizer):
+    r = _post(server, "/tokenize", json={"prompt": "naïve café"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tokenizer.encode("naïve café") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == MAX_MODEL_LEN
+    no_special = _post(server, "/tokenize", json={"prompt": "naïve café", "add_special_tokens": False}).json()
+    assert no_special["tokens"] == tokenizer.encode("naïve café", add_special_tokens=False)
+    back = _post(server, "/detokenize", json={"tokens": no_special["tokens"]}).json()
+    assert back["prompt"] == "naïve café"
+    chat = _post(server, "/tokenize", json={"messages": CHAT}).json()
+    assert chat["tokens"] == chat_ids(tokenizer)
+    info = httpx.get(f"{server.http_url}/tokenizer_info", timeout=30).json()
+    assert info["tokenizer_class"] == type(tokenizer).__name__
+    for key in ("bos_token", "eos_token", "pad_token", "model_max_length"):
+        assert key in info and info[key] == getattr(tokenizer, key)
+    assert info["chat_template"] == DEFAULT_CHAT_TEMPLATE
+
+
 BAD_HTTP = [
     ("/v1/forward", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
     ("/v1/forward", {"content": b"\xc1\x00", "headers": {"content-type": "application/msgpack"}}, 400),
@@ -501,6 +594,13 @@ BAD_HTTP = [
     ("/v1/completions", {"json": {"prompt": "hi", "logit_bias": {"5": 1}}}, 400),
     ("/v1/completions", {"json": {"prompt": "hi", "stop": [""]}}, 400),
     ("/v1/completions", {"json": {"prompt": "hi", "min_tokens": 99}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "max_tokens": 0}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "echo": True, "stream": True}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "echo": True, "logprobs": 99, "max_tokens": 0}}, 400),
+    ("/tokenize", {"json": {"prompt": 5}}, 400),
+    ("/tokenize", {"json": {}}, 400),
+    ("/detokenize", {"json": {"tokens": [1, -2]}}, 400),
+    ("/detokenize", {"json": {"tokens": "abc"}}, 400),
     ("/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}], "tools": []}}, 400),
     ("/v1/chat/completions", {"json": {"messages": [{"role": "robot", "content": "x"}]}}, 400),
     ("/v1/chat/completions", {"json": {"messages": []}}, 400),

@@ -3,7 +3,8 @@
 Routes: OpenAI-compatible `POST /v1/completions` (text or token-id prompts) and
 `POST /v1/chat/completions` (messages rendered with the model's chat template), both streamed (SSE)
 or not, with `n`, `stop`, `logprobs` and penalties (request parsing and answer formats in
-`openai_api`), `GET /v1/models` and `GET /v1/models/{id}`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
+`openai_api`), `echo` (the prompt's logprobs, `max_tokens: 0`), `GET /v1/models` and `GET /v1/models/{id}`;
+vLLM's `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`; tensor routes `POST /v1/forward` and `POST /v1/layers/{layer}/moe` (JSON nested
 lists, or msgpack `{dtype, shape, data}` maps when Content-Type or Accept is application/msgpack);
 `GET /v1/cluster`, `POST /v1/cluster/scale`, `POST /v1/cluster/rebalance`,
 `POST /v1/cluster/routers`, `GET /healthz` (and `GET /health`, the name vLLM, SGLang and TGI serve
@@ -39,7 +40,7 @@ from router_service.config import EngineConfig
 from router_service.default_model import ensure_default_model
 from router_service.runtime.cluster import attach_cluster, router_handles, stop_cluster
 from router_service.runtime.ray_transport import NAMESPACE
-from router_service.serving import openai_api
+from router_service.serving import openai_api, tokenizer_api
 from router_service.serving.core import (
     IngressCore,
     check_forward_request,
@@ -49,6 +50,7 @@ from router_service.serving.core import (
 )
 from router_service.serving.grpc_ingress import GrpcIngress
 from router_service.serving.metrics import CONTENT_TYPE, Metrics
+from router_service.serving.prompt_logprobs import echo_text, echo_token_logprobs, prompt_logprobs
 from router_service.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -377,6 +379,20 @@ class MoEIngress:
         body, _ = await _read_body(request)
         return await self._openai(openai_api.parse_completion(body, self.settings.model_name))
 
+    @app.post("/tokenize")
+    async def http_tokenize(self, request: Request):
+        body, _ = await _read_body(request)
+        return tokenizer_api.tokenize(self.core.tokenizer, body, self.settings.max_model_len)
+
+    @app.post("/detokenize")
+    async def http_detokenize(self, request: Request):
+        body, _ = await _read_body(request)
+        return tokenizer_api.detokenize(self.core.tokenizer, body, self.spec.vocab_size)
+
+    @app.get("/tokenizer_info")
+    async def http_tokenizer_info(self):
+        return _json(tokenizer_api.tokenizer_info(self.core.tokenizer, self.settings.max_model_len))
+
     @app.post("/v1/chat/completions")
     async def http_chat_completions(self, request: Request):
         body, _ = await _read_body(request)
@@ -393,6 +409,10 @@ class MoEIngress:
             for p, ids in zip(req.params, prompts, strict=True)
         ]
         prompt_tokens = sum(len(ids) for ids in prompts)
+        echoes = await self._echoes(req, prompts) if req.echo else None
+        if not req.generate:  # max_tokens 0 (echo only): the prompts, nothing generated
+            choices = {i: openai_api.Choice(finish_reason="length") for i in range(len(prompts) * req.n)}
+            return openai_api.whole_answer(req, self.settings.model_name, choices, prompt_tokens, echoes)
         chunks = merge_streams([self.generate(p, "http") for p in params])
         if req.stream:
             return StreamingResponse(
@@ -402,7 +422,23 @@ class MoEIngress:
         async with contextlib.aclosing(chunks):
             async for k, c in chunks:
                 choices.setdefault(k * req.n + c.index, openai_api.Choice()).add(c)
-        return openai_api.whole_answer(req, self.settings.model_name, choices, prompt_tokens)
+        return openai_api.whole_answer(req, self.settings.model_name, choices, prompt_tokens, echoes)
+
+    async def _echoes(self, req: openai_api.OpenAIRequest, prompts: list[list[int]]) -> list[openai_api.Echo]:
+        """Each prompt's echo; with logprobs, from one forward of each prompt (concurrent forwards
+        merge into one router call, as /v1/forward's do)."""
+        tokenizer = self.core.tokenizer
+        texts = [echo_text(tokenizer, p.prompt, ids) for p, ids in zip(req.params, prompts, strict=True)]
+        top = req.params[0].logprobs
+        if top is None:
+            return [openai_api.Echo(t) for t in texts]
+        logits = await asyncio.gather(
+            *(self.forward(torch.tensor([ids], dtype=torch.long), None, "http") for ids in prompts)
+        )
+        return [
+            openai_api.Echo(text, echo_token_logprobs(tokenizer, ids, prompt_logprobs(lg[0], ids, top)))
+            for text, ids, lg in zip(texts, prompts, logits, strict=True)
+        ]
 
     async def _sse_stream(self, req: openai_api.OpenAIRequest, chunks, prompt_tokens: int):
         answer = openai_api.StreamAnswer(req, self.settings.model_name, prompt_tokens)

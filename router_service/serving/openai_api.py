@@ -2,7 +2,7 @@
 GenerateChunks -> answers, streamed (server-sent events) or whole. Pure functions, no Ray.
 
 Every field of a request is either used or refused with a 400 that names it: an option this server
-does not implement (tools, logit_bias, echo, ...) is never silently ignored. Without max_tokens a
+does not implement (tools, logit_bias, suffix, ...) is never silently ignored. Without max_tokens a
 completion makes 16 tokens (OpenAI's completions default) and a chat runs up to the model's context
 (OpenAI's and vLLM's chat default). Usage counts each
 prompt once and every choice's completion tokens (so n > 1 adds up the n completions), as OpenAI
@@ -11,6 +11,7 @@ and vLLM do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -45,6 +46,8 @@ class OpenAIRequest:
     stream: bool
     include_usage: bool
     chat: bool
+    echo: bool = False  # completions: the prompt's text (and its logprobs) before each choice's
+    generate: bool = True  # False for max_tokens 0 (only with echo): the prompt alone
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -103,9 +106,19 @@ def parse_completion(body: dict, served: str) -> OpenAIRequest:
     if "prompt" not in body:
         raise invalid("missing field 'prompt'")
     n = body.get("n") or 1
-    for key, ok in (("best_of", (None, 1, n)), ("echo", (None, False)), ("suffix", (None,))):
+    for key, ok in (("best_of", (None, 1, n)), ("suffix", (None,))):
         if body.get(key) not in ok:
             raise invalid(f"{key}={body.get(key)!r} is not supported by this server")
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise invalid(f"echo must be true or false, got {echo!r}")
+    stream, include_usage = _streaming(body)
+    if echo and stream:
+        raise invalid("echo=True with stream=True is not supported by this server; use stream=False")
+    # max_tokens 0 (lm-eval's loglikelihood): the prompt's logprobs alone, nothing generated
+    generate = not (body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool))
+    if not generate and not echo:
+        raise invalid("max_tokens=0 is supported only with echo=True (the prompt's logprobs alone)")
     prompt = body["prompt"]
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
@@ -116,6 +129,8 @@ def parse_completion(body: dict, served: str) -> OpenAIRequest:
     else:
         raise invalid("prompt must be a string, a list of token ids, or a list of either")
     given = _sampling(body)
+    if not generate:
+        given["max_tokens"] = None  # checked as a prompt that must fit the context
     if body.get("logprobs") is not None:
         given["logprobs"] = body["logprobs"]
     params = [
@@ -126,7 +141,7 @@ def parse_completion(body: dict, served: str) -> OpenAIRequest:
         )
         for p in prompts
     ]
-    return OpenAIRequest(params, *_streaming(body), chat=False)
+    return OpenAIRequest(params, stream, include_usage, chat=False, echo=echo, generate=generate)
 
 
 def parse_chat(body: dict, served: str) -> OpenAIRequest:
@@ -174,7 +189,10 @@ def completion_logprobs(lps: list[TokenLogprob]) -> dict:
     return {
         "tokens": [lp.token for lp in lps],
         "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{alt.token: alt.logprob for alt in lp.top_logprobs} for lp in lps],
+        "top_logprobs": [
+            None if lp.top_logprobs is None else {alt.token: alt.logprob for alt in lp.top_logprobs}
+            for lp in lps
+        ],
         "text_offset": [lp.text_offset for lp in lps],
     }
 
@@ -186,6 +204,14 @@ def chat_logprobs(lps: list[TokenLogprob]) -> dict:
         return {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes}
 
     return {"content": [{**entry(lp), "top_logprobs": [entry(a) for a in lp.top_logprobs]} for lp in lps]}
+
+
+@dataclass
+class Echo:
+    """A prompt as echoed before its choices: its text, and its tokens' logprobs when asked for."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -207,12 +233,27 @@ class Choice:
         self.completion_tokens = c.completion_tokens
 
 
-def whole_answer(req: OpenAIRequest, served: str, choices: dict[int, Choice], prompt_tokens: int) -> dict:
-    """The non-streamed answer of all choices (indexed prompt * n + choice)."""
+def whole_answer(
+    req: OpenAIRequest,
+    served: str,
+    choices: dict[int, Choice],
+    prompt_tokens: int,
+    echoes: list[Echo] | None = None,
+) -> dict:
+    """The non-streamed answer of all choices (indexed prompt * n + choice); with `echoes` (one per
+    prompt) each completion choice's text and logprobs start with its prompt's."""
     out = []
     for i in sorted(choices):
         c = choices[i]
         text = "".join(c.text)
+        if echoes is not None:
+            e = echoes[i // req.n]
+            if e.logprobs is not None:
+                c.logprobs = e.logprobs + [
+                    dataclasses.replace(lp, text_offset=lp.text_offset + len(e.text))
+                    for lp in c.logprobs or []
+                ]
+            text = e.text + text
         if req.chat:
             lp = chat_logprobs(c.logprobs) if c.logprobs is not None else None
             out.append(
