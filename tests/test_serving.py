@@ -362,8 +362,14 @@ def test_async_grpc_client_and_cluster_state(server, spec):
     assert len(state["workers"]) == 2
 
 
-def _wait_until_idle(http):
-    deadline = time.monotonic() + 20
+def _cancelled(http) -> int:
+    return http.cluster_state()["generation"]["cancelled"]
+
+
+def _wait_until_idle(http, cancelled_before: int):
+    """The abandoned request leaves the batch as cancelled (not by running to its end): generous
+    bound for a loaded machine, and the router's count of cancelled requests tells the two apart."""
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         gen = http.cluster_state()["generation"]
         if gen["running"] == 0 and gen["waiting"] == 0:
@@ -371,30 +377,34 @@ def _wait_until_idle(http):
         time.sleep(0.2)
     else:
         pytest.fail(f"the abandoned request still holds a slot: {gen}")
+    assert gen["cancelled"] > cancelled_before, f"the abandoned request ran to its end: {gen}"
 
 
 def test_client_that_leaves_mid_stream_frees_its_slot(server, http):
+    before = _cancelled(http)
     body = {"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as c, c.stream("POST", f"{server.http_url}/v1/completions", json=body) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-    _wait_until_idle(http)
+    _wait_until_idle(http, before)
     assert http.complete([1, 2], max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
 
 
 def test_client_that_gives_up_on_a_completion_frees_its_slot(server, http):
+    before = _cancelled(http)
     body = {"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.http_url}/v1/completions", json=body, timeout=0.5)
-    _wait_until_idle(http)
+    _wait_until_idle(http, before)
 
 
 def test_grpc_client_that_cancels_frees_its_slot(grpc_client, http):
+    before = _cancelled(http)
     stream = grpc_client.generate(prompt_token_ids=[5, 6, 7], max_tokens=400, temperature=0.0)
     next(iter(stream))
     stream.close()
-    _wait_until_idle(http)
+    _wait_until_idle(http, before)
 
 
 def test_cluster_metrics_and_models(server, http):

@@ -47,6 +47,7 @@ class GenerationScheduler:
         self.steps_by_batch_size: collections.Counter[int] = collections.Counter()
         self.prefill_batches: collections.Counter[int] = collections.Counter()
         self.tokens_made = 0  # tokens sampled, every sequence, every step and prefill
+        self.cancelled = 0  # requests whose reader left before they finished (waiting or running)
         self._token_samples: collections.deque = collections.deque(maxlen=64)
 
     # ---- the caller's side -----------------------------------------------------------------------
@@ -139,6 +140,7 @@ class GenerationScheduler:
             if any(s.key == key for s in self._waiting):
                 self._waiting = collections.deque(s for s in self._waiting if s.key != key)
                 self._live.discard(key)
+                self.cancelled += 1
             else:
                 self._cancelled.add(key)
             if self._outputs.get(key, (None, False))[1]:
@@ -165,6 +167,7 @@ class GenerationScheduler:
             return {
                 "running": len(self.batch),
                 "waiting": len(self._waiting),
+                "cancelled": self.cancelled,
                 "steps_by_batch_size": dict(sorted(self.steps_by_batch_size.items())),
                 "prefills_by_batch_size": dict(sorted(self.prefill_batches.items())),
                 "limits": {
@@ -219,6 +222,7 @@ class GenerationScheduler:
                         s.finish_reason = "cancelled"
                         self._cancelled.discard(s.key)
                         self._live.discard(s.key)
+                        self.cancelled += 1
                 new = self._admit()
             # The prefill's first tokens are handed out before the next decode step, so a stream's
             # first chunk leaves after its prefill (TTFT = queueing + prefill), not one step later.
