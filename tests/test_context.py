@@ -52,6 +52,10 @@ def test_past_the_context_is_a_400_context_length_exceeded_before_the_size_cap()
         s.completion_tokens(30, 30)  # within the context, over the cap: merely too big
     assert e.value.http_status == 413 and e.value.reason is None
     assert s.completion_tokens(30, 20) == 20
+    wide = ServingSettings(max_model_len=100, max_request_tokens=1000)
+    assert wide.completion_tokens(100, 0) == 0  # echo scoring a prompt that fills the context
+    with pytest.raises(ServingError, match="maximum context length is 100"):
+        wide.completion_tokens(101, 0)
     with pytest.raises(ServingError, match="However, your messages resulted in 100 tokens") as e:
         s.completion_tokens(100, None)
     assert e.value.reason == "context_length_exceeded"

@@ -60,7 +60,8 @@ class ServingSettings:
         vLLM's message (what SDKs turn into their context-window errors); then the size cap, 413.
         """
         context, cap = self.max_model_len, self.max_request_tokens
-        if context is not None and prompt_tokens + (max_tokens or 1) > context:
+        # None needs room for one token; 0 (echo, prompt logprobs only) for none.
+        if context is not None and prompt_tokens + (1 if max_tokens is None else max_tokens) > context:
             raise context_exceeded(context, prompt_tokens, max_tokens)
         if max_tokens is None:
             max_tokens = min(context or cap, cap) - prompt_tokens
