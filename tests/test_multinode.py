@@ -18,11 +18,26 @@ from router_service.default_model import default_model_dir
 THREADS = 1
 
 
+def start_cluster(attempts: int = 3):
+    """A head and two worker nodes. Ray waits only 30 s (hard-coded) for a new raylet to register,
+    which a loaded 2-core machine once missed ("The current node timed out during startup"): that
+    one error is retried on a fresh cluster."""
+    for attempt in range(attempts):
+        c = Cluster()
+        try:
+            c.add_node(num_cpus=1, resources={"head": 1})
+            nodes = [c.add_node(num_cpus=1, resources={"expert_node": 1}) for _ in range(2)]
+            c.wait_for_nodes()
+            return c, nodes
+        except Exception as e:
+            c.shutdown()
+            if attempt == attempts - 1 or "timed out during startup" not in str(e):
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
-    nodes = [c.add_node(num_cpus=1, resources={"expert_node": 1}) for _ in range(2)]
-    c.wait_for_nodes()
+    c, nodes = start_cluster()
     ray.init(address=c.address)
     yield c, nodes
     ray.shutdown()
