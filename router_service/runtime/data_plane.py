@@ -125,6 +125,16 @@ def recv_frame(sock: socket.socket) -> tuple[dict, list[torch.Tensor | None]]:
     return header, tensors
 
 
+def accept_forever(sock: socket.socket, on_connection) -> None:
+    """Hand each connection `sock` accepts to `on_connection`, until the socket is closed."""
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # closed
+            return
+        on_connection(conn)
+
+
 def close_listener(sock: socket.socket) -> None:
     """Stop a listening socket that a thread may be blocked in accept() on. close() alone leaves it
     listening (the kernel keeps it for that call), and new peers would still connect; shutdown()
@@ -215,12 +225,12 @@ class DataPlaneServer:
             return dict(self._stats)
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:  # closed
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="data-plane", daemon=True).start()
+        accept_forever(
+            self._sock,
+            lambda conn: threading.Thread(
+                target=self._serve, args=(conn,), name="data-plane", daemon=True
+            ).start(),
+        )
 
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

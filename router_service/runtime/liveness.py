@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 
-from router_service.runtime.data_plane import close_listener
+from router_service.runtime.data_plane import accept_forever, close_listener
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,10 @@ class ProcessBeacon:
         threading.Thread(target=self._accept, name="process-beacon", daemon=True).start()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:  # closed
-                return
-            self._conns = [c for c in self._conns if c.fileno() >= 0] + [conn]
+        accept_forever(self._sock, self._keep)
+
+    def _keep(self, conn: socket.socket) -> None:
+        self._conns = [c for c in self._conns if c.fileno() >= 0] + [conn]
 
     def close(self) -> None:
         """Close the port and every connection (the peers read EOF: this process is going)."""
