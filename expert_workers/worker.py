@@ -41,6 +41,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+class MissingLayout(KeyError):
+    """A call named a layout this worker does not hold (any more): the caller's placement is older
+    than the membership's, whose change dropped it. Callers tell it from a failure of the experts'
+    code: the router takes the current placement and sends the rows again (`ExpertDispatcher`)."""
+
+
 @dataclass
 class ExpertBatch:
     """One worker's share of one MoE layer (the plan slice plus its token rows).
@@ -299,7 +305,9 @@ class ExpertWorker:
         self._use_threads()
         key = self._latest if layout is None else layout
         if key not in self.layouts:
-            raise KeyError(f"worker {self.worker_id} holds no layout {key} (it holds {sorted(self.layouts)})")
+            raise MissingLayout(
+                f"worker {self.worker_id} holds no layout {key} (it holds {sorted(self.layouts)})"
+            )
         lx = self.layouts[key][layer]
         shared_w13, shared_w2 = self.shared[layer]
         x = batch.x.to(self.device, self.dtype, non_blocking=True)  # [N, H]

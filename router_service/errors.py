@@ -11,13 +11,21 @@ class WorkerError(RuntimeError):
     """Expert-worker code raised; the message names the worker and the layer."""
 
 
+class StaleLayout(WorkerError):
+    """A worker does not hold the layout a pass asked for: the pass's placement is older than the
+    membership's (a router that restarted while a change retired it). Not a fault of the worker:
+    the router takes the current placement and re-sends those rows."""
+
+
 class WorkerStartError(RuntimeError):
     """A worker could not be started or could not load its experts; the message says why."""
 
 
-def worker_error(worker: int, layer: int, cause: BaseException) -> WorkerError:
-    """The error every transport raises when worker `worker`'s code fails in MoE layer `layer`."""
-    return WorkerError(f"expert worker {worker} failed in MoE layer {layer}: {type(cause).__name__}: {cause}")
+def worker_error(worker: int, layer: int, cause: BaseException, stale: bool = False) -> WorkerError:
+    """The error every transport raises when worker `worker`'s code fails in MoE layer `layer`;
+    `stale`: the cause is a layout the worker does not hold (a `StaleLayout`)."""
+    kind = StaleLayout if stale else WorkerError
+    return kind(f"expert worker {worker} failed in MoE layer {layer}: {type(cause).__name__}: {cause}")
 
 
 class MembershipBusy(RuntimeError):

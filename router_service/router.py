@@ -94,6 +94,7 @@ class Router:
         transport = make_transport(config, worker_setup(config, self.spec), owns_workers=controller is None)
         self.dispatcher = ExpertDispatcher(self.spec, transport, config.load_window)
         self.dispatcher.recover = self._recover
+        self.dispatcher.refresh = self._refresh
         self.dispatcher.max_attempts = config.elastic.recovery_attempts
         self._owns_controller = controller is None
         try:
@@ -145,6 +146,24 @@ class Router:
         installed here at once, since the old one cannot serve."""
         new = self.controller.recover(placement, lost, self.router_id)
         self._install(new, same_version=True)
+        return self.dispatcher.placement
+
+    def _refresh(self, placement: Placement) -> Placement:
+        """A pass (holding the model lock) found workers without their layouts of `placement`: a
+        change retired them while this router could not install the change's placement (it was
+        restarting: it attached before the change and its install came too late). The controller's
+        current placement, installed here at once."""
+        if self._owns_controller:
+            current = self.controller.placement
+        else:
+            current = self.controller.attach_router(self.router_id)
+        log.warning(
+            "router %s: placement %d is out of date (its workers dropped its layouts); now on %d",
+            self.router_id,
+            placement.version,
+            current.version,
+        )
+        self._install(current)
         return self.dispatcher.placement
 
     def describe(self) -> dict:

@@ -95,6 +95,28 @@ def test_local_scale_and_lost_workers_keep_the_outputs(tiny_model_dir):
         assert rel_err(engine.forward(ids), want) < 1e-5
 
 
+def test_a_pass_on_an_out_of_date_placement_takes_the_current_one(tiny_model_dir, caplog):
+    """A router that missed a change (it restarted while the change ran: CI saw 'worker 2 holds no
+    layout 2') finds the workers without its layouts: it takes the controller's placement and sends
+    those rows again, and the output does not change."""
+    d = tiny_model_dir("deepseek_v3")
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with Engine.from_pretrained(d, num_workers=2) as engine:
+        want = engine.forward(ids)
+        router = engine.router
+        old = router.dispatcher.placement
+        engine.scale(3)
+        new = router.dispatcher.placement
+        workers = router.dispatcher.transport.workers
+        dropped = [w for w in old.worker_ids if w in workers and old.layout_of(w) not in workers[w].layouts]
+        assert dropped, "the scale must have dropped a layout the old placement names"
+        router.dispatcher.placement = old  # what a router that missed the install still holds
+        with caplog.at_level("WARNING", logger="router_service.router"):
+            assert rel_err(engine.forward(ids), want) < 1e-5
+        assert router.dispatcher.placement.version == new.version
+        assert f"placement {old.version} is out of date" in caplog.text
+
+
 def test_autoscaler_waits_out_its_delays():
     cfg = AutoscalingConfig(
         min_workers=1,

@@ -12,6 +12,7 @@ import torch
 from conftest import probe_batches, transport_probe_outputs
 from tiny_models import VOCAB
 
+from expert_workers.worker import MissingLayout
 from router_service import Engine
 from router_service.errors import WorkerError
 from router_service.runtime.data_plane import DataPlaneServer, recv_frame, send_frame
@@ -75,6 +76,8 @@ def test_data_plane_refuses_a_wrong_token_and_names_worker_errors():
     def forward(layer, batch, layout):
         if layer == 9:
             raise KeyError("no such layer")
+        if layout == 4:
+            raise MissingLayout("holds no layout 4")
         return batch.x * 2
 
     server = DataPlaneServer(forward, 5, b"right", "127.0.0.1")
@@ -97,6 +100,10 @@ def test_data_plane_refuses_a_wrong_token_and_names_worker_errors():
     send_frame(conn, {"layer": 9, "layout": 0}, batch)
     header, _ = recv_frame(conn)
     assert "expert worker 5 failed in MoE layer 9: KeyError" in header["error"]
+    assert not header["stale"]
+    send_frame(conn, {"layer": 1, "layout": 4}, batch)  # an out-of-date placement: told apart
+    header, _ = recv_frame(conn)
+    assert header["stale"] and "holds no layout 4" in header["error"]
     send_frame(conn, {"layer": 1, "layout": 0}, batch)  # the connection still serves
     _, (out,) = recv_frame(conn)
     assert torch.equal(out, x * 2)

@@ -37,7 +37,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayT
 
 from expert_workers.worker import ExpertBatch
 from moe_serving import tracing
-from router_service.errors import WorkerError
+from router_service.errors import StaleLayout, WorkerError
 from router_service.runtime.data_plane import pack_batch, unpack
 from router_service.runtime.ray_transport import RayTransport, kill_actor
 from router_service.runtime.transport import LayerResult
@@ -202,6 +202,9 @@ class CompiledTransport(RayTransport):
                     # a fresh graph costs ~1 s, and only on errors.
                     self._drain(refs, i)
                     self._rebuild()
+                    if isinstance(e.cause, StaleLayout):  # plain calls tell which workers are stale
+                        self._watch.end()
+                        return super().run_layer(layer, work)
                     if isinstance(e.cause, WorkerError):
                         raise e.cause from None
                     raise WorkerError(

@@ -28,7 +28,7 @@ import msgpack
 import torch
 
 from expert_workers.batching import merge_batches, split_output
-from expert_workers.worker import ExpertBatch
+from expert_workers.worker import ExpertBatch, MissingLayout
 from moe_serving import tracing
 from moe_serving.tensors import from_raw, to_raw
 from router_service.errors import worker_error
@@ -160,6 +160,7 @@ class _Work:
     done: bool = False
     out: torch.Tensor | None = None
     error: str | None = None
+    stale: bool = False  # the error is a layout this worker does not hold (`StaleLayout`)
 
     @property
     def key(self) -> tuple:
@@ -244,7 +245,7 @@ class DataPlaneServer:
                 work = _Work(header["layer"], header["layout"], ExpertBatch(*tensors))
                 self._compute(work)
                 if work.error is not None:  # sent back, named; the connection stays usable
-                    send_frame(conn, {"error": work.error})
+                    send_frame(conn, {"error": work.error, "stale": work.stale})
                 else:
                     send_frame(conn, {}, [work.out])
                 work.out = None
@@ -314,7 +315,8 @@ class DataPlaneServer:
                     work.out = part
             return rows
         except Exception as e:  # every frame of the call gets the error, named
-            message = str(worker_error(self.worker_id, layer, e))
+            stale = isinstance(e, MissingLayout)
+            message = str(worker_error(self.worker_id, layer, e, stale))
             for work in group:
-                work.out, work.error = None, message
+                work.out, work.error, work.stale = None, message, stale
             return 0

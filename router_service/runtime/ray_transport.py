@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from expert_workers.worker import ExpertBatch
 from moe_serving import tracing
 from router_service.config import WorkerResources
-from router_service.errors import WorkerError, WorkerStartError, worker_error
+from router_service.errors import StaleLayout, WorkerError, WorkerStartError, worker_error
 from router_service.runtime.data_plane import pack_batch, unpack
 from router_service.runtime.transport import LayerResult, LayoutSpec, WorkerSetup
 from router_service.runtime.worker_actor import NAMESPACE, WORKER_ACTOR
@@ -182,6 +182,9 @@ class RayTransport:
                     partial = ray.get(ref)
                 except RayTaskError as e:
                     cause = e.cause
+                    if isinstance(cause, StaleLayout):  # out-of-date placement: re-sent by the dispatcher
+                        result.stale[w] = str(cause)
+                        continue
                     if isinstance(cause, WorkerError):
                         raise cause from None
                     raise worker_error(w, layer, cause) from None

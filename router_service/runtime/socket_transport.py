@@ -148,7 +148,9 @@ class SocketTransport(RayTransport):
                 except (ConnectionError, OSError) as e:
                     result.lost[w] = self._broken(w, e)
                     continue
-                if "error" in header:
+                if header.get("stale"):  # the placement is out of date: the dispatcher re-sends
+                    result.stale[w] = header["error"]
+                elif "error" in header:
                     error = error or WorkerError(header["error"])
                     continue
                 result.partials[w] = tensors[0].to(work[w][1].x.device)  # owns its buffer

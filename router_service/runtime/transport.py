@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from expert_workers.worker import ExpertBatch, ExpertWorker
+from expert_workers.worker import ExpertBatch, ExpertWorker, MissingLayout
 from moe_models.spec import ModelSpec
 from router_service.errors import worker_error
 
@@ -39,6 +39,8 @@ class LayerResult:
 
     partials: dict[int, torch.Tensor] = field(default_factory=dict)
     lost: dict[int, str] = field(default_factory=dict)
+    # workers that hold none of the layout asked (id -> why): the caller's placement is out of date
+    stale: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,8 @@ class LocalTransport:
                 continue
             try:
                 result.partials[w] = self.workers[w].forward(layer, batch, layout)
+            except MissingLayout as e:  # an out-of-date placement: the dispatcher re-sends
+                result.stale[w] = str(worker_error(w, layer, e, stale=True))
             except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed
                 raise worker_error(w, layer, e) from e
         return result

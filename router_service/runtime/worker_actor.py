@@ -17,7 +17,7 @@ import secrets
 import ray
 from ray.experimental import tqdm_ray
 
-from expert_workers.worker import ExpertWorker
+from expert_workers.worker import ExpertWorker, MissingLayout
 from moe_serving import tracing
 from router_service.default_model import ensure_default_model
 from router_service.errors import worker_error
@@ -127,7 +127,7 @@ class RayExpertWorker(ExpertWorker):
             with tracing.span("worker call", {"layer": layer}):
                 return pack(self.forward(layer, unpack_batch(packed), layout))
         except Exception as e:  # re-raised with the worker and layer named; nothing is swallowed
-            raise worker_error(self.worker_id, layer, e) from e
+            raise worker_error(self.worker_id, layer, e, stale=isinstance(e, MissingLayout)) from e
 
 
 WORKER_ACTOR = ray.remote(concurrency_groups={"control": 1, "health": 1})(RayExpertWorker)

@@ -23,7 +23,7 @@ from torch import nn
 
 from moe_models.spec import ModelSpec
 from moe_serving import tracing
-from router_service.errors import NoCapacityError
+from router_service.errors import NoCapacityError, StaleLayout
 from router_service.stages.gating import Routing
 from router_service.stages.load_stats import ExpertLoad
 from router_service.stages.placement import Placement
@@ -38,14 +38,20 @@ class ExpertDispatcher:
 
     `placement` is replaced only at pass boundaries (by the membership controller, under the router's
     model lock), or by `recover` inside a pass that lost workers. `recover(placement, lost)` returns
-    the placement to finish on (it is the membership's).
+    the placement to finish on (it is the membership's). `refresh(placement)` returns the
+    membership's current placement, for a pass whose workers no longer hold the layouts of its own
+    (it is older than a change that retired them: a router restarted while the change ran); the
+    rows those workers had are sent again over it, as for lost workers.
     """
 
-    def __init__(self, spec: ModelSpec, transport: DataPlane, load_window: int = 256, recover=None):
+    def __init__(
+        self, spec: ModelSpec, transport: DataPlane, load_window: int = 256, recover=None, refresh=None
+    ):
         self.spec = spec
         self.placement: Placement | None = None
         self.transport = transport
         self.recover = recover
+        self.refresh = refresh
         self.max_attempts = 3
         self.load = ExpertLoad(spec.moe_layers, spec.num_experts, load_window)
         self.passes = 0  # forward passes that reached the first MoE layer
@@ -86,31 +92,41 @@ class ExpertDispatcher:
         with_shared = self.spec.shared_intermediate_size > 0
         with tracing.span("plan", {"layer": layer, "tokens": x.shape[0]}):
             work = plan(routing, placement, layer, x, with_shared, shared_weights, pair_mask)
-        partials, lost = self._run(layer, placement, work)
+        partials, lost, stale = self._run(layer, placement, work)
         if zero_part is not None:
             partials.append(zero_part)
         shared_mask = None  # the tokens whose shared experts are still to compute: None = all
         attempts = 0
-        while lost:  # re-send only what the lost workers had, over a placement without them
+        # Re-send only what the lost (or stale) workers had, over a placement without them (or the
+        # current one).
+        while lost or stale:
             attempts += 1
-            if attempts > self.max_attempts or self.recover is None:
+            if attempts > self.max_attempts or (lost and self.recover is None):
                 raise NoCapacityError(
                     f"MoE layer {layer}: expert workers {sorted(lost)} lost and the layer could not be "
                     f"re-placed after {self.max_attempts} attempts: {lost}"
                 )
-            on_lost = pairs_on(routing, placement, layer, set(lost))  # [T, K]
+            newer = None if lost or self.refresh is None else self.refresh(placement)
+            if not lost and (newer is None or newer.version <= placement.version):
+                raise StaleLayout(  # no newer placement to finish on: a membership fault
+                    f"MoE layer {layer}: placement {placement.version} is the newest the router can get, "
+                    f"and its workers do not hold it: {stale}"
+                )
+            redo = set(lost) | set(stale)
+            on_lost = pairs_on(routing, placement, layer, redo)  # [T, K]
             shared_on_lost = on_lost[torch.arange(x.shape[0]), shared_choice(routing)]  # [T]
             pair_mask = on_lost if pair_mask is None else pair_mask & on_lost
             shared_mask = shared_on_lost if shared_mask is None else shared_mask & shared_on_lost
-            placement = self.recover(placement, lost)
+            placement = self.recover(placement, lost) if lost else newer
             work = plan(routing, placement, layer, x, with_shared, shared_weights, pair_mask, shared_mask)
-            more, lost = self._run(layer, placement, work)
+            more, lost, stale = self._run(layer, placement, work)
             partials += more
         with tracing.span("combine", {"layer": layer}):
             return combine(x, partials)
 
-    def _run(self, layer: int, placement: Placement, work: dict) -> tuple[list, dict[int, str]]:
-        """Dispatch one plan: the (rows, partial) pairs in worker order, and the workers lost."""
+    def _run(self, layer: int, placement: Placement, work: dict) -> tuple[list, dict, dict]:
+        """Dispatch one plan: the (rows, partial) pairs in worker order, the workers lost, and the
+        workers that do not hold their layout of `placement` (id -> why)."""
         baton = getattr(self._local, "baton", None)
         result = self.transport.run_layer(
             layer,
@@ -121,7 +137,7 @@ class ExpertDispatcher:
         ordered = [w for w in placement.worker_ids if w in result.partials]
         for w in ordered:
             self.worker_tokens[w] += work[w][0].numel()
-        return [(work[w][0], result.partials[w]) for w in ordered], result.lost
+        return [(work[w][0], result.partials[w]) for w in ordered], result.lost, result.stale
 
 
 def shared_scale(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
