@@ -36,6 +36,24 @@ class GenerateParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    top_k: int = 0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    structured: StructuredOutput | None = None
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match (vLLM's `structured_outputs`, OpenAI's `response_format`):
+    kind "json" (value: a JSON schema, as an object or a string), "json_object" (any JSON object),
+    "regex" (a regular expression), "choice" (value: a list of strings, one of which is the
+    output) or "grammar" (Lark, llguidance's syntax, or GBNF). `compact_json`: JSON without free
+    whitespace (the default: small models loop on whitespace otherwise)."""
+
+    kind: str
+    value: object = None
+    compact_json: bool = True
 
 
 @dataclass

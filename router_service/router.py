@@ -21,6 +21,7 @@ from moe_models.loading import load_hf_config, spec_from_hf_config
 from moe_serving import tracing
 from router_service.config import EngineConfig, resolve_device, router_threads_for
 from router_service.default_model import ensure_default_model
+from router_service.generation.constraints import grammar_tokenizer
 from router_service.generation.decoding import SamplingParams
 from router_service.generation.overlap import DEFAULT_MIN_TOKENS, MicroBatchRunner
 from router_service.generation.scheduler import GenerationScheduler, eos_ids
@@ -277,8 +278,15 @@ class Router:
     def scheduler(self) -> GenerationScheduler:
         if self._scheduler is None:
             eos = eos_ids(self.model.generation_config, self.model.config)
+            vocab, model_dir = self.spec.vocab_size, self.config.model_dir
             self._scheduler = GenerationScheduler(
-                self.model, eos, self.device, self.lock, self.config.batch_limits, self._overlap_runner()
+                self.model,
+                eos,
+                self.device,
+                self.lock,
+                self.config.batch_limits,
+                self._overlap_runner(),
+                grammar_tokenizer=lambda: grammar_tokenizer(str(model_dir), vocab, tuple(sorted(eos))),
             )
         return self._scheduler
 

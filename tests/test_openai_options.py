@@ -229,7 +229,7 @@ def test_parsing_maps_options_and_refuses_unsupported_ones_by_name():
     assert openai_api.parse_chat({**chat, "max_tokens": None}, "m").params[0].max_tokens is None
     assert openai_api.parse_chat({**chat, "max_tokens": 7}, "m").params[0].max_tokens == 7
     for body, needle in [
-        ({"prompt": "a", "logit_bias": {"1": 2}, "tools": [1]}, "logit_bias, tools"),
+        ({"prompt": "a", "suffix": "b", "functions": [1]}, "functions"),
         ({"prompt": "a", "echo": True, "stream": True}, "echo"),
         ({"prompt": "a", "echo": 1}, "echo"),
         ({"prompt": "a", "max_tokens": 0}, "max_tokens=0"),
@@ -238,7 +238,7 @@ def test_parsing_maps_options_and_refuses_unsupported_ones_by_name():
         with pytest.raises(ServingError, match=needle):
             openai_api.parse_completion(body, "m")
     with pytest.raises(ServingError, match="response_format"):
-        openai_api.parse_chat({"messages": [], "response_format": {"type": "json_object"}}, "m")
+        openai_api.parse_chat({"messages": [], "response_format": {"type": "yaml"}}, "m")
 
 
 def test_echo_parsing_and_max_tokens_zero():

@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from moe_serving import tracing
+from router_service.generation.constraints import GrammarMasks, GrammarState
 from router_service.generation.overlap import join_caches, split_bounds, split_cache
 
 
@@ -33,7 +34,10 @@ class SamplingParams:
     (transformers' MinNewTokensLengthLogitsProcessor); `repetition_penalty` divides positive and
     multiplies negative logits of every token in prompt + completion (transformers'
     RepetitionPenaltyLogitsProcessor); `frequency_penalty` * count and `presence_penalty` * (count > 0)
-    over the completion's tokens are subtracted (OpenAI's definitions); then temperature and top-p.
+    over the completion's tokens are subtracted (OpenAI's definitions); then temperature, min-p,
+    top-k and top-p. Before all of them, a `grammar` (llguidance's, `constraints.py`) masks what the
+    structured output does not allow, `allowed_token_ids` masks every other token, and
+    `logit_bias` ((token, bias) pairs) is added.
 
     stop_token_ids: tokens that end the sequence ("stop") like the end-of-sequence token, which
     `ignore_eos` turns off (stop_token_ids still stop). logprobs: None, or report the chosen token's
@@ -55,6 +59,11 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.resume_at, int) or self.resume_at < 0:
@@ -74,11 +83,24 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be a non-negative int, got {self.min_tokens!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative int (0: off), got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty")
+            object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
 
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def biased(self) -> bool:
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
 
 
 MAX_LOGPROBS = 20  # most likely alternatives reported per token, at most (vLLM's default limit)
@@ -108,6 +130,7 @@ class Sequence:
     finish_reason: str | None = None  # "length" | "stop" | "cancelled"
     generator: torch.Generator | None = None
     seed: int = 0
+    grammar: GrammarState | None = None  # the structured output's matcher (set when it joins a batch)
 
     def __post_init__(self):
         if self.params.temperature > 0:
@@ -135,11 +158,19 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos: set[int]) ->
     for i, seq in enumerate(seqs):
         p = seq.params
         masked = seq.made() < p.min_tokens
-        if not (masked or p.penalized):
+        if not (masked or p.penalized or p.biased):
             continue
         if out is logits:
             out = logits.clone()
         row = out[i]  # [V], a view
+        if p.allowed_token_ids is not None:
+            keep = torch.tensor(p.allowed_token_ids, device=row.device)
+            allowed = row[keep]
+            row.fill_(-float("inf"))
+            row[keep] = allowed
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias, strict=True)
+            row[torch.tensor(ids, device=row.device)] += torch.tensor(bias, device=row.device)
         if masked:
             banned = set(p.stop_token_ids) | eos
             if banned:
@@ -174,15 +205,22 @@ def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Next token per row of logits [B, V] (float32): argmax for greedy rows, else temperature and
-    top-p (nucleus) sampling with the row's own generator, so a seeded request is reproducible
-    whatever else is in the batch."""
+    """Next token per row of logits [B, V] (float32): argmax for greedy rows, else temperature,
+    min-p, top-k and top-p (nucleus) sampling (vLLM's order) with the row's own generator, so a
+    seeded request is reproducible whatever else is in the batch."""
     out = logits.argmax(dim=-1).tolist()
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.temperature == 0:
             continue
         probs = torch.softmax(logits[i].double().cpu() / p.temperature, dim=-1)
+        if p.min_p > 0.0:  # tokens less likely than min_p x the most likely one are out
+            probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
+        if 0 < p.top_k < probs.shape[0]:
+            kth = probs.topk(p.top_k).values[-1]
+            probs = torch.where(probs < kth, 0.0, probs)  # ties at the k-th all stay, as in vLLM
+        if p.min_p > 0.0 or p.top_k:
+            probs = probs / probs.sum()
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
@@ -215,6 +253,7 @@ class DecodeBatch:
         self.model = model
         self.overlap = overlap  # a MicroBatchRunner: big enough steps run as overlapped micro-batches
         self.eos = eos_token_ids
+        self.masks = GrammarMasks()
         self.device = device
         self.seqs: list[Sequence] = []
         self.cache: DynamicCache | None = None
@@ -303,18 +342,38 @@ class DecodeBatch:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
         """Next token per row of logits [B, V], and its log-probabilities where asked for."""
-        tokens = sample_rows(process_logits(logits, seqs, self.eos), seqs)
+        processed = logits
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            with tracing.span("grammar mask", {"rows": len(constrained)}):
+                processed = self.masks.apply(logits, constrained, [seqs[i].grammar for i in constrained])
+        processed = process_logits(processed, seqs, self.eos)
+        tokens = sample_rows(processed, seqs)
+        if constrained or any(s.params.allowed_token_ids is not None for s in seqs):
+            # A row whose constraints leave no token at all (allowed_token_ids outside the grammar,
+            # say) ends here, on the end-of-sequence token, rather than sampling from nothing.
+            for i in (~torch.isfinite(processed).any(dim=-1)).nonzero().flatten().tolist():
+                seqs[i].finish_reason = "stop"
+                tokens[i] = min(self.eos) if self.eos else tokens[i]
         return tokens, token_logprobs(logits, seqs, tokens)
 
     def _record(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[tuple]:
-        """(sequence, token, finish_reason as of this token, logprobs or None) per row."""
+        """(sequence, token, finish_reason as of this token, logprobs or None) per row. A
+        structured output's matcher takes the token; once it takes no more, the sequence stops."""
         out = []
         for s, t, lp in zip(seqs, tokens, logprobs, strict=True):
             s.generated.append(t)
-            if (t in self.eos and not s.params.ignore_eos) or t in s.params.stop_token_ids:
+            if s.finish_reason is not None:
+                pass  # ended by `_sample`
+            elif (t in self.eos and not s.params.ignore_eos) or t in s.params.stop_token_ids:
                 s.finish_reason = "stop"
-            elif len(s.generated) >= s.params.max_new_tokens:
-                s.finish_reason = "length"
+            else:
+                if s.grammar is not None:
+                    s.grammar.advance(t)
+                if s.grammar is not None and s.grammar.done:
+                    s.finish_reason = "stop"
+                elif len(s.generated) >= s.params.max_new_tokens:
+                    s.finish_reason = "length"
             out.append((s, t, s.finish_reason, lp))
         return out
 

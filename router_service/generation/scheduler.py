@@ -20,6 +20,7 @@ import time
 from moe_serving import tracing
 from router_service.config import BatchLimits
 from router_service.errors import QueueFull, RequestTooLarge
+from router_service.generation.constraints import GrammarState
 from router_service.generation.decoding import DecodeBatch, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,19 @@ class GenerationScheduler:
     the Router's `ModelTurn`) serialises model use with the router's other calls (forward,
     moe_forward), which run between steps."""
 
-    def __init__(self, model, eos_token_ids: set[int], device, lock, limits: BatchLimits, overlap=None):
+    def __init__(
+        self,
+        model,
+        eos_token_ids: set[int],
+        device,
+        lock,
+        limits: BatchLimits,
+        overlap=None,
+        grammar_tokenizer=None,
+    ):
         self.batch = DecodeBatch(model, eos_token_ids, device, overlap)
+        # () -> llguidance's tokenizer, for requests with a structured output (built on first use)
+        self.grammar_tokenizer = grammar_tokenizer
         self.lock = lock
         self.limits = limits
         self._cv = threading.Condition()
@@ -63,6 +75,7 @@ class GenerationScheduler:
                 f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} "
                 f"exceeds the server's limit of {self.limits.max_batch_tokens} tokens per request"
             )
+        seq = self._sequence(key, prompt, params)  # a grammar that cannot compile raises here
         with self._cv:
             if key in self._outputs:
                 raise ValueError(f"request id {key!r} is already in use")
@@ -73,9 +86,17 @@ class GenerationScheduler:
                 )
             self._outputs[key] = (sink, True) if sink is not None else (queue.SimpleQueue(), False)
             self._live.add(key)
-            self._waiting.append(Sequence(prompt, params, key=key))
+            self._waiting.append(seq)
             self._ensure_thread()
             self._cv.notify()
+
+    def _sequence(self, key, prompt: list[int], params: SamplingParams) -> Sequence:
+        seq = Sequence(prompt, params, key=key)
+        if params.grammar is not None:
+            if self.grammar_tokenizer is None:
+                raise ValueError("this router cannot constrain outputs (no tokenizer for the grammar)")
+            seq.grammar = GrammarState(self.grammar_tokenizer(), params.grammar, seq.completion())
+        return seq
 
     def stream(self, key, timeout: float | None = None):
         """Yield (token_ids, finish_reason, logprobs) chunks for `key`: every token ready since the

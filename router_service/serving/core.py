@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from moe_models.spec import ModelSpec
 from moe_serving.errors import ServingError, invalid, too_large
-from moe_serving.types import GenerateChunk, GenerateParams
+from moe_serving.types import GenerateChunk, GenerateParams, StructuredOutput
 from router_service.errors import (
     MembershipBusy,
     NoCapacityError,
@@ -30,6 +30,7 @@ from router_service.errors import (
     ScaleError,
     WorkerError,
 )
+from router_service.generation.constraints import check_grammar, compile_grammar, hf_grammar_tokenizer
 from router_service.generation.decoding import MAX_LOGPROBS
 from router_service.inputs import check_attention_mask, check_moe_input, check_token_ids
 from router_service.runtime.liveness import wait_closed
@@ -152,11 +153,40 @@ def check_generate_params(p: GenerateParams) -> None:
         )
     if not isinstance(p.ignore_eos, bool):
         raise invalid(f"ignore_eos must be true or false, got {p.ignore_eos!r}")
+    if not _is_int(p.top_k) or p.top_k < -1:
+        raise invalid(f"top_k must be an integer >= 1, or 0 or -1 for all tokens, got {p.top_k!r}")
+    if not _is_number(p.min_p) or not 0.0 <= p.min_p <= 1.0:
+        raise invalid(f"min_p must be a number in [0, 1], got {p.min_p!r}")
+    if p.logit_bias is not None:
+        if not isinstance(p.logit_bias, dict) or len(p.logit_bias) > MAX_LOGIT_BIAS:
+            raise invalid(
+                f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids -> bias, got {p.logit_bias!r}"
+            )
+        for token, bias in p.logit_bias.items():
+            if not _is_int(token) or not _is_number(bias) or not -100.0 <= bias <= 100.0:
+                raise invalid(f"logit_bias maps token ids to numbers in [-100, 100], got {token!r}: {bias!r}")
+    if p.allowed_token_ids is not None and (
+        not isinstance(p.allowed_token_ids, list | tuple)
+        or not p.allowed_token_ids
+        or not all(_is_int(t) for t in p.allowed_token_ids)
+    ):
+        raise invalid(f"allowed_token_ids must be a non-empty list of token ids, got {p.allowed_token_ids!r}")
+    if p.structured is not None and not isinstance(p.structured, StructuredOutput):
+        raise invalid(f"structured output must be a StructuredOutput, got {type(p.structured).__name__}")
 
 
-def sampling_options(p: GenerateParams) -> dict:
-    """The router's SamplingParams fields beyond max_new_tokens, temperature, top_p and seed."""
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+
+
+def sampling_options(p: GenerateParams, grammar: str | None = None) -> dict:
+    """The router's SamplingParams fields beyond max_new_tokens, temperature, top_p and seed;
+    `grammar`: the structured output, compiled (`IngressCore.grammar`)."""
     return {
+        "top_k": max(int(p.top_k), 0),
+        "min_p": float(p.min_p),
+        "logit_bias": tuple(sorted((int(t), float(b)) for t, b in (p.logit_bias or {}).items())),
+        "allowed_token_ids": None if p.allowed_token_ids is None else tuple(p.allowed_token_ids),
+        "grammar": grammar,
         "presence_penalty": float(p.presence_penalty),
         "frequency_penalty": float(p.frequency_penalty),
         "repetition_penalty": float(p.repetition_penalty),
@@ -292,6 +322,7 @@ class IngressCore:
     def __init__(self, router, spec: ModelSpec, tokenizer, settings: ServingSettings, controller=None):
         self.spec = spec
         self.tokenizer = tokenizer
+        self._grammar_tokenizer = None  # llguidance's view of it, built on the first structured output
         self.settings = settings
         self.controller = controller
         self._subscriber = uuid.uuid4().hex  # this replica's name for its generation streams
@@ -477,10 +508,29 @@ class IngressCore:
             ids = list(ids)
         with invalid_on_value_error():
             check_token_ids([ids], self.spec.vocab_size, "prompt token ids")
-            if p.stop_token_ids:
-                check_token_ids([list(p.stop_token_ids)], self.spec.vocab_size, "stop_token_ids")
+            for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+                given = getattr(p, name)
+                if given:
+                    check_token_ids([list(given)], self.spec.vocab_size, name)
         self.settings.completion_tokens(len(ids), p.max_tokens)  # the context (400), then the size (413)
         return ids
+
+    def grammar(self, p: GenerateParams) -> str | None:
+        """The request's structured output as an llguidance grammar, checked against the model's
+        tokenizer (None without one); a 400 naming what is wrong with the schema, regex, choices
+        or grammar."""
+        if p.structured is None:
+            return None
+        if self.tokenizer is None:
+            raise invalid("this model has no tokenizer, so it cannot constrain its output")
+        try:
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = hf_grammar_tokenizer(self.tokenizer, self.spec.vocab_size)
+            grammar = compile_grammar(p.structured)
+            check_grammar(grammar, self._grammar_tokenizer)
+        except ValueError as e:
+            raise invalid(f"structured output ({p.structured.kind}): {e}") from None
+        return grammar
 
     async def generate(self, p: GenerateParams) -> AsyncIterator[GenerateChunk]:
         """Stream the request's `n` choices (their chunks interleaved, each with its `index`);
@@ -493,13 +543,16 @@ class IngressCore:
         """
         ids = self.prompt_ids(p)
         p = dataclasses.replace(p, max_tokens=self.settings.completion_tokens(len(ids), p.max_tokens))
+        options = sampling_options(p, self.grammar(p))
         if p.n == 1:
-            async with contextlib.aclosing(self._generate_one(ids, p, 0)) as chunks:
+            async with contextlib.aclosing(self._generate_one(ids, p, 0, options)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
         copies = [
-            self._generate_one(ids, dataclasses.replace(p, seed=None if p.seed is None else p.seed + i), i)
+            self._generate_one(
+                ids, dataclasses.replace(p, seed=None if p.seed is None else p.seed + i), i, options
+            )
             for i in range(p.n)
         ]
         async with contextlib.aclosing(merge_streams(copies)) as chunks:
@@ -507,10 +560,10 @@ class IngressCore:
                 yield chunk
 
     async def _generate_one(
-        self, ids: list[int], p: GenerateParams, index: int
+        self, ids: list[int], p: GenerateParams, index: int, options: dict
     ) -> AsyncIterator[GenerateChunk]:
         request_id = uuid.uuid4().hex
-        req = OpenGeneration(ids, p, asyncio.Queue())
+        req = OpenGeneration(ids, p, asyncio.Queue(), options)
         self._open[request_id] = req
         text = CompletionText(self.tokenizer, ids, p.stop, p.stop_token_ids, p.logprobs is not None)
         finished = router_finished = False
@@ -576,7 +629,7 @@ class IngressCore:
                     p.seed,
                     self._subscriber,
                     done,
-                    **sampling_options(p),
+                    **req.options,
                 )
         except ServingError as e:
             if "already in use" not in e.message:

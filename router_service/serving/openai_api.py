@@ -2,7 +2,7 @@
 GenerateChunks -> answers, streamed (server-sent events) or whole. Pure functions, no Ray.
 
 Every field of a request is either used or refused with a 400 that names it: an option this server
-does not implement (tools, logit_bias, suffix, ...) is never silently ignored. Without max_tokens a
+does not implement (suffix, ...) is never silently ignored. Without max_tokens a
 completion makes 16 tokens (OpenAI's completions default) and a chat runs up to the model's context
 (OpenAI's and vLLM's chat default). Usage counts each
 prompt once and every choice's completion tokens (so n > 1 adds up the n completions), as OpenAI
@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from moe_serving.errors import ServingError, invalid
-from moe_serving.types import GenerateChunk, GenerateParams, TokenLogprob
+from moe_serving.types import GenerateChunk, GenerateParams, StructuredOutput, TokenLogprob
 
 # Fields both endpoints take (beyond their prompt) and the GenerateParams field each one sets.
 _SAMPLING = {
@@ -32,10 +32,33 @@ _SAMPLING = {
     "repetition_penalty": "repetition_penalty",
     "min_tokens": "min_tokens",
     "ignore_eos": "ignore_eos",
+    "top_k": "top_k",
+    "min_p": "min_p",
 }
-_COMMON = {"model", "stream", "stream_options", "stop", "stop_token_ids", "user", *_SAMPLING}
+# vLLM's names for a structured output (`structured_outputs`), and its older top-level ones
+_STRUCTURED = ("json", "regex", "choice", "grammar", "json_object")
+_GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+_COMMON = {
+    "model",
+    "stream",
+    "stream_options",
+    "stop",
+    "stop_token_ids",
+    "user",
+    "logit_bias",
+    "allowed_token_ids",
+    "response_format",
+    "structured_outputs",
+    *_GUIDED,
+    *_SAMPLING,
+}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"}
-CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format"}
+CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 
 
 @dataclass
@@ -84,7 +107,93 @@ def _sampling(body: dict) -> dict:
     ids = body.get("stop_token_ids")
     if ids is not None:
         given["stop_token_ids"] = tuple(ids) if isinstance(ids, list) else ids
+    ids = body.get("allowed_token_ids")
+    if ids is not None:
+        given["allowed_token_ids"] = tuple(ids) if isinstance(ids, list) else ids
+    bias = body.get("logit_bias")
+    if bias is not None:
+        given["logit_bias"] = _logit_bias(bias)
+    structured = _structured(body)
+    if structured is not None:
+        given["structured"] = structured
     return given
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids (JSON object keys, so strings) -> bias."""
+    if not isinstance(bias, dict):
+        raise invalid(f"logit_bias must be an object of token id -> bias, got {bias!r}")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}") from None
+        out[token] = value
+    return out
+
+
+def _structured(body: dict) -> StructuredOutput | None:
+    """The one structured output a request asks for: OpenAI's response_format, vLLM's
+    structured_outputs, or its older guided_* fields; None for plain text. More than one is a 400."""
+    found: list[StructuredOutput] = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            found.append(StructuredOutput("json_object"))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
+                raise invalid(
+                    "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}"
+                )
+            # strict or not, the schema constrains the output (OpenAI's strict: false is best effort)
+            found.append(StructuredOutput("json", spec.get("schema", {})))
+        elif kind != "text":
+            raise invalid(
+                f"response_format must be {{'type': 'text' | 'json_object' | 'json_schema'}}, got {fmt!r}"
+            )
+    options = body.get("structured_outputs")
+    compact = True
+    if options is not None:
+        if not isinstance(options, dict):
+            raise invalid("structured_outputs must be an object")
+        unknown = sorted(
+            k
+            for k, v in options.items()
+            if v is not None and k not in (*_STRUCTURED, "disable_any_whitespace")
+        )
+        if unknown:
+            raise invalid(f"structured_outputs on this server does not support: {', '.join(unknown)}")
+        flag = options.get("disable_any_whitespace")
+        if flag is not None and not isinstance(flag, bool):
+            raise invalid(f"structured_outputs.disable_any_whitespace must be true or false, got {flag!r}")
+        compact = flag is not False
+        for kind in _STRUCTURED:
+            value = options.get(kind)
+            if kind == "json_object":
+                if value not in (None, False, True):
+                    raise invalid(f"structured_outputs.json_object must be true or false, got {value!r}")
+                if value:
+                    found.append(StructuredOutput("json_object"))
+            elif value is not None:
+                found.append(StructuredOutput(kind, value))
+    found += [
+        StructuredOutput(kind, body[name]) for name, kind in _GUIDED.items() if body.get(name) is not None
+    ]
+    if len(found) > 1:
+        raise invalid(
+            "give one structured output (response_format, structured_outputs or guided_*), not several"
+        )
+    if not found:
+        return None
+    so = found[0]
+    if so.kind == "choice" and not isinstance(so.value, list | tuple):
+        raise invalid(f"choice must be a list of strings, got {so.value!r}")
+    if so.kind == "choice":
+        so = StructuredOutput("choice", tuple(so.value))
+    return dataclasses.replace(so, compact_json=compact)
 
 
 def _streaming(body: dict) -> tuple[bool, bool]:
@@ -150,9 +259,6 @@ def parse_chat(body: dict, served: str) -> OpenAIRequest:
     _check_model(body, served)
     if "messages" not in body:
         raise invalid("missing field 'messages'")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise invalid(f"response_format={fmt!r} is not supported by this server (only {{'type': 'text'}})")
     given = _sampling(body)
     if body.get("max_completion_tokens") is not None:
         if body.get("max_tokens") not in (None, body["max_completion_tokens"]):

@@ -87,6 +87,7 @@ class OpenGeneration:
     prompt: list[int]
     params: GenerateParams
     news: asyncio.Queue
+    options: dict = field(default_factory=dict)  # the router's sampling options, checked once
     tokens: list[int] = field(default_factory=list)
     link: RouterLink | None = None  # the router it runs on
     # The router process that accepted it (None: none yet); submissions take turns on the lock, so
