@@ -41,6 +41,7 @@ class GenerateParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: tuple[int, ...] | None = None
     structured: StructuredOutput | None = None
+    tools: tuple[dict, ...] | None = None  # a chat's tools, for its chat template to render
 
 
 @dataclass(frozen=True)

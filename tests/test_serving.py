@@ -767,3 +767,81 @@ def test_structured_output_with_the_openai_client(server, tokenizer):
             client.chat.completions.create(model="tiny-moe", messages=CHAT, max_tokens=4, extra_body=extra)
     c = client.chat.completions.create(model="tiny-moe", messages=CHAT, max_tokens=3, temperature=0)
     assert c.choices[0].finish_reason == "length"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_calls_with_the_openai_client(server, stream):
+    """tool_choice required and named: the built-in model's calls name the tool and their
+    arguments follow its schema (constrained); auto: it answers in text (it was never taught to
+    call); a conversation with the call and its result renders and answers."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+
+    def ask(**kw):
+        c = client.chat.completions.create(
+            model="tiny-moe", messages=CHAT, tools=[WEATHER_TOOL], stream=stream, **kw
+        )
+        if not stream:
+            return (
+                c.choices[0].message.content,
+                c.choices[0].message.tool_calls or [],
+                c.choices[0].finish_reason,
+            )
+        content, calls, finish = "", [], None
+        for ch in c:
+            delta = ch.choices[0].delta
+            content += delta.content or ""
+            calls += delta.tool_calls or []
+            finish = ch.choices[0].finish_reason or finish
+        return content or None, calls, finish
+
+    for choice, want_finish in [
+        ("required", "tool_calls"),
+        ({"type": "function", "function": {"name": "get_weather"}}, "stop"),
+    ]:
+        # byte-level tokens: a call is ~70 of them; one call (parallel_tool_calls false) fits
+        content, calls, finish = ask(
+            tool_choice=choice, max_tokens=200, temperature=0, parallel_tool_calls=False
+        )
+        assert finish == want_finish and content is None and len(calls) == 1
+        call = calls[0]
+        assert call.function.name == "get_weather" and call.id.startswith("call_") and call.type == "function"
+        args = json.loads(call.function.arguments)
+        assert set(args) == {"city", "days"} and 1 <= args["days"] <= 7 and len(args["city"]) <= 10
+    content, calls, finish = ask(max_tokens=5, temperature=0)  # auto
+    assert calls == [] and finish == "length" and content
+    history = [
+        *CHAT,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    c = client.chat.completions.create(model="tiny-moe", messages=history, tools=[WEATHER_TOOL], max_tokens=3)
+    assert c.choices[0].finish_reason == "length"

@@ -31,10 +31,14 @@ from router_service.generation.decoding import (
     sample_rows,
 )
 from router_service.serving import openai_api
+from router_service.serving.tools import ToolStream
 
 SCHEMA = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -276,3 +280,79 @@ def test_parsing_sampling_options():
         "m",
     ).params[0]
     assert (p.top_k, p.min_p, p.logit_bias, p.allowed_token_ids) == (5, 0.1, {12: -3, 7: 2.5}, (1, 2))
+
+
+# ---- tools ----------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def test_tool_choice_parsing():
+    base = {**CHAT, "tools": [WEATHER, TIME]}
+    req = openai_api.parse_chat(base, "m")
+    assert req.tools.choice == "auto" and req.params[0].structured is None
+    assert [t["function"]["name"] for t in req.params[0].tools] == ["get_weather", "get_time"]
+    req = openai_api.parse_chat({**base, "tool_choice": "none"}, "m")
+    assert req.params[0].tools is None, "with tool_choice none the template does not see the tools"
+    req = openai_api.parse_chat({**base, "tool_choice": "required", "parallel_tool_calls": False}, "m")
+    schema = req.params[0].structured.value
+    assert schema["type"] == "array" and schema["maxItems"] == 1 and len(schema["items"]["anyOf"]) == 2
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    req = openai_api.parse_chat({**base, "tool_choice": named}, "m")
+    assert req.params[0].structured == StructuredOutput("json", WEATHER["function"]["parameters"])
+    for body, needle in [
+        ({**CHAT, "tool_choice": "required"}, "needs tools"),
+        ({**base, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
+        ({**base, "tool_choice": "sometimes"}, "tool_choice"),
+        ({**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, "name"),
+        ({**CHAT, "tools": [WEATHER, WEATHER]}, "unique"),
+        ({**base, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot also"),
+        ({**base, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ]:
+        with pytest.raises(ServingError, match=re.escape(needle)):
+            openai_api.parse_chat(body, "m")
+
+
+def test_tool_answers_in_openais_shape():
+    tools = openai_api.parse_chat({**CHAT, "tools": [WEATHER, TIME], "tool_choice": "required"}, "m").tools
+    content, calls, finish = tools.answer('[{"name":"get_weather","parameters":{"city":"Oslo"}}]', "stop")
+    assert content is None and finish == "tool_calls"
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert tools.answer('[{"name":"get_wea', "length") == ('[{"name":"get_wea', [], "length")
+    auto = openai_api.parse_chat({**CHAT, "tools": [WEATHER]}, "m").tools
+    text = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    content, calls, finish = auto.answer(text, "stop")
+    assert content == "Let me look." and finish == "tool_calls"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
+    assert auto.answer("just text", "stop") == ("just text", [], "stop")
+    assert auto.answer("<tool_call>not json</tool_call>", "stop")[1] == []
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7])
+def test_a_streamed_auto_answer_holds_back_only_what_may_be_a_call(cut):
+    auto = openai_api.parse_chat({**CHAT, "tools": [WEATHER]}, "m").tools
+    text = 'Sure <tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    stream = ToolStream(auto)
+    sent = "".join(stream.feed(text[i : i + cut]) for i in range(0, len(text), cut))
+    rest, calls, finish = stream.finish("stop")
+    assert sent + rest == "Sure " and finish == "tool_calls" and calls[0]["function"]["name"] == "get_weather"
+    plain = ToolStream(auto)
+    sent = "".join(plain.feed(t) for t in ["a <", "b", " <tool", "x"])
+    assert sent + plain.finish("stop")[0] == "a <b <toolx"

@@ -9,6 +9,8 @@ ships with.
 
 from __future__ import annotations
 
+import json
+
 from jinja2 import TemplateError
 
 from moe_serving.errors import invalid
@@ -40,7 +42,8 @@ def normalize_messages(messages) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
-        extra = sorted(k for k, v in m.items() if k not in ("role", "content", "name") and v is not None)
+        known = ("role", "content", "name", "tool_calls", "tool_call_id")
+        extra = sorted(k for k, v in m.items() if k not in known and v is not None)
         if extra:
             raise invalid(f"messages[{i}] has fields this server does not support: {', '.join(extra)}")
         if isinstance(content, list):
@@ -62,14 +65,44 @@ def normalize_messages(messages) -> list[dict]:
         msg = {"role": role, "content": content}
         if m.get("name") is not None:
             msg["name"] = str(m["name"])
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise invalid(f"messages[{i}]: only assistant messages carry tool_calls")
+            msg["tool_calls"] = _template_calls(m["tool_calls"], i)
+        if m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = str(m["tool_call_id"])
         out.append(msg)
     return out
 
 
-def chat_prompt_ids(tokenizer, messages) -> list[int]:
-    """Token ids of `messages` rendered with the tokenizer's chat template, ready for the
-    assistant's answer. 400 when the model has no tokenizer or no chat template, or the template
-    refuses the conversation (e.g. roles out of order)."""
+def _template_calls(calls, i: int) -> list[dict]:
+    """An assistant message's tool calls as chat templates read them: OpenAI sends each call's
+    arguments as a JSON string, templates (Qwen's, Llama's, ...) expect the object, as vLLM
+    gives it to them."""
+    if not isinstance(calls, list):
+        raise invalid(f"messages[{i}].tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise invalid(
+                f"messages[{i}].tool_calls[{j}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}"
+            )
+        arguments = fn.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                raise invalid(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
+        out.append({**call, "function": {**fn, "arguments": arguments}})
+    return out
+
+
+def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
+    """Token ids of `messages` (and `tools`, where the template renders them) rendered with the
+    tokenizer's chat template, ready for the assistant's answer. 400 when the model has no
+    tokenizer or no chat template, or the template refuses the conversation (e.g. roles out of
+    order)."""
     if tokenizer is None:
         raise invalid("this model has no tokenizer, so it cannot take chat messages; send token ids")
     if not getattr(tokenizer, "chat_template", None):
@@ -80,7 +113,9 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
         )
     msgs = normalize_messages(messages)
     try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            msgs, tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=True
+        )
     except (TemplateError, ValueError, TypeError, KeyError) as e:  # raise_exception() in a template
         raise invalid(f"the chat template refused these messages: {e}") from None
     return tokenizer.encode(text, add_special_tokens=False)

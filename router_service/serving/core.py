@@ -492,7 +492,7 @@ class IngressCore:
         if p.stop and self.tokenizer is None:
             raise invalid("this model has no tokenizer, so it cannot match stop strings; use stop_token_ids")
         if p.messages is not None:
-            ids = chat_prompt_ids(self.tokenizer, p.messages)
+            ids = chat_prompt_ids(self.tokenizer, p.messages, p.tools)
         elif p.prompt is not None:
             if not isinstance(p.prompt, str):
                 raise invalid(f"prompt must be a string, got {type(p.prompt).__name__}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from moe_serving.errors import ServingError, invalid
 from moe_serving.types import GenerateChunk, GenerateParams, StructuredOutput, TokenLogprob
+from router_service.serving.tools import ToolChoice, ToolStream, parse_tools
 
 # Fields both endpoints take (beyond their prompt) and the GenerateParams field each one sets.
 _SAMPLING = {
@@ -58,7 +59,15 @@ _COMMON = {
     *_SAMPLING,
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"}
-CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
+CHAT_FIELDS = _COMMON | {
+    "messages",
+    "logprobs",
+    "top_logprobs",
+    "max_completion_tokens",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+}
 
 
 @dataclass
@@ -71,6 +80,7 @@ class OpenAIRequest:
     chat: bool
     echo: bool = False  # completions: the prompt's text (and its logprobs) before each choice's
     generate: bool = True  # False for max_tokens 0 (only with echo): the prompt alone
+    tools: ToolChoice | None = None  # chat: the tools and tool_choice (`tools.py`)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -274,8 +284,18 @@ def parse_chat(body: dict, served: str) -> OpenAIRequest:
         raise invalid("top_logprobs needs logprobs: true")
     if logprobs:
         given["logprobs"] = 0 if top is None else top
+    tools = parse_tools(body)
+    if tools is not None:
+        calls = tools.structured()
+        if calls is not None and given.get("structured") is not None:
+            raise invalid(
+                f"tool_choice={body.get('tool_choice')!r} constrains the output to tool calls; it "
+                "cannot also follow response_format / structured_outputs"
+            )
+        given["structured"] = calls or given.get("structured")
+        given["tools"] = tools.template_tools()
     params = GenerateParams(messages=body["messages"], **given)
-    return OpenAIRequest([params], *_streaming(body), chat=True)
+    return OpenAIRequest([params], *_streaming(body), chat=True, tools=tools)
 
 
 # ---- answers --------------------------------------------------------------------------------------
@@ -362,12 +382,19 @@ def whole_answer(
             text = e.text + text
         if req.chat:
             lp = chat_logprobs(c.logprobs) if c.logprobs is not None else None
+            message: dict = {"role": "assistant", "content": text}
+            finish = c.finish_reason
+            if req.tools is not None:
+                content, calls, finish = req.tools.answer(text, finish)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
             out.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": lp,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": finish,
                     "token_ids": c.token_ids,  # an extension, as in the completions choices
                 }
             )
@@ -410,6 +437,7 @@ class StreamAnswer:
         }
         self.prompt_tokens = prompt_tokens
         self.completion_tokens: dict[int, int] = {}
+        self.tool_streams: dict[int, ToolStream] = {}
 
     def start(self) -> list[str]:
         """Chat's opening events: each choice's assistant role."""
@@ -434,19 +462,36 @@ class StreamAnswer:
 
     def chunk(self, index: int, c: GenerateChunk) -> str:
         self.completion_tokens[index] = c.completion_tokens
+        finish = c.finish_reason
         if self.req.chat:
             lp = chat_logprobs(c.logprobs) if c.logprobs is not None else None
+            delta: dict = {"content": c.text} if c.text else {}
+            if self.req.tools is not None:
+                delta, finish = self._tool_delta(index, c)
             choice = {
                 "index": index,
-                "delta": {"content": c.text} if c.text else {},
+                "delta": delta,
                 "logprobs": lp,
                 "token_ids": c.token_ids,
             }
         else:
             lp = completion_logprobs(c.logprobs) if c.logprobs is not None else None
             choice = {"index": index, "text": c.text, "token_ids": c.token_ids, "logprobs": lp}
-        choice["finish_reason"] = c.finish_reason
+        choice["finish_reason"] = finish
         return sse({**self.base, "choices": [choice]})
+
+    def _tool_delta(self, index: int, c: GenerateChunk) -> tuple[dict, str | None]:
+        """A chat choice with tools: the content that can go out now and, on its last chunk, its
+        tool calls (whole, one entry each) and finish reason."""
+        stream = self.tool_streams.setdefault(index, ToolStream(self.req.tools))
+        text = stream.feed(c.text)
+        if c.finish_reason is None:
+            return ({"content": text} if text else {}), None
+        rest, calls, finish = stream.finish(c.finish_reason)
+        delta: dict = {"content": text + rest} if text + rest else {}
+        if calls:
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+        return delta, finish
 
     def end(self) -> list[str]:
         out = []
