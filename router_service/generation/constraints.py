@@ -137,24 +137,30 @@ class GrammarMasks:
     """Masks the constrained rows of a batch's logits, all rows' bitmasks filled in one call
     (llguidance fills them on its own threads, without the GIL)."""
 
+    # bit j of a byte -> bool: a bitmask read as bytes unpacks with one gather (a shift-and over
+    # int32 words was 10x slower at 128k tokens)
+    _BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # [256, 8]
+
     def __init__(self):
         self._executor: llguidance.LLExecutor | None = None
         self._lock = threading.Lock()
-        self._bits = torch.arange(32, dtype=torch.int32)
 
     def apply(self, logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> torch.Tensor:
-        """logits [B, V] (float32) with rows[i] limited to what states[i] allows; a copy."""
+        """logits [B, V] (float32) with rows[i] limited to what states[i] allows; a new tensor."""
         vocab = logits.shape[1]
         words = (vocab + 31) // 32
-        mask = torch.zeros(len(rows), words, dtype=torch.int32)
+        mask = torch.zeros(len(rows), words, dtype=torch.int32)  # [R, W], bit k of word w: token 32w+k
         with self._lock:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
             self._executor.unsafe_compute_mask_ptr(
                 [(s.matcher, i) for i, s in enumerate(states)], mask.data_ptr(), words * 4, len(rows)
             )
-        allowed = ((mask.unsqueeze(-1) >> self._bits) & 1).reshape(len(rows), words * 32)[:, :vocab]
+        allowed = self._BITS[mask.view(torch.uint8).long()].reshape(len(rows), words * 32)[:, :vocab]
+        banned = ~allowed.to(logits.device)  # [R, V]
+        if len(rows) == logits.shape[0]:  # every row constrained (rows are in order)
+            return logits.masked_fill(banned, float("-inf"))
         out = logits.clone()
-        index = torch.tensor(rows)
-        out[index] = out[index].masked_fill(allowed.to(out.device) == 0, float("-inf"))
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = logits[index].masked_fill(banned, float("-inf"))
         return out
