@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from moe_serving.errors import ServingError, invalid
 from moe_serving.types import GenerateChunk, GenerateParams, StructuredOutput, TokenLogprob
+from router_service.serving.schemas import ChatCompletionRequest, CompletionRequest, fields_of
 from router_service.serving.tools import ToolChoice, ToolStream, parse_tools
 
 # Fields both endpoints take (beyond their prompt) and the GenerateParams field each one sets.
@@ -44,30 +45,9 @@ _GUIDED = {
     "guided_choice": "choice",
     "guided_grammar": "grammar",
 }
-_COMMON = {
-    "model",
-    "stream",
-    "stream_options",
-    "stop",
-    "stop_token_ids",
-    "user",
-    "logit_bias",
-    "allowed_token_ids",
-    "response_format",
-    "structured_outputs",
-    *_GUIDED,
-    *_SAMPLING,
-}
-COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"}
-CHAT_FIELDS = _COMMON | {
-    "messages",
-    "logprobs",
-    "top_logprobs",
-    "max_completion_tokens",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-}
+# The fields each endpoint accepts are its request model's (`schemas.py`): documented = accepted.
+COMPLETION_FIELDS = fields_of(CompletionRequest)
+CHAT_FIELDS = fields_of(ChatCompletionRequest)
 
 
 @dataclass

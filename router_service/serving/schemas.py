@@ -1,0 +1,320 @@
+"""The HTTP API's request and answer bodies as pydantic models: what `/openapi.json` and `/docs`
+show, field by field, and the one list of the fields each OpenAI endpoint accepts
+(`openai_api.COMPLETION_FIELDS` / `CHAT_FIELDS` are read from these models, so a field is
+documented exactly when it is accepted). The checks themselves, with messages that name the
+field, are `openai_api.parse_*` and `core.check_generate_params`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    message: str = Field(description="What went wrong, naming the field or limit")
+    type: str = Field(description="OpenAI's error type, e.g. invalid_request_error")
+    param: str | None = None
+    code: str | None = Field(
+        None, description="e.g. context_length_exceeded, invalid_api_key, model_not_found"
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx / 5xx answer, in OpenAI's error shape."""
+
+    error: ErrorBody
+
+
+# ---- OpenAI requests ----------------------------------------------------------------------------------
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = Field(None, description="a last event with the request's usage")
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="the JSON schema")
+    strict: bool | None = Field(None, description="accepted either way: the schema always constrains")
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="Lark (llguidance) or GBNF")
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = Field(None, description="default true: compact JSON")
+
+
+class _Generation(_Body):
+    model: str | None = Field(None, description="the served model's name (optional)")
+    max_tokens: int | None = Field(
+        None, ge=0, description="completions: default 16 (0 only with echo); chat: default up to the context"
+    )
+    temperature: float | None = Field(None, ge=0, le=100, description="default 1.0; 0 is greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: all tokens")
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, description="choice i samples with seed + i")
+    n: int | None = Field(None, ge=1, le=16)
+    stop: str | list[str] | None = Field(None, description="up to 16 strings")
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
+    allowed_token_ids: list[int] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="vLLM's older name of structured_outputs.json"
+    )
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Generation):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] | list[str | list[int]] = Field(
+        description="text, token ids, or a list of either (one answer per prompt)"
+    )
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = Field(None, description="the prompt (and its logprobs) before each choice")
+    best_of: int | None = Field(None, description="only equal to n")
+    suffix: None = Field(None, description="not supported: any value is refused")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, description="a tool turn's call")
+
+
+class FunctionSpec(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="the arguments' JSON schema")
+    strict: bool | None = None
+
+
+class ToolSpec(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ChatCompletionRequest(_Generation):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+
+def fields_of(model: type[BaseModel]) -> set[str]:
+    """The JSON names of a model's fields (aliases where set)."""
+    return {f.alias or name for name, f in model.model_fields.items()}
+
+
+# ---- OpenAI answers -----------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["length", "stop"] | None
+
+
+class CompletionResponse(BaseModel):
+    """A completion; streamed, each server-sent event holds one of these with `object`
+    text_completion and a choice's new text."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON object, as text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["length", "stop", "tool_calls"] | None
+    token_ids: list[int]
+
+
+class ChatCompletionResponse(BaseModel):
+    """A chat completion; streamed, server-sent events of `chat.completion.chunk` objects whose
+    choices carry a `delta` (role, content, tool_calls) instead of the message."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# ---- the other routes ------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeRequest(_Body):
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None
+    model: str | None = None
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int | None
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+    model: str | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+TensorBody = list[Any] | dict[str, Any]  # nested lists, or {"dtype", "shape", "data": base64}
+
+
+class ForwardRequest(_Body):
+    input_ids: TensorBody = Field(description="[B, S] token ids")
+    attention_mask: TensorBody | None = None
+
+
+class ForwardResponse(BaseModel):
+    logits: TensorBody = Field(description="[B, S, V] float32")
+
+
+class MoERequest(_Body):
+    hidden_states: TensorBody = Field(description="[T, H] or [B, S, H]")
+
+
+class MoEResponse(BaseModel):
+    hidden_states: TensorBody
+
+
+class ScaleRequest(_Body):
+    num_workers: int = Field(ge=1)
+
+
+class ScaleRoutersRequest(_Body):
+    num_routers: int = Field(ge=1, le=64)
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: Literal["ok", "unavailable"]
+    serving: bool | None = None
+    reason: str | None = None
