@@ -14,12 +14,18 @@ Serve's own (`http_options` in the config, `serve run --host/--port`); gRPC is a
 
 `serve run` passes every argument as a string; a config file passes YAML values. `AppArgs` takes
 both, and refuses unknown names and bad values with a message naming them.
+
+Keys are never arguments (a config file is committed, and Serve shows its args): the app reads
+them from MOE_SERVE_API_KEY / MOE_SERVE_ADMIN_KEY in the environment of the node that builds it
+(a KubeRay pod's `secretKeyRef`) or from `api_key_file` / `admin_key_file` (a mounted Secret).
+HTTPS is Serve's: `http_options.ssl_certfile` / `ssl_keyfile` in the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +40,11 @@ from router_service.config import (
 )
 from router_service.default_model import default_model_path
 from router_service.engine import make_config
+from router_service.serving.auth import AccessKeys, open_warning
 from router_service.serving.launch import APP_NAME, application, fit_settings
-from router_service.serving.settings import ServingSettings
+from router_service.serving.settings import GrpcTls, ServingSettings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AppArgs", "build_app", "serve_config"]
 
@@ -76,6 +85,14 @@ class AppArgs:
     router_strategy: str = "SPREAD"
     router_autoscaling_config: dict | None = None  # RouterAutoscalingConfig's fields; None: off
     progress: str = "log"
+    # keys: from the environment (MOE_SERVE_API_KEY, MOE_SERVE_ADMIN_KEY) and these files, never here
+    api_key_file: str | None = None
+    admin_key_file: str | None = None
+    protect_metrics: bool = False
+    allowed_origins: str | None = None  # CORS, comma-separated ("*": any); None: off
+    grpc_tls_cert: str | None = None  # PEM files on the node the gRPC actor runs on
+    grpc_tls_key: str | None = None
+    grpc_tls_client_ca: str | None = None  # mutual TLS
 
     @classmethod
     def from_args(cls, args: dict | None) -> AppArgs:
@@ -107,6 +124,10 @@ def _coerce(name: str, value, hint):
         text = value.strip()
         if text.lower() in ("none", "null", ""):
             return None
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"application argument {name}={value!r} is not a boolean")
+            return text.lower() in ("true", "1", "yes")
         try:
             value = json.loads(text) if kind is dict else kind(text)
         except (ValueError, json.JSONDecodeError):
@@ -160,10 +181,19 @@ def configs(a: AppArgs):
         num_routers=a.num_routers,
         router_strategy=a.router_strategy,
     )
+    if (a.grpc_tls_cert is None) != (a.grpc_tls_key is None):
+        raise ValueError("gRPC TLS needs both grpc_tls_cert and grpc_tls_key")
     settings = ServingSettings(
         model_name=a.served_model_name or Path(model).name,
         max_model_len=a.max_model_len,
         max_request_tokens=a.max_request_tokens,
+        access=AccessKeys.load(
+            api_key_files=[a.api_key_file] if a.api_key_file else [],
+            admin_key_files=[a.admin_key_file] if a.admin_key_file else [],
+            protect_metrics=a.protect_metrics,
+        ),
+        allowed_origins=tuple(o.strip() for o in (a.allowed_origins or "").split(",") if o.strip()),
+        grpc_tls=GrpcTls(a.grpc_tls_cert, a.grpc_tls_key, a.grpc_tls_client_ca) if a.grpc_tls_cert else None,
     )
     if config.transport == "local":
         raise ValueError("the Serve application needs a Ray transport: 'socket', 'ray' or 'compiled'")
@@ -174,6 +204,9 @@ def configs(a: AppArgs):
 def build_app(args: dict | None = None):
     """The application builder for `serve run` / `serve deploy` / KubeRay (see the module docstring)."""
     config, _, settings, grpc = configs(AppArgs.from_args(args))
+    warning = open_warning([grpc[0]] if grpc else [], settings.access)
+    if warning:
+        log.warning(warning + " (HTTP: Serve's http_options.host)")
     return application(config, settings, grpc)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 # code -> HTTP status. gRPC uses grpc.StatusCode[code.upper()].
 HTTP_STATUS = {
     "invalid_argument": 400,
+    "unauthenticated": 401,  # no API key, or a wrong one (OpenAI's `invalid_api_key`)
+    "permission_denied": 403,  # a valid key that may not do this (an API key on an admin route)
     "not_found": 404,
     "failed_precondition": 409,  # the cluster is busy with another change (scale, rebalance)
     "resource_exhausted": 413,  # a request over a size limit; a full queue is "unavailable" (503)

@@ -13,6 +13,10 @@ Tensors travel as `moe_serving.v1.Tensor` (exact, any dtype). A non-OK status ra
 `ServingError`: its code is the gRPC status name in lower case (statuses the serving API does not
 use map to the nearest one of `moe_serving.errors.HTTP_STATUS`), its message the status details,
 and `status` the gRPC status name ("INVALID_ARGUMENT", ...).
+
+A server started with keys needs one: `api_key=` (default: MOE_SERVE_API_KEY, else OPENAI_API_KEY),
+sent as `authorization: Bearer <key>` metadata on every call. TLS: `credentials=tls_credentials(ca)`
+(`moe_serving.credentials`; with cert and key for mutual TLS).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moe_serving.credentials import api_key_from_env
 from moe_serving.errors import HTTP_STATUS, ServingError
 from moe_serving.tensors import tensor_from_proto, tensor_to_proto
 from moe_serving.types import GenerateChunk, GenerateParams, TokenLogprob
@@ -41,8 +46,6 @@ _NEAREST = {
     "aborted": "unavailable",
     "out_of_range": "invalid_argument",
     "already_exists": "invalid_argument",
-    "permission_denied": "invalid_argument",
-    "unauthenticated": "invalid_argument",
 }
 
 __all__ = ["SERVICE_NAME", "AsyncGrpcClient", "GrpcClient", "generate_request", "serving_error"]
@@ -176,11 +179,16 @@ def _channel_options(max_message_mb: int, options) -> list:
     ]
 
 
+def _auth_metadata(api_key: str | None) -> tuple:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 class GrpcClient:
     """Blocking client of `moe_serving.v1.MoEService` at `target` ("host:port").
 
     timeout: seconds per unary call (None: no deadline); generate streams have none.
-    credentials: grpc.ChannelCredentials for TLS (None: plaintext).
+    credentials: grpc.ChannelCredentials for TLS (None: plaintext; see `credentials.tls_credentials`).
+    api_key: sent as `authorization: Bearer` metadata (default: from the environment).
     """
 
     def __init__(
@@ -191,9 +199,11 @@ class GrpcClient:
         max_message_mb: int = 256,
         credentials: grpc.ChannelCredentials | None = None,
         options: list | None = None,
+        api_key: str | None = None,
     ):
         self.target = target
         self.timeout = timeout
+        self._metadata = _auth_metadata(api_key or api_key_from_env())
         opts = _channel_options(max_message_mb, options)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=opts)
@@ -204,7 +214,7 @@ class GrpcClient:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise serving_error(e) from None
 
@@ -222,7 +232,7 @@ class GrpcClient:
         """Stream a generation: GenerateChunks as the tokens come; the last has finish_reason and
         the token counts. Leaving the loop early (or closing the iterator) cancels the call."""
         request = generate_request(params, **kwargs)
-        call = self._stub.Generate(request)
+        call = self._stub.Generate(request, metadata=self._metadata)
         try:
             for resp in call:
                 yield _chunk(resp)
@@ -288,9 +298,11 @@ class AsyncGrpcClient:
         max_message_mb: int = 256,
         credentials: grpc.ChannelCredentials | None = None,
         options: list | None = None,
+        api_key: str | None = None,
     ):
         self.target = target
         self.timeout = timeout
+        self._metadata = _auth_metadata(api_key or api_key_from_env())
         opts = _channel_options(max_message_mb, options)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=opts)
@@ -301,7 +313,7 @@ class AsyncGrpcClient:
 
     async def _call(self, method, request):
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise serving_error(e) from None
 
@@ -315,7 +327,7 @@ class AsyncGrpcClient:
 
     async def generate(self, params: GenerateParams | None = None, **kwargs) -> AsyncIterator[GenerateChunk]:
         request = generate_request(params, **kwargs)
-        call = self._stub.Generate(request)
+        call = self._stub.Generate(request, metadata=self._metadata)
         try:
             async for resp in call:
                 yield _chunk(resp)

@@ -12,6 +12,10 @@ Tensors go as msgpack maps `{dtype, shape, data}` (`encoding="msgpack"`, the def
 dtype) or as JSON nested lists (`encoding="json"`: readable; logits come back as float32). Any
 answer other than 2xx raises `ServingError` with the server's error code and message and
 `status` = the HTTP status; a server that cannot be reached raises `ServingError("unavailable")`.
+
+A server started with keys needs one: `api_key=` (default: MOE_SERVE_API_KEY, else OPENAI_API_KEY,
+as the openai client reads it), sent as `Authorization: Bearer <key>`. An https URL is checked
+against the system's roots, or `verify=ssl.create_default_context(cafile="ca.pem")`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import httpx
 import msgpack
 import torch
 
+from moe_serving.credentials import api_key_from_env, auth_header
 from moe_serving.errors import HTTP_STATUS, ServingError
 from moe_serving.tensors import from_json, tensor_from_map, tensor_to_map, to_json_lists
 from moe_serving.types import GenerateChunk, TokenLogprob
@@ -254,11 +259,24 @@ def _unreachable(base_url: str, e: Exception) -> ServingError:
 
 
 class HTTPClient:
-    """Blocking client of the HTTP API at `base_url` (e.g. "http://localhost:8000")."""
+    """Blocking client of the HTTP API at `base_url` (e.g. "http://localhost:8000").
 
-    def __init__(self, base_url: str, timeout: float | None = 60.0, headers: dict[str, str] | None = None):
+    api_key: sent as `Authorization: Bearer` (default: from the environment, see the module
+    docstring); verify: TLS verification of an https URL (True: the system's roots, or an
+    ssl.SSLContext)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float | None = 60.0,
+        headers: dict[str, str] | None = None,
+        *,
+        api_key: str | None = None,
+        verify=True,
+    ):
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        headers = {**auth_header(api_key or api_key_from_env()), **(headers or {})}
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, verify=verify)
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -407,9 +425,20 @@ class AsyncHTTPClient:
     """asyncio client of the HTTP API; the same methods as `HTTPClient`, awaitable
     (`stream` is an async iterator)."""
 
-    def __init__(self, base_url: str, timeout: float | None = 60.0, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float | None = 60.0,
+        headers: dict[str, str] | None = None,
+        *,
+        api_key: str | None = None,
+        verify=True,
+    ):
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers)
+        headers = {**auth_header(api_key or api_key_from_env()), **(headers or {})}
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, headers=headers, verify=verify
+        )
 
     async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:

@@ -13,6 +13,7 @@ with exit status 2, never as a traceback.
     moe-serve generate --url http://127.0.0.1:8000 --prompt Hello
     moe-serve cluster --url http://127.0.0.1:8000     # workers, experts, expert load
     moe-serve scale 4 --url http://127.0.0.1:8000     # or --grpc 127.0.0.1:50051
+    MOE_SERVE_API_KEY=... moe-serve serve --host 0.0.0.0 --admin-key-file admin.key   # keys
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import inspect
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expert_workers.kernels import KERNELS
+from moe_serving.credentials import API_KEY_ENVS, api_key_from_env, tls_credentials
 from moe_serving.errors import ServingError
 from moe_serving.grpc_client import GrpcClient
 from moe_serving.http_client import HTTPClient
@@ -46,10 +49,11 @@ from router_service.config import (
 )
 from router_service.default_model import default_model_dir, default_model_path, make_default_model
 from router_service.engine import DTYPES, Engine
+from router_service.serving.auth import ADMIN_KEY_ENV, API_KEY_ENV, AccessKeys
 from router_service.serving.chat import chat_prompt_ids
 from router_service.serving.detokenize import StopStrings
 from router_service.serving.launch import ServerOptions, start_server
-from router_service.serving.settings import ServingSettings
+from router_service.serving.settings import GrpcTls, ServingSettings
 
 PROG = "moe-serve"
 
@@ -178,6 +182,7 @@ def add_generate_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
         help="ask the server at URL (e.g. http://127.0.0.1:8000) and stream its answer; "
         "without it the model is loaded in this process",
     )
+    add_client_credentials(p)
     p.add_argument(
         "--max-new-tokens",
         "--max-tokens",
@@ -251,7 +256,7 @@ def generate_remote(args: argparse.Namespace) -> None:
         raise ValueError(f"{', '.join(given)}: the server chose its model and workers; not with --url")
     wrote = False
     try:
-        with HTTPClient(args.url) as client:
+        with HTTPClient(args.url, api_key=client_key(args), verify=http_verify(args)) as client:
             options = dict(
                 max_tokens=args.max_new_tokens,
                 temperature=args.temperature,
@@ -342,6 +347,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="the model's name in the API (default: the model directory's name)",
     )
+    add_security_args(p)
     g = p.add_argument_group("limits")
     g.add_argument(
         "--max-model-len",
@@ -516,6 +522,104 @@ def elastic_from_args(args: argparse.Namespace) -> ElasticConfig:
     )
 
 
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("keys, TLS and CORS (docs/deploy.md, 'Secure deployment')")
+    g.add_argument(
+        "--api-key",
+        dest="api_keys",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="require 'Authorization: Bearer KEY' on every route but /healthz, /health, /metrics, "
+        f"/docs (repeatable; also ${API_KEY_ENV}, comma-separated, and --api-key-file). A key "
+        "given here shows in `ps`: prefer the variable or the file",
+    )
+    g.add_argument(
+        "--api-key-file",
+        dest="api_key_files",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="keys, one a line",
+    )
+    g.add_argument(
+        "--admin-key",
+        dest="admin_keys",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="the key /v1/cluster (state, scale, rebalance, routers) and their gRPC methods need; "
+        f"it opens the data routes too (also ${ADMIN_KEY_ENV}, --admin-key-file). Without one "
+        "they take an API key",
+    )
+    g.add_argument(
+        "--admin-key-file",
+        dest="admin_key_files",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="keys, one a line",
+    )
+    g.add_argument("--protect-metrics", action="store_true", help="/metrics needs a key too")
+    g.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS (Serve's proxy), with --tls-key")
+    g.add_argument("--tls-key", metavar="PEM", help="the HTTPS certificate's private key")
+    g.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS, with --grpc-tls-key")
+    g.add_argument("--grpc-tls-key", metavar="PEM", help="the gRPC certificate's private key")
+    g.add_argument(
+        "--grpc-tls-client-ca",
+        metavar="PEM",
+        help="mutual TLS: gRPC clients need a certificate signed by this CA",
+    )
+    g.add_argument(
+        "--allowed-origins",
+        metavar="LIST",
+        type=_comma_list,
+        default=(),
+        help="CORS: browser origins allowed to call the HTTP API, comma-separated ('*': any); off by default",
+    )
+    for what in ("methods", "headers"):
+        g.add_argument(
+            f"--allowed-{what}",
+            metavar="LIST",
+            type=_comma_list,
+            default=SERVING_SETTINGS[f"allowed_{what}"],
+            help=f"CORS: the {what} allowed (default: {','.join(SERVING_SETTINGS[f'allowed_{what}'])})",
+        )
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def security_from_args(args: argparse.Namespace) -> dict:
+    """ServingSettings' access, CORS and gRPC TLS fields of the flags (and the key variables)."""
+    if (args.grpc_tls_cert is None) != (args.grpc_tls_key is None):
+        raise ValueError("gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key")
+    if args.grpc_tls_client_ca and not args.grpc_tls_cert:
+        raise ValueError("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
+    tls = (
+        GrpcTls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca)
+        if args.grpc_tls_cert
+        else None
+    )
+    if tls is not None:
+        tls.read()  # the serving actors read the files on this machine: say now if one is missing
+    access = AccessKeys.load(
+        api_keys=args.api_keys,
+        api_key_files=args.api_key_files,
+        admin_keys=args.admin_keys,
+        admin_key_files=args.admin_key_files,
+        protect_metrics=args.protect_metrics,
+    )
+    return {
+        "access": access,
+        "grpc_tls": tls,
+        "allowed_origins": args.allowed_origins,
+        "allowed_methods": args.allowed_methods,
+        "allowed_headers": args.allowed_headers,
+    }
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM stops the server the way Ctrl-C does: KeyboardInterrupt in the main thread."""
 
@@ -533,6 +637,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_request_tokens=args.max_request_tokens,
         **batch,
+        **security_from_args(args),
     )
     limits = BatchLimits(max_batch_size=args.max_batch_size, **batch)
     options = ServerOptions(
@@ -540,6 +645,8 @@ def run_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         ready_timeout_s=args.ready_timeout_s,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     _stop_on_sigterm()
     t0 = time.perf_counter()
@@ -602,13 +709,53 @@ def add_server_address(p: argparse.ArgumentParser) -> None:
     where.add_argument("--url", metavar="URL", help=f"the server's HTTP address (default: {DEFAULT_URL})")
     where.add_argument("--grpc", metavar="HOST:PORT", help="the server's gRPC address, instead of --url")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer instead of tables")
+    add_client_credentials(p, admin=True)
+
+
+def add_client_credentials(p: argparse.ArgumentParser, admin: bool = False) -> None:
+    envs = ((ADMIN_KEY_ENV,) if admin else ()) + API_KEY_ENVS
+    g = p.add_argument_group("credentials (a server started with keys or TLS)")
+    g.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"sent as 'Authorization: Bearer KEY' (default: ${', $'.join(envs)}, the first set; "
+        "the environment keeps the key out of `ps`)"
+        + ("; these commands need the admin key when the server has one" if admin else ""),
+    )
+    g.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="trust this CA for an https:// URL or a TLS gRPC server (default: the system's roots)",
+    )
+    if admin:
+        g.add_argument(
+            "--grpc-tls", action="store_true", help="connect to --grpc over TLS (implied by --tls-ca)"
+        )
+        g.add_argument(
+            "--client-cert", metavar="PEM", help="a client certificate for a mutual-TLS gRPC server"
+        )
+        g.add_argument("--client-key", metavar="PEM", help="its private key")
+
+
+def client_key(args: argparse.Namespace, admin: bool = False) -> str | None:
+    """--api-key, else the environment's (the admin key's variable first for admin commands)."""
+    envs = ((ADMIN_KEY_ENV,) if admin else ()) + API_KEY_ENVS
+    return args.api_key or api_key_from_env(envs)
+
+
+def http_verify(args: argparse.Namespace):
+    """httpx's `verify` for --tls-ca: a context trusting that CA, else the system's roots."""
+    return ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else True
 
 
 def client_of(args: argparse.Namespace):
     """An HTTP or gRPC client of the server the flags name (both have the same cluster methods)."""
+    key = client_key(args, admin=True)
     if args.grpc:
-        return GrpcClient(args.grpc)
-    return HTTPClient(args.url or DEFAULT_URL, timeout=None)
+        tls = args.grpc_tls or args.tls_ca or args.client_cert
+        credentials = tls_credentials(args.tls_ca, args.client_cert, args.client_key) if tls else None
+        return GrpcClient(args.grpc, api_key=key, credentials=credentials)
+    return HTTPClient(args.url or DEFAULT_URL, timeout=None, api_key=key, verify=http_verify(args))
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:

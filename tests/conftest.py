@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 # processes). They run after the in-process modules, so that a quick failure shows first, and
 # `pytest -m "not ray"` (about 3 minutes) leaves them out.
 RAY_MODULES = {
+    "test_auth_serving.py",
     "test_cli_serve.py",
     "test_cluster_launcher.py",
     "test_compiled_transport.py",
@@ -26,6 +27,7 @@ RAY_MODULES = {
     "test_elastic.py",
     "test_fp8.py",
     "test_frame_merging.py",
+    "test_lm_eval_requests.py",
     "test_local_ray.py",
     "test_multinode.py",
     "test_ray_runtime.py",

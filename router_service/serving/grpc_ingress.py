@@ -14,7 +14,9 @@ from ray import serve
 from ray.exceptions import RayTaskError
 
 from moe_serving.types import GenerateParams
+from router_service.serving.auth import AccessKeys
 from router_service.serving.grpc_server import start_grpc_server
+from router_service.serving.settings import GrpcTls
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -81,11 +83,14 @@ class GrpcIngress:
         self.app_name, self.deployment_name = app_name, deployment_name
         self.server = None
         self._poll = None
+        self.serving = False
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(
+        self, host: str, port: int, access: AccessKeys | None = None, tls: GrpcTls | None = None
+    ) -> int:
         handle = serve.get_deployment_handle(self.deployment_name, app_name=self.app_name)
         backend = HandleBackend(handle)
-        self.server = await start_grpc_server(backend, host, port)
+        self.server = await start_grpc_server(backend, host, port, access=access, tls=tls)
         # NOT_SERVING until the first check: the deployment may still be constructing (it starts us).
         await self.server.set_serving(False)
         self._poll = asyncio.get_running_loop().create_task(self._poll_health(backend))
@@ -98,6 +103,11 @@ class GrpcIngress:
             serving = False
         if self.server is not None:
             await self.server.set_serving(serving)
+            self.serving = serving
+
+    async def is_serving(self) -> bool:
+        """What the health service reports now (for a caller that cannot reach it over TLS)."""
+        return self.serving
 
     async def _poll_health(self, backend: HandleBackend) -> None:
         while self.server is not None:

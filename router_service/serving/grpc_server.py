@@ -16,7 +16,7 @@ code (`grpc.StatusCode[code.upper()]`) with its message; any other exception bec
 a one-line message, its traceback goes to this process's log only. A client that cancels a
 Generate stream closes the backend's iterator (`aclose`), so the backend frees the request's slot.
 
-    server = await start_grpc_server(backend, port=50051)
+    server = await start_grpc_server(backend, port=50051)   # access=AccessKeys(...), tls=GrpcTls(...)
     ...
     await server.stop(grace=5)   # health -> NOT_SERVING, then stop
 """
@@ -38,6 +38,8 @@ from moe_serving.tensors import tensor_from_proto, tensor_to_proto
 from moe_serving.types import GenerateChunk, GenerateParams, TokenLogprob
 from moe_serving.v1 import moe_service_pb2 as pb
 from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
+from router_service.serving.auth import AccessInterceptor, AccessKeys
+from router_service.serving.settings import GrpcTls
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ __all__ = [
     "cluster_state_to_proto",
     "generate_params",
     "rebalance_to_proto",
+    "server_credentials",
     "start_grpc_server",
 ]
 
@@ -368,21 +371,41 @@ def _address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def server_credentials(tls: GrpcTls) -> grpc.ServerCredentials:
+    """TLS server credentials of the PEM files; with a client CA, client certificates are required."""
+    cert, key, client_ca = tls.read()
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 async def start_grpc_server(
-    backend, host: str = "0.0.0.0", port: int = 50051, *, max_message_mb: int = 256
+    backend,
+    host: str = "0.0.0.0",
+    port: int = 50051,
+    *,
+    max_message_mb: int = 256,
+    access: AccessKeys | None = None,
+    tls: GrpcTls | None = None,
 ) -> GrpcServer:
     """Start MoEService over `backend` with health and reflection on host:port (0: a free port).
+
+    access: the keys MoEService's methods need (`auth.AccessInterceptor`; health and reflection stay
+    open); None or no keys: open. tls: serve TLS (mutual TLS with a client CA); None: plaintext.
 
     Returns a GrpcServer; its `port` is the bound port. Raises OSError(EADDRINUSE) when the port
     cannot be bound (in use: SO_REUSEPORT is off, so a second server does not silently share it).
     """
     size = int(max_message_mb) * 1024 * 1024
+    interceptors = [AccessInterceptor(access, SERVICE_NAME)] if access is not None and access.enabled else []
+    credentials = server_credentials(tls) if tls is not None else None
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", size),
             ("grpc.max_receive_message_length", size),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     servicer = MoEServicer(backend)
     _add_servicer(servicer, server)
@@ -394,7 +417,10 @@ async def start_grpc_server(
     )
     address = _address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as e:
         bound, cause = 0, e
     else:
@@ -407,5 +433,11 @@ async def start_grpc_server(
     await server.start()
     started = GrpcServer(server, bound, health_servicer, servicer)
     await started.set_serving(True)
-    log.info("gRPC server (%s, health, reflection) listening on %s", SERVICE_NAME, _address(host, bound))
+    log.info(
+        "gRPC server (%s, health, reflection) listening on %s (%s%s)",
+        SERVICE_NAME,
+        _address(host, bound),
+        "plaintext" if tls is None else "mutual TLS" if tls.client_ca else "TLS",
+        ", API keys" if interceptors else "",
+    )
     return started

@@ -9,7 +9,12 @@ lists, or msgpack `{dtype, shape, data}` maps when Content-Type or Accept is app
 `GET /v1/cluster`, `POST /v1/cluster/scale`, `POST /v1/cluster/rebalance`,
 `POST /v1/cluster/routers`, `GET /healthz` (and `GET /health`, the name vLLM, SGLang and TGI serve
 and probes copied from them use), `GET /metrics`. Every error is a JSON `{"error": {...}}` body with a 4xx/5xx status, never a
-traceback.
+traceback; an unknown path is a JSON 404 naming it, a known path with another method a JSON 405
+with `Allow`.
+
+In front of the routes (`_Edge`): CORS when `allowed_origins` is set (Starlette's CORSMiddleware,
+outermost, so that preflights need no key and refusals carry CORS headers), then the API / admin
+key check (`auth.AccessMiddleware`) when keys are set.
 
 The deployment's `forward` / `moe_layer` / `generate` / `cluster_state` / `scale` / `rebalance` /
 `health` methods are also the backend of the gRPC server, which calls them through a deployment handle: one replica, one set of
@@ -28,6 +33,7 @@ import msgpack
 import ray
 import torch
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,6 +47,7 @@ from router_service.default_model import ensure_default_model
 from router_service.runtime.cluster import attach_cluster, router_handles, stop_cluster
 from router_service.runtime.ray_transport import NAMESPACE
 from router_service.serving import openai_api, tokenizer_api
+from router_service.serving.auth import AccessMiddleware
 from router_service.serving.core import (
     IngressCore,
     check_forward_request,
@@ -59,7 +66,39 @@ MSGPACK = "application/msgpack"
 app = FastAPI(title="moe-serving", docs_url="/docs", redoc_url=None)
 
 
-def start_grpc_actor(config: EngineConfig, host: str, port: int):
+def edge_stack(inner, settings: ServingSettings):
+    """`inner` behind the key check (when keys are set) and CORS (when origins are)."""
+    stack = AccessMiddleware(inner, settings.access) if settings.access.enabled else inner
+    if settings.allowed_origins:
+        stack = CORSMiddleware(
+            stack,
+            allow_origins=settings.allowed_origins,
+            allow_methods=settings.allowed_methods,
+            allow_headers=settings.allowed_headers,
+        )
+    return stack
+
+
+class _Edge:
+    """ASGI middleware: `edge_stack` of the replica's settings, built at the first request (the app
+    is defined, and frozen by `serve.ingress`, before any replica and its settings exist)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.stack = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # lifespan, websockets: nothing to check
+            return await self.app(scope, receive, send)
+        if self.stack is None:
+            self.stack = edge_stack(self.app, serve.get_replica_context().servable_object.settings)
+        return await self.stack(scope, receive, send)
+
+
+app.add_middleware(_Edge)
+
+
+def start_grpc_actor(config: EngineConfig, settings: ServingSettings, host: str, port: int):
     """The gRPC front end in an actor of its own, owned by the calling replica; (actor, bound port).
 
     Its server calls this replica's deployment through a handle, so both protocols share one set of
@@ -76,7 +115,7 @@ def start_grpc_actor(config: EngineConfig, host: str, port: int):
         .remote(context.app_name, context.deployment)
     )
     try:
-        return actor, ray.get(actor.start.remote(host, port))
+        return actor, ray.get(actor.start.remote(host, port, settings.access, settings.grpc_tls))
     except Exception:
         ray.kill(actor)
         raise
@@ -93,12 +132,22 @@ async def _serving_error(request: Request, exc: ServingError):
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    code = {404: "not_found", 405: "invalid_argument"}.get(exc.status_code, "invalid_argument")
-    message = (
-        f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-    )
-    body = ServingError(code, message).to_json()
-    return JSONResponse(body, status_code=exc.status_code)
+    """Starlette's own refusals in OpenAI's error shape: an unknown path (404), a method the path
+    does not take (405, with the `Allow` header Starlette sets: RFC 9110 requires it)."""
+    path, headers = request.url.path, dict(exc.headers or {})
+    if exc.status_code == 404:
+        err = ServingError("not_found", f"no route {path} on this server (GET /docs lists them)")
+    elif exc.status_code == 405:
+        allowed = sorted(m.strip() for m in headers.get("Allow", "").split(",") if m.strip())
+        headers["Allow"] = ", ".join(allowed)
+        err = ServingError(
+            "invalid_argument",
+            f"{request.method} is not allowed on {path}; allowed: {', '.join(allowed)}",
+            reason="method_not_allowed",
+        )
+    else:
+        err = ServingError("invalid_argument", str(exc.detail))
+    return JSONResponse(err.to_json(), status_code=exc.status_code, headers=headers or None)
 
 
 @app.exception_handler(Exception)
@@ -191,7 +240,7 @@ class MoEIngress:
             method.set_max_batch_size(settings.max_batch_requests)
             method.set_batch_wait_timeout_s(settings.batch_wait_s)
         if grpc_address is not None:
-            self._grpc, self.grpc_port = start_grpc_actor(config, *grpc_address)
+            self._grpc, self.grpc_port = start_grpc_actor(config, settings, *grpc_address)
 
     def __del__(self):
         """A graceful stop: the gRPC server, then the router and its workers."""

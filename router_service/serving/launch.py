@@ -26,6 +26,7 @@ from router_service.runtime.router_actor import (
     min_cluster_cpus,
     router_name,
 )
+from router_service.serving.auth import open_warning
 from router_service.serving.http_app import MoEIngress
 from router_service.serving.settings import ServingSettings
 
@@ -43,6 +44,20 @@ class ServerOptions:
     http_port: int = 8000
     grpc_port: int = 50051
     ready_timeout_s: float = 300.0
+    tls_cert: str | None = None  # HTTPS on the HTTP port (Serve's proxy): PEM certificate chain...
+    tls_key: str | None = None  # ...and its private key; both or neither
+
+    def __post_init__(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("HTTPS needs both --tls-cert and --tls-key")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist (or is not a file)")
+
+    def http_options(self, port: int) -> dict:
+        """Serve's http_options: where its proxy listens, with TLS when set."""
+        tls = {"ssl_certfile": self.tls_cert, "ssl_keyfile": self.tls_key} if self.tls_cert else {}
+        return {"host": self.host, "port": port, **tls}
 
 
 def _check_port_free(host: str, port: int, what: str) -> int:
@@ -184,6 +199,9 @@ def start_server(
         **engine_kwargs,
     )
     settings = fit_settings(settings, batch_limits, spec)
+    warning = open_warning([options.host], settings.access)
+    if warning:
+        log.warning(warning)
     # Serve's driver-side logger announces every (re)start at INFO; the addresses are printed by us.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     http_port = _check_port_free(options.host, options.http_port, "HTTP")
@@ -198,9 +216,7 @@ def start_server(
             check_cluster_fits(config.router_resources, "the router")
         if config.serving_actor_resources not in ({}, config.router_resources):
             check_cluster_fits(config.serving_actor_resources, "the serving actors")
-        serve.start(
-            http_options={"host": options.host, "port": http_port}, logging_config={"log_level": "WARNING"}
-        )
+        serve.start(http_options=options.http_options(http_port), logging_config={"log_level": "WARNING"})
         try:
             handle = serve.run(
                 application(config, settings, (options.host, grpc_port)),
@@ -213,8 +229,14 @@ def start_server(
             raise deploy_error(e) from None
         grpc_port = handle.grpc_port_bound.remote().result()
         connect = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
-        server.http_url, server.grpc_target = f"http://{connect}:{http_port}", f"{connect}:{grpc_port}"
-        wait_until_ready(server.http_url, server.grpc_target, options.ready_timeout_s)
+        scheme = "https" if options.tls_cert else "http"
+        server.http_url, server.grpc_target = f"{scheme}://{connect}:{http_port}", f"{connect}:{grpc_port}"
+        # Over TLS (mutual TLS perhaps) this process may hold no certificate the gRPC port accepts:
+        # its health is read from the gRPC actor instead.
+        grpc_actor = (
+            ray.get_actor(f"{config.cluster_name}:grpc", namespace=NAMESPACE) if settings.grpc_tls else None
+        )
+        wait_until_ready(server.http_url, server.grpc_target, options.ready_timeout_s, grpc_actor)
     except BaseException:
         server.shutdown()
         raise
@@ -228,8 +250,12 @@ def start_server(
     return server
 
 
-def wait_until_ready(http_url: str, grpc_target: str, timeout_s: float) -> None:
-    """Poll GET /healthz and the gRPC health service until both say so."""
+def wait_until_ready(http_url: str, grpc_target: str, timeout_s: float, grpc_actor=None) -> None:
+    """Poll GET /healthz and the gRPC health service until both say so (`grpc_actor`: ask the gRPC
+    actor what its health service says instead of calling it; for TLS).
+
+    An https URL is polled without checking its certificate: this is the server we just started,
+    on this machine, asked only whether it is up."""
     import grpc
     import httpx
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -245,8 +271,11 @@ def wait_until_ready(http_url: str, grpc_target: str, timeout_s: float) -> None:
                 )
             if not http_ok:
                 with contextlib.suppress(httpx.HTTPError):
-                    http_ok = httpx.get(f"{http_url}/healthz", timeout=5).status_code == 200
-            if not grpc_ok:
+                    http_ok = httpx.get(f"{http_url}/healthz", timeout=5, verify=False).status_code == 200
+            if not grpc_ok and grpc_actor is not None:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    grpc_ok = ray.get(grpc_actor.is_serving.remote(), timeout=5)
+            elif not grpc_ok:
                 with contextlib.suppress(grpc.RpcError):
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
                     grpc_ok = reply.status == health_pb2.HealthCheckResponse.SERVING

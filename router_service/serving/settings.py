@@ -1,10 +1,41 @@
-"""ServingSettings: the limits and addresses of the HTTP and gRPC front ends, in one dataclass."""
+"""ServingSettings: the limits, keys, CORS and gRPC TLS of the HTTP and gRPC front ends, in one
+dataclass (the HTTP port's own TLS is Serve's proxy's: `launch.ServerOptions`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from moe_serving.errors import context_exceeded, too_large
+from router_service.serving.auth import AccessKeys
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS for the gRPC server: PEM files, read by the gRPC actor when it starts (so they must be
+    readable where it runs: the head, in compose and KubeRay; the key never travels through Ray).
+    client_ca: mutual TLS, every client must present a certificate signed by it."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def __post_init__(self):
+        if not self.cert or not self.key:
+            raise ValueError("gRPC TLS needs both a certificate and its key")
+
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        """(certificate chain, private key, client CA or None), as bytes. Not checked when the
+        settings are made: the app may be built on a node that does not hold the files."""
+
+        def read(name: str, path: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read the gRPC TLS {name} file {path}: {e.strerror or e}") from None
+
+        ca = read("client CA", self.client_ca) if self.client_ca else None
+        return read("certificate", self.cert), read("key", self.key), ca
 
 
 @dataclass(frozen=True)
@@ -26,6 +57,10 @@ class ServingSettings:
       for company (serve.batch's max_batch_size / batch_wait_timeout_s).
     router_restart_timeout_s: how long requests wait for a Router actor that died to be back (it
       restarts and reattaches to its workers) before they fail as unavailable.
+    access: the API and admin keys both front ends check (`auth`); none: everything is open.
+    allowed_origins: CORS, off when empty: the browser origins allowed to call the HTTP API ("*":
+      any), with allowed_methods and allowed_headers (default: all, as vLLM's).
+    grpc_tls: TLS (and mutual TLS) for the gRPC server; None: plaintext.
     """
 
     model_name: str = "moe-serving"
@@ -35,8 +70,18 @@ class ServingSettings:
     max_batch_requests: int = 32
     batch_wait_s: float = 0.002
     router_restart_timeout_s: float = 120.0
+    access: AccessKeys = AccessKeys()
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    grpc_tls: GrpcTls | None = None
 
     def __post_init__(self):
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"{name} must be a sequence of strings, got the string {value!r}")
+            object.__setattr__(self, name, tuple(value))
         for name in ("max_request_tokens", "max_batch_tokens", "max_batch_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
