@@ -7,6 +7,7 @@ What a client without a key, with a wrong key or with the plain API key on an ad
 refusing a client without a certificate, and the CLI and Python clients with keys and CA roots.
 """
 
+import importlib.util
 import io
 import os
 import ssl
@@ -30,6 +31,8 @@ from router_service.default_model import default_model_dir
 from router_service.serving.auth import AccessKeys
 from router_service.serving.launch import ServerOptions, start_server
 from router_service.serving.settings import GrpcTls, ServingSettings
+
+REPO = Path(__file__).resolve().parents[1]
 
 API_KEYS = ("api-key-one-7f3a", "api-key-two-91bc")
 ADMIN_KEY = "admin-key-5d2e"
@@ -290,6 +293,21 @@ def test_cli_clients_with_keys_and_roots(server, certs, monkeypatch):
         ]
     )
     assert code == 0, err
+
+
+def test_compose_health_check_over_tls(server):
+    """The compose containers' health check (cluster/docker/healthcheck.py) on a TLS server: HTTPS
+    /healthz without a key or a trusted certificate, and the gRPC port reachable."""
+    spec = importlib.util.spec_from_file_location(
+        "healthcheck", REPO / "cluster" / "docker" / "healthcheck.py"
+    )
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    healthcheck.http_ok(f"{server.http_url}/healthz")
+    host, port = server.grpc_target.rsplit(":", 1)
+    healthcheck.tcp_open(host, int(port))
+    with pytest.raises(SystemExit):
+        healthcheck.http_ok(f"{server.http_url}/v1/models")  # a protected route: 401
 
 
 def test_no_key_in_the_logs(server):

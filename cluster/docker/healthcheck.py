@@ -7,8 +7,17 @@
 Exit 0 healthy, 1 not (the reason on stderr). Standard library, grpcio and grpc_health only: the
 image has no curl. The ports are the containers' own (the host may publish them elsewhere); the Ray
 endpoints are the dashboard's and its per-node agent's public health routes, open under token auth.
+
+A server started with TLS (`--tls-cert`, `--grpc-tls-cert` in MOE_SERVE_ARGS, docs/deploy.md) is
+checked over HTTPS without verifying its certificate (this is the container's own loopback port,
+asked whether it is up, not who it is), and its gRPC port by a TCP connection only: with mutual TLS
+the gRPC health service needs a client certificate this check does not hold. /healthz already
+follows the router's health, and neither needs a key.
 """
 
+import os
+import socket
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -21,8 +30,12 @@ TIMEOUT_S = 5.0
 
 
 def http_ok(url: str) -> None:
+    context = None
+    if url.startswith("https:"):
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as reply:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S, context=context) as reply:
             if reply.status != 200:
                 raise SystemExit(f"{url}: HTTP {reply.status}")
     except (urllib.error.URLError, OSError) as e:
@@ -46,9 +59,20 @@ def grpc_serving(target: str) -> None:
         )
 
 
+def tcp_open(host: str, port: int) -> None:
+    try:
+        socket.create_connection((host, port), timeout=TIMEOUT_S).close()
+    except OSError as e:
+        raise SystemExit(f"gRPC port {host}:{port}: {e}") from None
+
+
 def server() -> None:
-    http_ok(f"http://127.0.0.1:{HTTP_PORT}/healthz")
-    grpc_serving(f"127.0.0.1:{GRPC_PORT}")
+    args = os.environ.get("MOE_SERVE_ARGS", "").split()
+    http_ok(f"{'https' if '--tls-cert' in args else 'http'}://127.0.0.1:{HTTP_PORT}/healthz")
+    if "--grpc-tls-cert" in args:
+        tcp_open("127.0.0.1", GRPC_PORT)
+    else:
+        grpc_serving(f"127.0.0.1:{GRPC_PORT}")
 
 
 def ray_head() -> None:
