@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moe_models.loading import spec_from_pretrained
@@ -91,7 +92,12 @@ class _Edge:
         if scope["type"] != "http":  # lifespan, websockets: nothing to check
             return await self.app(scope, receive, send)
         if self.stack is None:
-            self.stack = edge_stack(self.app, serve.get_replica_context().servable_object.settings)
+            try:
+                settings = serve.get_replica_context().servable_object.settings
+            except RayServeException:  # the app alone, outside a replica: no settings, no server
+                self.stack = self.app
+            else:
+                self.stack = edge_stack(self.app, settings)
         return await self.stack(scope, receive, send)
 
 
