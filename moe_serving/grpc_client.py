@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moe_serving.credentials import api_key_from_env
 from moe_serving.errors import HTTP_STATUS, ServingError
 from moe_serving.tensors import tensor_from_proto, tensor_to_proto
-from moe_serving.types import GenerateChunk, GenerateParams, TokenLogprob
+from moe_serving.types import GenerateChunk, GenerateParams, StructuredOutput, TokenLogprob
 from moe_serving.v1 import moe_service_pb2 as pb
 from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 
@@ -106,12 +106,38 @@ def generate_request(params: GenerateParams | None = None, **kwargs) -> pb.Gener
     if params.prompt_token_ids is not None:
         req.prompt_token_ids.extend(int(t) for t in params.prompt_token_ids)
     for m in params.messages or []:
-        req.messages.add(role=str(m["role"]), content=str(m["content"]))
+        msg = req.messages.add(role=str(m["role"]), content=str(m.get("content") or ""))
+        if m.get("tool_calls"):
+            msg.tool_calls_json = json.dumps(m["tool_calls"])
+        if m.get("tool_call_id"):
+            msg.tool_call_id = str(m["tool_call_id"])
     if params.seed is not None:
         req.seed = int(params.seed)
     if params.logprobs is not None:
         req.logprobs = int(params.logprobs)
+    req.top_k = int(params.top_k)
+    if params.min_p:
+        req.min_p = float(params.min_p)
+    for token, bias in (params.logit_bias or {}).items():
+        req.logit_bias[int(token)] = float(bias)
+    req.allowed_token_ids.extend(int(t) for t in params.allowed_token_ids or ())
+    if params.structured is not None:
+        _structured_to_proto(params.structured, req.structured_output)
     return req
+
+
+def _structured_to_proto(so: StructuredOutput, out: pb.StructuredOutput) -> None:
+    if so.kind == "json":
+        out.json_schema = so.value if isinstance(so.value, str) else json.dumps(so.value)
+    elif so.kind == "json_object":
+        out.json_object = True
+    elif so.kind == "choice":
+        out.choice.choices.extend(so.value)
+    elif so.kind in ("regex", "grammar"):
+        setattr(out, so.kind, so.value)
+    else:
+        raise ValueError(f"unknown structured output kind {so.kind!r}")
+    out.any_whitespace = not so.compact_json
 
 
 def _logprob(msg: pb.TokenLogprob) -> TokenLogprob:
@@ -132,6 +158,11 @@ def _chunk(resp: pb.GenerateResponse) -> GenerateChunk:
         finish_reason=resp.finish_reason or None,
         index=resp.index,
         logprobs=[_logprob(lp) for lp in resp.logprobs] or None,
+        tool_calls=[
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in resp.tool_calls
+        ]
+        or None,
     )
     if resp.HasField("usage"):
         chunk.prompt_tokens = resp.usage.prompt_tokens

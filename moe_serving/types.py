@@ -86,3 +86,6 @@ class GenerateChunk:
     completion_tokens: int = 0
     index: int = 0
     logprobs: list[TokenLogprob] | None = None
+    # gRPC chat with tools, on a choice's last chunk: the calls, OpenAI's {"id", "type", "function":
+    # {"name", "arguments"}} objects
+    tool_calls: list[dict] | None = None

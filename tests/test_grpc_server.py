@@ -17,7 +17,7 @@ from tiny_models import VOCAB
 
 from moe_serving.errors import ServingError
 from moe_serving.grpc_client import AsyncGrpcClient, GrpcClient
-from moe_serving.types import GenerateChunk, GenerateParams
+from moe_serving.types import GenerateChunk, GenerateParams, StructuredOutput
 from moe_serving.v1 import moe_service_pb2 as pb
 from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 from router_service import Engine
@@ -204,16 +204,43 @@ def test_generate_streams_one_chunk_per_token(client, served):
 
 
 def test_generate_request_defaults_and_validation(stub):
-    p = generate_params(pb.GenerateRequest(prompt_token_ids=[1, 2]))
+    p, tools = generate_params(pb.GenerateRequest(prompt_token_ids=[1, 2]))
     assert p == GenerateParams(prompt_token_ids=[1, 2], max_tokens=16, temperature=1.0, top_p=1.0, seed=None)
-    p = generate_params(pb.GenerateRequest(prompt="x", max_tokens=3, temperature=0.0, top_p=0.5, seed=0))
+    assert tools is None
+    p, _ = generate_params(pb.GenerateRequest(prompt="x", max_tokens=3, temperature=0.0, top_p=0.5, seed=0))
     assert (p.prompt, p.max_tokens, p.temperature, p.top_p, p.seed) == ("x", 3, 0.0, 0.5, 0)
     chat = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")])
-    assert generate_params(chat).max_tokens is None  # a chat runs up to the context, as over HTTP
+    assert generate_params(chat)[0].max_tokens is None  # a chat runs up to the context, as over HTTP
+    # the sampling options and structured outputs HTTP takes
+    p, _ = generate_params(
+        pb.GenerateRequest(
+            prompt="x",
+            top_k=4,
+            min_p=0.2,
+            logit_bias={7: -1.5},
+            allowed_token_ids=[7, 8],
+            structured_output=pb.StructuredOutput(choice=pb.ChoiceList(choices=["a", "b"])),
+        )
+    )
+    assert (p.top_k, p.min_p, p.logit_bias, p.allowed_token_ids) == (4, 0.2, {7: -1.5}, (7, 8))
+    assert p.structured == StructuredOutput("choice", ("a", "b"))
+    p, _ = generate_params(
+        pb.GenerateRequest(
+            prompt="x", structured_output=pb.StructuredOutput(json_schema="{}", any_whitespace=True)
+        )
+    )
+    assert p.structured == StructuredOutput("json", "{}", compact_json=False)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    chat.tools_json, chat.tool_choice = json.dumps([tool]), "f"
+    p, tools = generate_params(chat)
+    assert tools.choice == "function" and tools.function == "f" and p.structured.kind == "json"
     for bad, needle in [
         (pb.GenerateRequest(), "exactly one"),
         (pb.GenerateRequest(prompt="x", prompt_token_ids=[1]), "both"),
         (pb.GenerateRequest(prompt="x", max_tokens=-1), "max_tokens"),
+        (pb.GenerateRequest(prompt="x", tool_choice="required"), "needs tools_json"),
+        (pb.GenerateRequest(prompt="x", tools_json=json.dumps([tool])), "need messages"),
+        (pb.GenerateRequest(prompt="x", structured_output=pb.StructuredOutput()), "structured_output"),
     ]:
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Generate(bad))

@@ -20,6 +20,7 @@ from moe_models.loading import spec_from_pretrained
 from moe_serving import ServingError
 from moe_serving.grpc_client import AsyncGrpcClient, GrpcClient
 from moe_serving.http_client import AsyncHTTPClient, HTTPClient
+from moe_serving.types import StructuredOutput
 from moe_serving.v1 import moe_service_pb2 as pb
 from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 from router_service.config import BatchLimits
@@ -602,7 +603,7 @@ BAD_HTTP = [
     ("/v1/completions", {"json": {"prompt": [1, -4]}}, 400),
     ("/v1/completions", {"json": {"prompt": "hi", "model": "gpt-4"}}, 404),
     ("/v1/completions", {"json": {"prompt": "hi", "n": 0}}, 400),
-    ("/v1/completions", {"json": {"prompt": "hi", "logit_bias": {"5": 1}}}, 400),
+    ("/v1/completions", {"json": {"prompt": "hi", "logit_bias": {"5": 1000}}}, 400),
     ("/v1/completions", {"json": {"prompt": "hi", "stop": [""]}}, 400),
     ("/v1/completions", {"json": {"prompt": "hi", "min_tokens": 99}}, 400),
     ("/v1/completions", {"json": {"prompt": "hi", "max_tokens": 0}}, 400),
@@ -612,7 +613,11 @@ BAD_HTTP = [
     ("/tokenize", {"json": {}}, 400),
     ("/detokenize", {"json": {"tokens": [1, -2]}}, 400),
     ("/detokenize", {"json": {"tokens": "abc"}}, 400),
-    ("/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}], "tools": []}}, 400),
+    (
+        "/v1/chat/completions",
+        {"json": {"messages": [{"role": "user", "content": "x"}], "functions": []}},
+        400,
+    ),
     ("/v1/chat/completions", {"json": {"messages": [{"role": "robot", "content": "x"}]}}, 400),
     ("/v1/chat/completions", {"json": {"messages": []}}, 400),
     (
@@ -845,3 +850,38 @@ def test_tool_calls_with_the_openai_client(server, stream):
     ]
     c = client.chat.completions.create(model="tiny-moe", messages=history, tools=[WEATHER_TOOL], max_tokens=3)
     assert c.choices[0].finish_reason == "length"
+
+
+def test_grpc_structured_output_and_tools(grpc_client, server):
+    """gRPC takes the same options: a structured output and the sampling options through the
+    Python client, tools through the request's tools_json / tool_choice (calls in the last
+    message); a bad regex is INVALID_ARGUMENT."""
+    chunks = list(
+        grpc_client.generate(
+            prompt="Code:",
+            max_tokens=16,
+            structured=StructuredOutput("regex", "[a-c]{3}"),
+            top_k=3,
+            min_p=0.01,
+            logit_bias={50: 1.0},
+            temperature=1.0,
+            seed=2,
+        )
+    )
+    assert re.fullmatch("[a-c]{3}", "".join(c.text for c in chunks)) and chunks[-1].finish_reason == "stop"
+    with pytest.raises(ServingError, match="unclosed group"):
+        list(grpc_client.generate(prompt="x", structured=StructuredOutput("regex", "((")))
+    request = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content="weather?")],
+        max_tokens=200,
+        temperature=0.0,
+        tools_json=json.dumps([WEATHER_TOOL]),
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        replies = list(pb_grpc.MoEServiceStub(channel).Generate(request, timeout=120))
+    last = replies[-1]
+    assert last.finish_reason == "tool_calls" and len(last.tool_calls) == 1
+    assert last.tool_calls[0].name == "get_weather" and "".join(r.text for r in replies) == ""
+    assert set(json.loads(last.tool_calls[0].arguments)) == {"city", "days"}

@@ -35,11 +35,12 @@ from grpc_reflection.v1alpha import reflection
 
 from moe_serving.errors import ServingError, invalid
 from moe_serving.tensors import tensor_from_proto, tensor_to_proto
-from moe_serving.types import GenerateChunk, GenerateParams, TokenLogprob
+from moe_serving.types import GenerateChunk, GenerateParams, StructuredOutput, TokenLogprob
 from moe_serving.v1 import moe_service_pb2 as pb
 from moe_serving.v1 import moe_service_pb2_grpc as pb_grpc
 from router_service.serving.auth import AccessInterceptor, AccessKeys
 from router_service.serving.settings import GrpcTls
+from router_service.serving.tools import ToolChoice, ToolStream, parse_tools
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,58 @@ __all__ = [
 # ---- request / answer conversion ----------------------------------------------------------------
 
 
-def generate_params(request: pb.GenerateRequest) -> GenerateParams:
+def _message(m: pb.ChatMessage) -> dict:
+    out = {"role": m.role, "content": m.content}
+    if m.tool_calls_json:
+        try:
+            out["tool_calls"] = json.loads(m.tool_calls_json)
+        except json.JSONDecodeError as e:
+            raise invalid(f"a message's tool_calls_json is not JSON: {e}") from None
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _structured(so: pb.StructuredOutput) -> StructuredOutput:
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise invalid("structured_output: set one of json_schema, json_object, regex, choice, grammar")
+    value = {
+        "json_schema": lambda: so.json_schema,
+        "json_object": lambda: None,
+        "regex": lambda: so.regex,
+        "choice": lambda: tuple(so.choice.choices),
+        "grammar": lambda: so.grammar,
+    }[kind]()
+    name = {"json_schema": "json"}.get(kind, kind)
+    return StructuredOutput(name, value, compact_json=not so.any_whitespace)
+
+
+def _tools(request: pb.GenerateRequest) -> ToolChoice | None:
+    """The request's tools and tool_choice, checked as over HTTP (chat only)."""
+    if not request.tools_json:
+        if request.tool_choice not in ("", "none"):
+            raise invalid(f"tool_choice={request.tool_choice!r} needs tools_json")
+        return None
+    if not request.messages:
+        raise invalid("tools need messages (a chat)")
+    try:
+        tools = json.loads(request.tools_json)
+    except json.JSONDecodeError as e:
+        raise invalid(f"tools_json is not JSON: {e}") from None
+    choice = request.tool_choice or None
+    if choice not in (None, "none", "auto", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None
+    return parse_tools({"tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel})
+
+
+def generate_params(request: pb.GenerateRequest) -> tuple[GenerateParams, ToolChoice | None]:
     """GenerateParams of a GenerateRequest (defaults applied; exactly one prompt form checked; the
-    values themselves are checked by the backend, as for HTTP)."""
+    values themselves are checked by the backend, as for HTTP), and its tools (None: no tools)."""
     prompt = request.prompt or None
     ids = list(request.prompt_token_ids) or None
-    messages = [{"role": m.role, "content": m.content} for m in request.messages] or None
+    messages = [_message(m) for m in request.messages] or None
     forms = [name for name, x in (("prompt", prompt), ("prompt_token_ids", ids), ("messages", messages)) if x]
     if len(forms) != 1:
         raise invalid(
@@ -87,15 +134,27 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         "presence_penalty",
         "frequency_penalty",
         "repetition_penalty",
+        "min_p",
     )
     given = {name: getattr(request, name) for name in optional if request.HasField(name)}
+    if request.top_k:
+        given["top_k"] = request.top_k
+    if request.logit_bias:
+        given["logit_bias"] = {int(t): float(b) for t, b in request.logit_bias.items()}
+    if request.allowed_token_ids:
+        given["allowed_token_ids"] = tuple(request.allowed_token_ids)
+    if request.HasField("structured_output"):
+        given["structured"] = _structured(request.structured_output)
+    tools = _tools(request)
+    if tools is not None:
+        given = tools.apply(given)
     if request.max_tokens:
         given["max_tokens"] = request.max_tokens
     elif messages:
         given["max_tokens"] = None  # a chat runs up to the context, as over HTTP
     if request.n:
         given["n"] = request.n
-    return GenerateParams(
+    params = GenerateParams(
         prompt=prompt,
         prompt_token_ids=ids,
         messages=messages,
@@ -105,6 +164,7 @@ def generate_params(request: pb.GenerateRequest) -> GenerateParams:
         ignore_eos=request.ignore_eos,
         **given,
     )
+    return params, tools
 
 
 def _logprob_to_proto(lp: TokenLogprob, out: pb.TokenLogprob) -> None:
@@ -128,6 +188,20 @@ def _generate_response(chunk: GenerateChunk) -> pb.GenerateResponse:
         resp.usage.completion_tokens = int(chunk.completion_tokens)
         resp.usage.total_tokens = int(chunk.prompt_tokens) + int(chunk.completion_tokens)
     return resp
+
+
+def _with_tool_calls(resp: pb.GenerateResponse, chunk: GenerateChunk, stream: ToolStream) -> None:
+    """A chat with tools: the text that can go out now and, on the choice's last message, its
+    calls and finish reason (as HTTP streams them)."""
+    resp.text = stream.feed(chunk.text or "")
+    if chunk.finish_reason:
+        rest, calls, finish = stream.finish(chunk.finish_reason)
+        resp.text += rest
+        resp.finish_reason = finish or ""
+        for call in calls:
+            resp.tool_calls.add(
+                id=call["id"], name=call["function"]["name"], arguments=call["function"]["arguments"]
+            )
 
 
 def _json_default(x: Any):
@@ -239,10 +313,14 @@ class MoEServicer(pb_grpc.MoEServiceServicer):
         # (cancellation arrives as CancelledError at the await in progress).
         stream = None
         try:
-            params = generate_params(request)
+            params, tools = generate_params(request)
+            calls = {}  # choice -> ToolStream, with tools
             stream = self.backend.generate(params)
             async for chunk in stream:
-                await context.write(_generate_response(chunk))
+                resp = _generate_response(chunk)
+                if tools is not None:
+                    _with_tool_calls(resp, chunk, calls.setdefault(chunk.index, ToolStream(tools)))
+                await context.write(resp)
         except Exception as e:
             await self._fail(context, "Generate", e)
         finally:

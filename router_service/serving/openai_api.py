@@ -266,14 +266,7 @@ def parse_chat(body: dict, served: str) -> OpenAIRequest:
         given["logprobs"] = 0 if top is None else top
     tools = parse_tools(body)
     if tools is not None:
-        calls = tools.structured()
-        if calls is not None and given.get("structured") is not None:
-            raise invalid(
-                f"tool_choice={body.get('tool_choice')!r} constrains the output to tool calls; it "
-                "cannot also follow response_format / structured_outputs"
-            )
-        given["structured"] = calls or given.get("structured")
-        given["tools"] = tools.template_tools()
+        given = tools.apply(given)
     params = GenerateParams(messages=body["messages"], **given)
     return OpenAIRequest([params], *_streaming(body), chat=True, tools=tools)
 

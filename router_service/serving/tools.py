@@ -75,6 +75,17 @@ class ToolChoice:
             array["maxItems"] = 1
         return StructuredOutput("json", array)
 
+    def apply(self, given: dict) -> dict:
+        """GenerateParams fields with these tools: the calls' constraint (a 400 beside another
+        structured output) and the tools the chat template renders."""
+        calls = self.structured()
+        if calls is not None and given.get("structured") is not None:
+            raise invalid(
+                f"tool_choice={self.function or self.choice!r} constrains the output to tool calls; "
+                "it cannot also follow response_format / structured_outputs"
+            )
+        return {**given, "structured": calls or given.get("structured"), "tools": self.template_tools()}
+
     def answer(self, text: str, finish: str | None) -> tuple[str | None, list[dict], str | None]:
         """(content, tool_calls, finish_reason) of a whole answer's text."""
         if self.choice == "none":
