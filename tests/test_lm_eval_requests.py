@@ -165,6 +165,14 @@ def test_longest_request_fills_the_context(server, served, reference, tokenizer)
         f"{server.http_url}/v1/completions", json=loglikelihood_body(served, [[*ids, 32]]), timeout=120
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # max_tokens 0 (echo alone) needs no room for a completion: a prompt of the whole context scores
+    whole = {**loglikelihood_body(served, [[*ids, 32]]), "max_tokens": 0}
+    out = post(server, "/v1/completions", whole)
+    assert len(out["choices"][0]["logprobs"]["token_logprobs"]) == context
+    r = httpx.post(
+        f"{server.http_url}/v1/completions", json={**whole, "prompt": [[*ids, 32, 33]]}, timeout=120
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_text_prompt_loglikelihood_has_bos_as_vllm(server, served, reference, tokenizer, pairs):

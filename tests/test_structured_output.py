@@ -336,6 +336,21 @@ def test_tool_answers_in_openais_shape():
     assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
     assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
     assert tools.answer('[{"name":"get_wea', "length") == ('[{"name":"get_wea', [], "length")
+    # cut short after complete calls (parallel calls on, the model repeats itself): those calls
+    content, calls, finish = tools.answer('[{"name":"get_time","parameters":{}},{"name":"get_wea', "length")
+    assert content is None and finish == "length" and [c["function"]["name"] for c in calls] == ["get_time"]
+    # an open object schema is closed for constrained calls (else a small model adds keys forever);
+    # a free-form object stays open
+    schema = tools.structured().value["items"]["anyOf"][0]["properties"]["parameters"]
+    assert schema["additionalProperties"] is False
+    free = openai_api.parse_chat(
+        {
+            **CHAT,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        },
+        "m",
+    ).tools
+    assert free.schemas()["f"] == {"type": "object"}
     auto = openai_api.parse_chat({**CHAT, "tools": [WEATHER]}, "m").tools
     text = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
     content, calls, finish = auto.answer(text, "stop")

@@ -485,9 +485,10 @@ class IngressCore:
 
     # ---- generation --------------------------------------------------------------------------------
 
-    def prompt_ids(self, p: GenerateParams) -> list[int]:
+    def prompt_ids(self, p: GenerateParams, generate: bool = True) -> list[int]:
         """The request's prompt as token ids (text tokenized, messages rendered with the chat
-        template), every parameter checked: a ServingError (4xx) for anything wrong."""
+        template), every parameter checked: a ServingError (4xx) for anything wrong. `generate`
+        False (echo with max_tokens 0): the prompt alone must fit the context."""
         check_generate_params(p)
         if p.stop and self.tokenizer is None:
             raise invalid("this model has no tokenizer, so it cannot match stop strings; use stop_token_ids")
@@ -512,7 +513,8 @@ class IngressCore:
                 given = getattr(p, name)
                 if given:
                     check_token_ids([list(given)], self.spec.vocab_size, name)
-        self.settings.completion_tokens(len(ids), p.max_tokens)  # the context (400), then the size (413)
+        # the context (400), then the size (413)
+        self.settings.completion_tokens(len(ids), p.max_tokens if generate else 0)
         return ids
 
     def grammar(self, p: GenerateParams) -> str | None:

@@ -34,6 +34,7 @@ import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import RayServeException
@@ -47,7 +48,7 @@ from router_service.config import EngineConfig
 from router_service.default_model import ensure_default_model
 from router_service.runtime.cluster import attach_cluster, router_handles, stop_cluster
 from router_service.runtime.ray_transport import NAMESPACE
-from router_service.serving import openai_api, tokenizer_api
+from router_service.serving import openai_api, schemas, tokenizer_api
 from router_service.serving.auth import AccessMiddleware
 from router_service.serving.core import (
     IngressCore,
@@ -65,6 +66,25 @@ log = logging.getLogger(__name__)
 MSGPACK = "application/msgpack"
 
 app = FastAPI(title="moe-serving", docs_url="/docs", redoc_url=None)
+
+
+def _openapi() -> dict:
+    """The OpenAPI document (/openapi.json, /docs): FastAPI's, with every request body and the
+    optional bearer key (`schemas.document`)."""
+    if app.openapi_schema is None:
+        app.openapi_schema = schemas.document(
+            get_openapi(
+                title=app.title, version=app.version, description=OPENAPI_DESCRIPTION, routes=app.routes
+            )
+        )
+    return app.openapi_schema
+
+
+OPENAPI_DESCRIPTION = (
+    "OpenAI-compatible completions and chat (structured output, tools), vLLM's tokenizer routes, "
+    "the model's tensors, and the cluster. Errors are OpenAI's {'error': {...}} shape. docs/serving.md"
+)
+app.openapi = _openapi
 
 
 def edge_stack(inner, settings: ServingSettings):
@@ -348,8 +368,8 @@ class MoEIngress:
 
     # ---- HTTP routes --------------------------------------------------------------------------------
 
-    @app.get("/healthz")
-    @app.get("/health")
+    @app.get("/healthz", responses=schemas.responses(schemas.Health, "200 while serving, 503 while not"))
+    @app.get("/health", responses=schemas.responses(schemas.Health, "200 while serving, 503 while not"))
     async def healthz(self):
         """200 while the server can serve (degraded included: fewer workers than its target); 503
         with the reason while it cannot (no expert worker, the router down)."""
@@ -357,7 +377,7 @@ class MoEIngress:
         body = {"status": "ok" if h.get("serving") else "unavailable", "model": self.settings.model_name, **h}
         return JSONResponse(body, status_code=200 if h.get("serving") else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=schemas.responses(description="Prometheus text", media_type=CONTENT_TYPE))
     async def metrics_text(self):
         try:
             state = await self.core.cluster_state()
@@ -365,25 +385,25 @@ class MoEIngress:
             state = None
         return Response(self.metrics.render(state, self.core.router_restarts), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/cluster")
+    @app.get("/v1/cluster", responses=schemas.responses(description="the cluster state (admin)"))
     async def http_cluster(self):
         return _json(await self.core.cluster_state())
 
-    @app.post("/v1/cluster/scale")
+    @app.post("/v1/cluster/scale", responses=schemas.responses(description="the cluster state once scaled"))
     async def http_scale(self, request: Request):
         body, _ = await _read_body(request)
         if "num_workers" not in body:
             raise invalid("missing field 'num_workers'")
         return _json(await self.scale(body["num_workers"], "http"))
 
-    @app.post("/v1/cluster/routers")
+    @app.post("/v1/cluster/routers", responses=schemas.responses(description="the routers once scaled"))
     async def http_scale_routers(self, request: Request):
         body, _ = await _read_body(request)
         if "num_routers" not in body:
             raise invalid("missing field 'num_routers'")
         return _json(await self.scale_routers(body["num_routers"], "http"))
 
-    @app.post("/v1/cluster/rebalance")
+    @app.post("/v1/cluster/rebalance", responses=schemas.responses(description="balance before and after"))
     async def http_rebalance(self, request: Request):
         await request.body()
         return _json(await self.rebalance("http"))
@@ -398,11 +418,11 @@ class MoEIngress:
             "max_model_len": self.settings.max_model_len,
         }
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=schemas.responses(schemas.ModelList))
     async def http_models(self):
         return {"object": "list", "data": [self._model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=schemas.responses(schemas.ModelCard))
     async def http_model(self, model_id: str):
         if model_id != self.settings.model_name:
             raise ServingError(
@@ -412,14 +432,14 @@ class MoEIngress:
             )
         return self._model_card()
 
-    @app.post("/v1/forward")
+    @app.post("/v1/forward", responses=schemas.responses(schemas.ForwardResponse))
     async def http_forward(self, request: Request):
         body, binary = await _read_body(request)
         ids = _tensor_in(body, "input_ids", binary, "int64")
         mask = _tensor_in(body, "attention_mask", binary, "int64", required=False)
         return _tensor_out("logits", await self.forward(ids, mask, "http"), binary)
 
-    @app.post("/v1/layers/{layer}/moe")
+    @app.post("/v1/layers/{layer}/moe", responses=schemas.responses(schemas.MoEResponse))
     async def http_moe(self, layer: str, request: Request):
         try:
             layer_i = int(layer)
@@ -429,28 +449,42 @@ class MoEIngress:
         hidden = _tensor_in(body, "hidden_states", binary, "float32")
         return _tensor_out("hidden_states", await self.moe_layer(layer_i, hidden, "http"), binary)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        responses=schemas.responses(
+            schemas.CompletionResponse, "a completion, or server-sent events of them with stream"
+        ),
+    )
     async def http_completions(self, request: Request):
         body, _ = await _read_body(request)
+        body = schemas.validated(schemas.CompletionRequest, body, "/v1/completions")
         return await self._openai(openai_api.parse_completion(body, self.settings.model_name))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=schemas.responses(schemas.TokenizeResponse))
     async def http_tokenize(self, request: Request):
         body, _ = await _read_body(request)
+        body = schemas.validated(schemas.TokenizeRequest, body, "/tokenize")
         return tokenizer_api.tokenize(self.core.tokenizer, body, self.settings.max_model_len)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=schemas.responses(schemas.DetokenizeResponse))
     async def http_detokenize(self, request: Request):
         body, _ = await _read_body(request)
+        body = schemas.validated(schemas.DetokenizeRequest, body, "/detokenize")
         return tokenizer_api.detokenize(self.core.tokenizer, body, self.spec.vocab_size)
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses=schemas.responses(description="the tokenizer configuration"))
     async def http_tokenizer_info(self):
         return _json(tokenizer_api.tokenizer_info(self.core.tokenizer, self.settings.max_model_len))
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        responses=schemas.responses(
+            schemas.ChatCompletionResponse, "a chat completion, or server-sent events of chunks with stream"
+        ),
+    )
     async def http_chat_completions(self, request: Request):
         body, _ = await _read_body(request)
+        body = schemas.validated(schemas.ChatCompletionRequest, body, "/v1/chat/completions")
         return await self._openai(openai_api.parse_chat(body, self.settings.model_name))
 
     # ---- OpenAI answers -------------------------------------------------------------------------------
@@ -458,7 +492,7 @@ class MoEIngress:
     async def _openai(self, req: openai_api.OpenAIRequest):
         # Tokenised (chat templates applied) and checked once, here, so that bad input answers 4xx
         # before a stream starts.
-        prompts = [self.core.prompt_ids(p) for p in req.params]
+        prompts = [self.core.prompt_ids(p, generate=req.generate) for p in req.params]
         params = [
             dataclasses.replace(p, prompt=None, messages=None, prompt_token_ids=ids)
             for p, ids in zip(req.params, prompts, strict=True)

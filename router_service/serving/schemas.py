@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moe_serving.errors import invalid
 
 
 class _Body(BaseModel):
@@ -153,6 +155,24 @@ class ChatCompletionRequest(_Generation):
     tools: list[ToolSpec] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+
+def validated(model: type[BaseModel], body: dict, endpoint: str) -> dict:
+    """`body` checked against `model` (types, ranges, no unknown fields) and given back as plain
+    JSON values (an integral 5.0 becomes 5): the one check of the body's shape, at the edge; a 400
+    naming each field that is wrong."""
+    try:
+        return model.model_validate(body).model_dump(by_alias=True, exclude_unset=True)
+    except ValidationError as e:
+        unknown = [".".join(map(str, err["loc"])) for err in e.errors() if err["type"] == "extra_forbidden"]
+        if unknown:
+            raise invalid(
+                f"{endpoint} on this server does not support: {', '.join(sorted(unknown))}"
+            ) from None
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5]
+        )
+        raise invalid(f"{endpoint}: {problems}") from None
 
 
 def fields_of(model: type[BaseModel]) -> set[str]:
@@ -318,3 +338,74 @@ class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     serving: bool | None = None
     reason: str | None = None
+
+
+# ---- the OpenAPI document -------------------------------------------------------------------------
+
+_ERRORS = {
+    400: "a request this server refuses: the message names the field (OpenAI's invalid_request_error)",
+    401: "no or a wrong API key (when keys are set)",
+    403: "an API key on a route that needs the admin key",
+    404: "an unknown path, or a model that is not served",
+    405: "a method the path does not take (the Allow header lists those it does)",
+    409: "another membership change is running (cluster routes)",
+    413: "a request over the server's size limits",
+    429: "too many requests are waiting",
+    500: "an internal error (named, never a traceback)",
+    503: "the server cannot serve now (no expert worker, the router restarting)",
+}
+
+
+def responses(
+    model: type[BaseModel] | None = None, description: str = "the answer", media_type: str | None = None
+) -> dict:
+    """FastAPI's `responses=` for a route: its answer model (when it has one; or its media type)
+    and every error status, each in OpenAI's error shape."""
+    out: dict = {code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()}
+    if model is not None:
+        out[200] = {"model": model, "description": description}
+    elif media_type is not None:
+        out[200] = {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+    return out
+
+
+# (path, method) -> the request body's model; the routes read their bodies themselves (JSON or
+# msgpack), so the document gets them here rather than from the handlers' signatures.
+REQUEST_BODIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("/v1/completions", "post"): CompletionRequest,
+    ("/v1/chat/completions", "post"): ChatCompletionRequest,
+    ("/tokenize", "post"): TokenizeRequest,
+    ("/detokenize", "post"): DetokenizeRequest,
+    ("/v1/forward", "post"): ForwardRequest,
+    ("/v1/layers/{layer}/moe", "post"): MoERequest,
+    ("/v1/cluster/scale", "post"): ScaleRequest,
+    ("/v1/cluster/routers", "post"): ScaleRoutersRequest,
+}
+OPEN_PATHS = ("/healthz", "/health", "/metrics")  # no key needed (/metrics unless --protect-metrics)
+
+
+def document(spec: dict) -> dict:
+    """FastAPI's OpenAPI document with the request bodies and the optional bearer key added."""
+    components = spec.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for (path, method), model in REQUEST_BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas[model.__name__] = body
+        ref = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+        operation = spec["paths"][path][method]
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": ref, "application/msgpack": ref},
+        }
+    components["securitySchemes"] = {
+        "apiKey": {"type": "http", "scheme": "bearer", "description": "--api-key / --admin-key, when set"}
+    }
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)  # FastAPI's for path parameters: refusals are 400
+            if path not in OPEN_PATHS:
+                operation["security"] = [{}, {"apiKey": []}]  # optional: keys are off by default
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return spec

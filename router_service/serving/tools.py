@@ -43,8 +43,12 @@ class ToolChoice:
     parallel: bool = True
 
     def schemas(self) -> dict[str, dict]:
+        """Each tool's arguments schema, closed (see `closed`) for constrained calls."""
         return {
-            t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools
+            t["function"]["name"]: closed(
+                t["function"].get("parameters") or {"type": "object", "properties": {}}
+            )
+            for t in self.tools
         }
 
     def template_tools(self) -> list[dict] | None:
@@ -95,11 +99,44 @@ class ToolChoice:
                 return text, [], finish
             return None, [_call(self.function, text)], "stop"
         if self.choice == "required":
-            if finish != "stop":
-                return text, [], finish
+            if finish != "stop":  # cut short: the calls that are complete, if any
+                done = _complete_items(text)
+                if not done:
+                    return text, [], finish
+                return None, [_call(c["name"], json.dumps(c["parameters"])) for c in done], finish
             calls = [_call(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
             return None, calls, "tool_calls"
         return _hermes(text, finish, self.parallel)
+
+
+def closed(schema):
+    """`schema` with every object that does not say otherwise closed to its own properties
+    (`additionalProperties: false`), as OpenAI's strict tools require: a constrained model may
+    otherwise add keys until max_tokens (the built-in model does, with "": "" pairs)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:  # a free-form object stays open
+        out["additionalProperties"] = False
+    return out
+
+
+def _complete_items(text: str) -> list[dict]:
+    """The complete calls at the start of a JSON array cut short: '[{...}, {...}, {"na' -> two."""
+    decoder, items, at = json.JSONDecoder(), [], text.find("[") + 1
+    while at > 0:
+        while at < len(text) and text[at] in " \n\t,":
+            at += 1
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            break
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str)):
+            break
+        items.append(item)
+    return items
 
 
 def _call(name: str, arguments: str) -> dict:
