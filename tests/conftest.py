@@ -32,6 +32,7 @@ RAY_MODULES = {
     "test_multinode.py",
     "test_ray_runtime.py",
     "test_router_faults.py",
+    "test_schemathesis.py",
     "test_sdk_clients.py",
     "test_serve_app.py",
     "test_serving.py",

@@ -78,6 +78,19 @@ def test_top_k_and_min_p_keep_only_the_likely_tokens():
         SamplingParams(4, top_k=-1)
 
 
+def test_settings_that_overflow_the_logits_still_sample():
+    """Found by schemathesis: repetition_penalty 5e-324 (or temperature 1e-300) made the scaled
+    logits inf, softmax NaN, and multinomial fail the whole batch (a 500 for every request in it)."""
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    for params in (
+        SamplingParams(4, temperature=1.0, seed=1, repetition_penalty=5e-324),
+        SamplingParams(4, temperature=1e-300, seed=1),
+    ):
+        seq = Sequence([0, 1], params)
+        (token,) = sample_rows(process_logits(logits, [seq], set()), [seq])
+        assert 0 <= token < 4
+
+
 def test_logit_bias_and_allowed_token_ids():
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]])
     biased = Sequence([1], SamplingParams(4, logit_bias=((3, 100.0), (0, -100.0))))

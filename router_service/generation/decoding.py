@@ -213,7 +213,15 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         p = seq.params
         if p.temperature == 0:
             continue
-        probs = torch.softmax(logits[i].double().cpu() / p.temperature, dim=-1)
+        # Extreme settings (temperature 1e-300, repetition_penalty 5e-324: a fuzzer's) overflow the
+        # scaled logits; inf becomes the largest finite value, so they sample like greedy, and no
+        # NaN reaches multinomial (whose error would fail the whole batch).
+        scaled = torch.nan_to_num(
+            logits[i].double().cpu() / p.temperature, nan=-float("inf"), posinf=torch.finfo(torch.float64).max
+        )
+        if not torch.isfinite(scaled).any():
+            continue  # nothing left to sample from: the argmax (the caller ends such rows)
+        probs = torch.softmax(scaled, dim=-1)
         if p.min_p > 0.0:  # tokens less likely than min_p x the most likely one are out
             probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
         if 0 < p.top_k < probs.shape[0]:

@@ -98,7 +98,7 @@ def _template_calls(calls, i: int) -> list[dict]:
     return out
 
 
-def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
+def chat_prompt_ids(tokenizer, messages, tools=None, add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` (and `tools`, where the template renders them) rendered with the
     tokenizer's chat template, ready for the assistant's answer. 400 when the model has no
     tokenizer or no chat template, or the template refuses the conversation (e.g. roles out of
@@ -114,7 +114,10 @@ def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
     msgs = normalize_messages(messages)
     try:
         text = tokenizer.apply_chat_template(
-            msgs, tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=True
+            msgs,
+            tools=list(tools) if tools else None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
     except (TemplateError, ValueError, TypeError, KeyError) as e:  # raise_exception() in a template
         raise invalid(f"the chat template refused these messages: {e}") from None

@@ -452,7 +452,9 @@ class MoEIngress:
     @app.post(
         "/v1/completions",
         responses=schemas.responses(
-            schemas.CompletionResponse, "a completion, or server-sent events of them with stream"
+            schemas.CompletionResponse,
+            "a completion, or server-sent events of them with stream",
+            streams=True,
         ),
     )
     async def http_completions(self, request: Request):
@@ -479,7 +481,9 @@ class MoEIngress:
     @app.post(
         "/v1/chat/completions",
         responses=schemas.responses(
-            schemas.ChatCompletionResponse, "a chat completion, or server-sent events of chunks with stream"
+            schemas.ChatCompletionResponse,
+            "a chat completion, or server-sent events of chunks with stream",
+            streams=True,
         ),
     )
     async def http_chat_completions(self, request: Request):

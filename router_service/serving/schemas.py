@@ -15,7 +15,8 @@ from moe_serving.errors import invalid
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: JSON's types as written (no 0 for false, no "5" or true for 5); an int is a float
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
 
 # ---- errors -----------------------------------------------------------------------------------------
@@ -284,9 +285,13 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(_Body):
+    """Exactly one of prompt and messages (rendered with the chat template, and `tools`)."""
+
     prompt: str | None = None
     messages: list[Message] | None = None
     add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = Field(None, description="messages: default true, as a chat")
+    tools: list[ToolSpec] | None = None
     model: str | None = None
 
 
@@ -357,13 +362,19 @@ _ERRORS = {
 
 
 def responses(
-    model: type[BaseModel] | None = None, description: str = "the answer", media_type: str | None = None
+    model: type[BaseModel] | None = None,
+    description: str = "the answer",
+    media_type: str | None = None,
+    streams: bool = False,
 ) -> dict:
-    """FastAPI's `responses=` for a route: its answer model (when it has one; or its media type)
-    and every error status, each in OpenAI's error shape."""
+    """FastAPI's `responses=` for a route: its answer model (when it has one; or its media type;
+    `streams`: also server-sent events) and every error status, each in OpenAI's error shape."""
     out: dict = {code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()}
     if model is not None:
         out[200] = {"model": model, "description": description}
+        if streams:
+            # each event's data: a chunk (the answer with `delta`s for chat), or [DONE]
+            out[200]["content"] = {"text/event-stream": {"schema": {}}}
     elif media_type is not None:
         out[200] = {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
     return out

@@ -26,16 +26,20 @@ def _flag(body: dict, key: str, default: bool) -> bool:
 def tokenize(tokenizer, body: dict, max_model_len: int | None) -> dict:
     """{"prompt": str} or {"messages": [...]} (rendered with the chat template, as chat does) ->
     {"tokens", "count", "max_model_len"}. add_special_tokens: True for a prompt (what
-    /v1/completions does), False for messages (the template writes them), as vLLM's defaults."""
+    /v1/completions does), False for messages (the template writes them), as vLLM's defaults;
+    messages render with `tools` and `add_generation_prompt` (default true), as a chat would."""
     _need(tokenizer)
-    if ("prompt" in body) == ("messages" in body):
+    if (body.get("prompt") is None) == (body.get("messages") is None):
         raise invalid("give exactly one of 'prompt' (a string) or 'messages' (a chat)")
-    if "prompt" in body:
+    if body.get("prompt") is not None:
         if not isinstance(body["prompt"], str):
             raise invalid(f"prompt must be a string, got {type(body['prompt']).__name__}")
         ids = tokenizer.encode(body["prompt"], add_special_tokens=_flag(body, "add_special_tokens", True))
     else:
-        ids = chat_prompt_ids(tokenizer, body["messages"])
+        tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise invalid("tools must be a list of tool objects")
+        ids = chat_prompt_ids(tokenizer, body["messages"], tools, _flag(body, "add_generation_prompt", True))
         if _flag(body, "add_special_tokens", False) and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id, *ids]
     return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
