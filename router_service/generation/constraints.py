@@ -144,6 +144,7 @@ class GrammarMasks:
     def __init__(self):
         self._executor: llguidance.LLExecutor | None = None
         self._lock = threading.Lock()
+        self._bits: dict[torch.device, torch.Tensor] = {}  # _BITS on each device the logits were on
 
     def apply(self, logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> torch.Tensor:
         """logits [B, V] (float32) with rows[i] limited to what states[i] allows; a new tensor."""
@@ -156,8 +157,13 @@ class GrammarMasks:
             self._executor.unsafe_compute_mask_ptr(
                 [(s.matcher, i) for i, s in enumerate(states)], mask.data_ptr(), words * 4, len(rows)
             )
-        allowed = self._BITS[mask.view(torch.uint8).long()].reshape(len(rows), words * 32)[:, :vocab]
-        banned = ~allowed.to(logits.device)  # [R, V]
+        # Unpacked where the logits are: a GPU gets the 32x smaller bitmask, not [R, V] booleans.
+        device = logits.device
+        bits = self._bits.get(device)
+        if bits is None:
+            bits = self._bits[device] = self._BITS.to(device)
+        packed = mask.view(torch.uint8).to(device, non_blocking=True).long()  # [R, 4W]
+        banned = ~bits[packed].reshape(len(rows), words * 32)[:, :vocab]  # [R, V]
         if len(rows) == logits.shape[0]:  # every row constrained (rows are in order)
             return logits.masked_fill(banned, float("-inf"))
         out = logits.clone()
