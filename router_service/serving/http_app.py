@@ -392,15 +392,13 @@ class MoEIngress:
     @app.post("/v1/cluster/scale", responses=schemas.responses(description="the cluster state once scaled"))
     async def http_scale(self, request: Request):
         body, _ = await _read_body(request)
-        if "num_workers" not in body:
-            raise invalid("missing field 'num_workers'")
+        body = schemas.validated(schemas.ScaleRequest, body, "/v1/cluster/scale")
         return _json(await self.scale(body["num_workers"], "http"))
 
     @app.post("/v1/cluster/routers", responses=schemas.responses(description="the routers once scaled"))
     async def http_scale_routers(self, request: Request):
         body, _ = await _read_body(request)
-        if "num_routers" not in body:
-            raise invalid("missing field 'num_routers'")
+        body = schemas.validated(schemas.ScaleRoutersRequest, body, "/v1/cluster/routers")
         return _json(await self.scale_routers(body["num_routers"], "http"))
 
     @app.post("/v1/cluster/rebalance", responses=schemas.responses(description="balance before and after"))

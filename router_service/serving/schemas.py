@@ -331,11 +331,12 @@ class MoEResponse(BaseModel):
 
 
 class ScaleRequest(_Body):
-    num_workers: int = Field(ge=1)
+    # the range is the controller's to say (its message names the expert slots)
+    num_workers: int = Field(description="1 to the number of expert slots")
 
 
 class ScaleRoutersRequest(_Body):
-    num_routers: int = Field(ge=1, le=64)
+    num_routers: int = Field(description="1 to 64")
 
 
 class Health(BaseModel):
