@@ -29,6 +29,7 @@ import json
 import logging
 import time
 
+import anyio
 import msgpack
 import ray
 import torch
@@ -145,6 +146,21 @@ def start_grpc_actor(config: EngineConfig, settings: ServingSettings, host: str,
     except Exception:
         ray.kill(actor)
         raise
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed answer that closes its body iterator however the response ends. When the client
+    leaves, Starlette stops iterating and leaves the generator suspended for the garbage collector,
+    so its cleanup (cancelling the generation in the router) would wait for it. Shielded: the
+    response's own task may be the one being cancelled. (A disconnect Ray Serve's proxy does not
+    pass on is another matter: docs/serving.md, "Not done yet".)"""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 def _error_response(err: ServingError) -> JSONResponse:
@@ -506,7 +522,7 @@ class MoEIngress:
             return openai_api.whole_answer(req, self.settings.model_name, choices, prompt_tokens, echoes)
         chunks = merge_streams([self.generate(p, "http") for p in params])
         if req.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 self._sse_stream(req, chunks, prompt_tokens), media_type="text/event-stream"
             )
         choices: dict[int, openai_api.Choice] = {}
