@@ -44,6 +44,11 @@ class GenerateParams:
     tools: tuple[dict, ...] | None = None  # a chat's tools, for its chat template to render
 
 
+# The kinds a StructuredOutput may have (vLLM's `structured_outputs` names; `json_object` also
+# covers OpenAI's response_format {"type": "json_object"}).
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """What the output must match (vLLM's `structured_outputs`, OpenAI's `response_format`):

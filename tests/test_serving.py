@@ -778,6 +778,11 @@ def test_structured_output_with_the_openai_client(server, tokenizer):
     ]:
         with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
             client.chat.completions.create(model="tiny-moe", messages=CHAT, max_tokens=4, extra_body=extra)
+    # streamed too: the grammar is checked with the other parameters, before the stream starts
+    with pytest.raises(openai.BadRequestError, match="unclosed group"):
+        client.chat.completions.create(
+            model="tiny-moe", messages=CHAT, stream=True, extra_body={"structured_outputs": {"regex": "(("}}
+        )
     c = client.chat.completions.create(model="tiny-moe", messages=CHAT, max_tokens=3, temperature=0)
     assert c.choices[0].finish_reason == "length"
 

@@ -7,7 +7,7 @@ Two halves, in two processes:
   and validates it against the model's tokenizer, so a bad schema or regex is a 400 naming it;
 - the router keeps one `LLMatcher` per constrained sequence (`GrammarState`), and at every step
   fills one bitmask row per constrained sequence and masks those rows of the logits together
-  (`mask_logits`); after sampling, each matcher consumes its token. A matcher that can take no
+  (`GrammarMasks.apply`); after sampling, each matcher consumes its token. A matcher that can take no
   more tokens ends its sequence ("stop"), as vLLM does.
 
 JSON is compact by default (no free whitespace between tokens): a small model that may put a
@@ -27,17 +27,13 @@ import llguidance.hf
 import torch
 from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
-from moe_serving.types import StructuredOutput
-
-# The kinds a request may ask for (vLLM's `structured_outputs` names; `json_object` also covers
-# OpenAI's response_format {"type": "json_object"}).
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
+from moe_serving.types import STRUCTURED_KINDS, StructuredOutput
 
 
 def compile_grammar(so: StructuredOutput) -> str:
     """The llguidance grammar (a string) for `so`; ValueError naming what is wrong."""
-    if so.kind not in KINDS:
-        raise ValueError(f"unknown structured output kind {so.kind!r} (one of {', '.join(KINDS)})")
+    if so.kind not in STRUCTURED_KINDS:
+        raise ValueError(f"unknown structured output kind {so.kind!r} (one of {', '.join(STRUCTURED_KINDS)})")
     if so.kind in ("json", "json_object"):
         schema = {"type": "object"} if so.kind == "json_object" else so.value
         if isinstance(schema, str):
@@ -112,7 +108,7 @@ def check_grammar(grammar: str, tokenizer: llguidance.LLTokenizer) -> None:
 
 
 class GrammarState:
-    """One sequence's matcher. `done` once the grammar takes no more tokens (the sequence stops)."""
+    """One sequence's matcher; `advance` says when the grammar takes no more tokens (it stops)."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, made: list[int]):
         self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
@@ -121,16 +117,10 @@ class GrammarState:
         if made:  # a stream resumed on another router: its tokens so far come first
             self.matcher.consume_tokens(made)
 
-    def advance(self, token: int) -> None:
+    def advance(self, token: int) -> bool:
+        """Take the sampled token; True once the grammar takes no more (the sequence is done)."""
         self.matcher.consume_token(token)
-
-    @property
-    def done(self) -> bool:
         return self.matcher.is_stopped()
-
-    @property
-    def failed(self) -> str:
-        return self.matcher.get_error() if self.matcher.is_error() else ""
 
 
 class GrammarMasks:

@@ -130,7 +130,7 @@ class Sequence:
     finish_reason: str | None = None  # "length" | "stop" | "cancelled"
     generator: torch.Generator | None = None
     seed: int = 0
-    grammar: GrammarState | None = None  # the structured output's matcher (set when it joins a batch)
+    grammar: GrammarState | None = None  # the structured output's matcher (set at submission)
 
     def __post_init__(self):
         if self.params.temperature > 0:
@@ -373,15 +373,15 @@ class DecodeBatch:
             s.generated.append(t)
             if s.finish_reason is not None:
                 pass  # ended by `_sample`
-            elif (t in self.eos and not s.params.ignore_eos) or t in s.params.stop_token_ids:
+            elif (
+                (t in self.eos and not s.params.ignore_eos)
+                or t in s.params.stop_token_ids
+                or s.grammar is not None
+                and s.grammar.advance(t)
+            ):
                 s.finish_reason = "stop"
-            else:
-                if s.grammar is not None:
-                    s.grammar.advance(t)
-                if s.grammar is not None and s.grammar.done:
-                    s.finish_reason = "stop"
-                elif len(s.generated) >= s.params.max_new_tokens:
-                    s.finish_reason = "length"
+            elif len(s.generated) >= s.params.max_new_tokens:
+                s.finish_reason = "length"
             out.append((s, t, s.finish_reason, lp))
         return out
 

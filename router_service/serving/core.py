@@ -8,9 +8,11 @@ the Router actor are mapped to `ServingError`s in `_as_serving_error`, the one p
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -323,6 +325,7 @@ class IngressCore:
         self.spec = spec
         self.tokenizer = tokenizer
         self._grammar_tokenizer = None  # llguidance's view of it, built on the first structured output
+        self._grammars: collections.OrderedDict[str, str] = collections.OrderedDict()  # see grammar()
         self.settings = settings
         self.controller = controller
         self._subscriber = uuid.uuid4().hex  # this replica's name for its generation streams
@@ -515,16 +518,26 @@ class IngressCore:
                     check_token_ids([list(given)], self.spec.vocab_size, name)
         # the context (400), then the size (413)
         self.settings.completion_tokens(len(ids), p.max_tokens if generate else 0)
+        self.grammar(p)  # a bad schema / regex / grammar is a 400 here, before any stream starts
         return ids
+
+    GRAMMARS_KEPT = 256  # compiled structured outputs remembered (clients repeat their schemas)
 
     def grammar(self, p: GenerateParams) -> str | None:
         """The request's structured output as an llguidance grammar, checked against the model's
         tokenizer (None without one); a 400 naming what is wrong with the schema, regex, choices
-        or grammar."""
+        or grammar. Compiled once per distinct structured output (`prompt_ids` checks it, and the
+        generation asks again; clients send the same tool or response schema many times)."""
         if p.structured is None:
             return None
         if self.tokenizer is None:
             raise invalid("this model has no tokenizer, so it cannot constrain its output")
+        # property order matters (the output follows it): not sorted
+        key = json.dumps(dataclasses.asdict(p.structured), default=repr)
+        grammar = self._grammars.get(key)
+        if grammar is not None:
+            self._grammars.move_to_end(key)
+            return grammar
         try:
             if self._grammar_tokenizer is None:
                 self._grammar_tokenizer = hf_grammar_tokenizer(self.tokenizer, self.spec.vocab_size)
@@ -532,6 +545,9 @@ class IngressCore:
             check_grammar(grammar, self._grammar_tokenizer)
         except ValueError as e:
             raise invalid(f"structured output ({p.structured.kind}): {e}") from None
+        self._grammars[key] = grammar
+        if len(self._grammars) > self.GRAMMARS_KEPT:
+            self._grammars.popitem(last=False)
         return grammar
 
     async def generate(self, p: GenerateParams) -> AsyncIterator[GenerateChunk]:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from moe_serving.errors import ServingError, invalid
-from moe_serving.types import GenerateChunk, GenerateParams, StructuredOutput, TokenLogprob
+from moe_serving.types import STRUCTURED_KINDS, GenerateChunk, GenerateParams, StructuredOutput, TokenLogprob
 from router_service.serving.schemas import ChatCompletionRequest, CompletionRequest, fields_of
 from router_service.serving.tools import ToolChoice, ToolStream, parse_tools
 
@@ -37,8 +37,7 @@ _SAMPLING = {
     "top_k": "top_k",
     "min_p": "min_p",
 }
-# vLLM's names for a structured output (`structured_outputs`), and its older top-level ones
-_STRUCTURED = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM's older top-level names of the structured outputs
 _GUIDED = {
     "guided_json": "json",
     "guided_regex": "regex",
@@ -152,7 +151,7 @@ def _structured(body: dict) -> StructuredOutput | None:
         unknown = sorted(
             k
             for k, v in options.items()
-            if v is not None and k not in (*_STRUCTURED, "disable_any_whitespace")
+            if v is not None and k not in (*STRUCTURED_KINDS, "disable_any_whitespace")
         )
         if unknown:
             raise invalid(f"structured_outputs on this server does not support: {', '.join(unknown)}")
@@ -160,7 +159,7 @@ def _structured(body: dict) -> StructuredOutput | None:
         if flag is not None and not isinstance(flag, bool):
             raise invalid(f"structured_outputs.disable_any_whitespace must be true or false, got {flag!r}")
         compact = flag is not False
-        for kind in _STRUCTURED:
+        for kind in STRUCTURED_KINDS:
             value = options.get(kind)
             if kind == "json_object":
                 if value not in (None, False, True):

@@ -193,11 +193,10 @@ class ToolStream:
 
     def finish(self, finish: str | None) -> tuple[str, list[dict], str | None]:
         """(content not yet sent, tool_calls, finish_reason)."""
-        content, calls, reason = self.tools.answer(self.text, finish)
+        _, calls, reason = self.tools.answer(self.text, finish)
         if not calls:
             return self.text[self.sent :], [], reason
-        rest = (content or "")[self.sent :] if content else ""
-        return rest, calls, reason
+        return "", calls, reason  # what was sent is the text before the first call: nothing is owed
 
 
 def _safe_end(text: str, sent: int) -> int:
